@@ -1,0 +1,58 @@
+"""colabkit: fast, disconnect-proof GPU training in Colab and Kaggle notebooks.
+
+Public names load on first use (PEP 562), so ``import colabkit`` is cheap and
+imports neither torch nor anything platform-specific.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+__version__ = "0.1.0"
+
+# Two public functions share their module's name. Importing them eagerly (both
+# modules are stdlib-only and cheap) makes `colabkit.runtime` / `colabkit.info`
+# the functions for good: a submodule import sets the package attribute only
+# the first time, which happens right here.
+from colabkit.info import info
+from colabkit.runtime import Runtime, runtime
+
+# name -> module that defines it. The keys are the public API (see DESIGN.md).
+_LAZY: dict[str, str] = {
+    "ColabkitError": "colabkit.errors",
+    "Runtime": "colabkit.runtime",
+    "runtime": "colabkit.runtime",
+    "info": "colabkit.info",
+    "get_device": "colabkit.device",
+    "to_device": "colabkit.device",
+    "seed_everything": "colabkit.device",
+    "memory_summary": "colabkit.device",
+    "free_memory": "colabkit.device",
+}
+
+__all__ = sorted(_LAZY)
+
+if TYPE_CHECKING:
+    from colabkit.device import free_memory, get_device, memory_summary, seed_everything, to_device
+    from colabkit.errors import ColabkitError
+
+
+def __getattr__(name: str) -> Any:
+    module_name = _LAZY.get(name)
+    if module_name is None:
+        raise AttributeError(f"module 'colabkit' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module_name), name)
+    globals()[name] = value  # later lookups skip __getattr__
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *__all__})
+
+
+def load_ipython_extension(ipython: Any) -> None:
+    """``%load_ext colabkit``: register the notebook magics (``%%cuda`` and friends)."""
+    from colabkit.magics import load_ipython_extension as load
+
+    load(ipython)

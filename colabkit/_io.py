@@ -1,0 +1,253 @@
+"""Durable file operations shared by staging and checkpoints.
+
+One place for: atomic writes (temporary name in the same folder, fsync,
+rename, fsync of the folder), retries on the transient errors Google Drive's
+FUSE mount throws (errno 5 ``EIO``, errno 107 ``ENOTCONN``), chunked copies,
+hashing and free-space checks.
+
+The raw system calls go through :data:`ops`, a :class:`FileOps` instance, so
+tests can make any single ``open``/``write``/``fsync``/``replace`` fail.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import hashlib
+import os
+import shutil
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import IO, Any, TypeVar
+
+from colabkit.errors import InsufficientSpaceError
+
+__all__ = [
+    "TEMP_MARK",
+    "TRANSIENT_ERRNOS",
+    "FileOps",
+    "atomic_open",
+    "atomic_write_bytes",
+    "copy_file",
+    "ensure_free_space",
+    "free_space",
+    "fsync_dir",
+    "hash_file",
+    "human_bytes",
+    "is_temp_name",
+    "is_transient",
+    "ops",
+    "retry",
+    "temp_name",
+]
+
+T = TypeVar("T")
+
+#: errno values that Drive's FUSE mount raises while it recovers; worth a retry.
+TRANSIENT_ERRNOS = frozenset({errno.EIO, errno.ENOTCONN, errno.ETIMEDOUT, errno.EAGAIN})
+
+#: Marker inside every temporary name colabkit creates, so leftovers can be found.
+TEMP_MARK = ".colabkit-tmp-"
+
+CHUNK = 8 * 1024 * 1024
+
+
+class FileOps:
+    """The system calls durable writes are built from: the seam for fault injection."""
+
+    def open(self, path: str | os.PathLike[str], mode: str) -> IO[Any]:
+        return open(path, mode)
+
+    def write(self, handle: IO[bytes], data: bytes) -> None:
+        handle.write(data)
+
+    def fsync(self, fd: int) -> None:
+        os.fsync(fd)
+
+    def replace(self, src: str | os.PathLike[str], dst: str | os.PathLike[str]) -> None:
+        os.replace(src, dst)
+
+    def copy_chunk(self, src: IO[bytes], size: int) -> bytes:
+        return src.read(size)
+
+
+ops = FileOps()
+
+
+def temp_name(path: Path) -> Path:
+    """A unique temporary sibling of ``path`` that :func:`is_temp_name` recognises."""
+    return path.with_name(f".{path.name}{TEMP_MARK}{os.getpid()}-{uuid.uuid4().hex[:8]}")
+
+
+def is_temp_name(name: str) -> bool:
+    """Whether ``name`` was made by :func:`temp_name`."""
+    return TEMP_MARK in name
+
+
+def fsync_dir(path: str | os.PathLike[str]) -> None:
+    """Make a rename inside ``path`` durable; silently skipped where folders cannot be opened."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        ops.fsync(fd)
+    except OSError as exc:
+        # Some filesystems (FUSE mounts among them) refuse fsync on folders.
+        if exc.errno not in (errno.EINVAL, errno.ENOTSUP, errno.EBADF):
+            raise
+    finally:
+        os.close(fd)
+
+
+@contextlib.contextmanager
+def atomic_open(path: str | os.PathLike[str], mode: str = "wb", *, durable: bool = True) -> Iterator[IO[Any]]:
+    """Open a file that appears at ``path`` only once it is complete.
+
+    Data goes to a temporary sibling; on a clean exit it is flushed, fsynced
+    and renamed over ``path`` and the folder is fsynced. On any exception
+    (KeyboardInterrupt included) the temporary file is removed and ``path``
+    keeps its previous content.
+    """
+    target = Path(path)
+    tmp = temp_name(target)
+    handle = ops.open(tmp, mode)
+    try:
+        with handle:
+            yield handle
+            handle.flush()
+            if durable:
+                ops.fsync(handle.fileno())
+        ops.replace(tmp, target)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise
+    if durable:
+        fsync_dir(target.parent)
+
+
+def atomic_write_bytes(path: str | os.PathLike[str], data: bytes, *, durable: bool = True) -> None:
+    """Write ``data`` to ``path`` atomically (see :func:`atomic_open`)."""
+    with atomic_open(path, "wb", durable=durable) as handle:
+        ops.write(handle, data)
+
+
+def is_transient(exc: BaseException) -> bool:
+    """Whether ``exc`` is an OSError worth retrying (Drive's errno 5 and 107)."""
+    return isinstance(exc, OSError) and exc.errno in TRANSIENT_ERRNOS
+
+
+def retry(
+    fn: Callable[[], T],
+    *,
+    retries: int = 3,
+    delay: float = 0.5,
+    backoff: float = 2.0,
+    on_retry: Callable[[BaseException, int], None] | None = None,
+    sleep: Callable[[float], None] = time.sleep,
+    should_retry: Callable[[BaseException], bool] = is_transient,
+) -> T:
+    """Call ``fn``; on a transient error wait and call again, up to ``retries`` more times.
+
+    Args:
+        fn: The operation. It must be safe to repeat.
+        retries: How many extra attempts after the first.
+        delay: Seconds before the first retry; multiplied by ``backoff`` each time.
+        backoff: Growth factor of the delay.
+        on_retry: Called with the error and the attempt number before each retry
+            (Drive uses it to remount on errno 107).
+        sleep: The sleep function (a seam for tests).
+        should_retry: Decides which errors are transient.
+    """
+    attempt = 0
+    wait = delay
+    while True:
+        try:
+            return fn()
+        except Exception as exc:
+            if attempt >= retries or not should_retry(exc):
+                raise
+            attempt += 1
+            if on_retry is not None:
+                on_retry(exc, attempt)
+            sleep(wait)
+            wait *= backoff
+
+
+def hash_file(path: str | os.PathLike[str], algorithm: str = "sha256", *, chunk_size: int = CHUNK) -> str:
+    """Hex digest of a file, read in large chunks."""
+    digest = hashlib.new(algorithm)
+    with open(path, "rb") as handle:
+        while block := handle.read(chunk_size):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def copy_file(
+    src: str | os.PathLike[str],
+    dst: str | os.PathLike[str],
+    *,
+    chunk_size: int = CHUNK,
+    progress: Callable[[int], None] | None = None,
+    hashers: tuple[Any, ...] = (),
+    durable: bool = True,
+    offset: int = 0,
+) -> int:
+    """Copy ``src`` to ``dst`` atomically in large chunks; returns the bytes copied.
+
+    ``hashers`` (``hashlib`` objects) are fed every chunk, so a checksum costs
+    no second read. ``progress`` is called with each chunk's size.
+    ``offset`` skips that many leading bytes of ``src`` (for resumed appends
+    callers do their own bookkeeping; most pass 0).
+    """
+    copied = 0
+    with open(src, "rb") as source, atomic_open(dst, "wb", durable=durable) as target:
+        if offset:
+            source.seek(offset)
+        while block := ops.copy_chunk(source, chunk_size):
+            ops.write(target, block)
+            for hasher in hashers:
+                hasher.update(block)
+            copied += len(block)
+            if progress is not None:
+                progress(len(block))
+    return copied
+
+
+def free_space(path: str | os.PathLike[str]) -> int:
+    """Free bytes on the filesystem that holds ``path`` (or its nearest existing parent)."""
+    probe = Path(path).absolute()
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    return shutil.disk_usage(probe).free
+
+
+def human_bytes(size: float) -> str:
+    """``1536`` -> ``'1.5 KB'``: sizes people read at a glance."""
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if abs(size) < 1024 or unit == "TB":
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1024
+    raise AssertionError("unreachable")  # pragma: no cover
+
+
+def ensure_free_space(path: str | os.PathLike[str], needed: int, *, what: str, margin: int = 64 * 1024 * 1024) -> None:
+    """Raise :class:`InsufficientSpaceError` when ``path``'s disk lacks ``needed`` bytes plus a margin.
+
+    Args:
+        path: Where the data will be written.
+        needed: Bytes about to be written.
+        what: Names the data in the message (``"the extracted dataset"``).
+        margin: Head-room kept free so the system itself does not run dry.
+    """
+    available = free_space(path)
+    if needed + margin > available:
+        raise InsufficientSpaceError(
+            errno.ENOSPC,
+            f"not enough free disk for {what}: it needs {human_bytes(needed)} "
+            f"({needed} bytes) but {path} has {human_bytes(available)} ({available} bytes) free; "
+            "free some space (delete old checkpoints or datasets) or pass a dest on a larger disk",
+        )

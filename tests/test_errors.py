@@ -1,0 +1,60 @@
+"""Every library error is a ColabkitError and the built-in a caller would catch."""
+
+from __future__ import annotations
+
+import errno
+
+import pytest
+
+from colabkit import errors
+
+
+@pytest.mark.parametrize(
+    ("cls", "builtin"),
+    [
+        (errors.ArgumentError, ValueError),
+        (errors.MissingDependencyError, ImportError),
+        (errors.PlatformError, RuntimeError),
+        (errors.DeviceError, RuntimeError),
+        (errors.ColabkitIOError, OSError),
+        (errors.DriveError, OSError),
+        (errors.InsufficientSpaceError, OSError),
+        (errors.DownloadError, OSError),
+        (errors.CheckpointError, OSError),
+        (errors.ChecksumError, ValueError),
+        (errors.UnsafeArchiveError, ValueError),
+        (errors.CheckpointNotFoundError, FileNotFoundError),
+        (errors.CheckpointMismatchError, ValueError),
+        (errors.TrainingError, RuntimeError),
+        (errors.NonFiniteLossError, RuntimeError),
+        (errors.OutOfMemoryBackoffError, RuntimeError),
+    ],
+)
+def test_hierarchy(cls: type[Exception], builtin: type[Exception]) -> None:
+    assert issubclass(cls, errors.ColabkitError)
+    assert issubclass(cls, builtin)
+    with pytest.raises(builtin):
+        raise cls("boom")
+
+
+def test_io_errors_keep_errno() -> None:
+    exc = errors.InsufficientSpaceError(errno.ENOSPC, "no room")
+    assert exc.errno == errno.ENOSPC
+    assert "no room" in str(exc)
+
+
+def test_missing_dependency_names_the_pip_command() -> None:
+    exc = errors.missing_dependency("matplotlib", "plot", purpose="History.plot()")
+    assert isinstance(exc, ImportError)
+    assert "pip install matplotlib" in str(exc)
+    assert "History.plot()" in str(exc)
+    assert "'plot' extra" in str(exc)
+
+
+def test_all_is_complete() -> None:
+    public = {
+        name
+        for name, value in vars(errors).items()
+        if isinstance(value, type) and issubclass(value, (Exception, Warning)) and value.__module__ == errors.__name__
+    }
+    assert public <= set(errors.__all__)
