@@ -16,7 +16,7 @@ $(STAMP): pyproject.toml
 venv: $(STAMP)
 
 demo: venv
-	$(PY) examples/demo.py
+	$(PY) -m colabkit info
 
 test: lint typecheck pytest
 
