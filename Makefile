@@ -21,8 +21,8 @@ demo: venv
 test: lint typecheck pytest
 
 lint: venv
-	$(VENV)/bin/ruff check colabkit tests bench examples
-	$(VENV)/bin/ruff format --check colabkit tests bench examples
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
 
 typecheck: venv
 	$(VENV)/bin/mypy
