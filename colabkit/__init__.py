@@ -29,13 +29,30 @@ _LAZY: dict[str, str] = {
     "seed_everything": "colabkit.device",
     "memory_summary": "colabkit.device",
     "free_memory": "colabkit.device",
+    "mount_drive": "colabkit.drive",
+    "flush_drive": "colabkit.drive",
+    "project_dirs": "colabkit.drive",
+    "stage": "colabkit.data.stage",
+    "make_archive": "colabkit.data.archive",
+    "CheckpointManager": "colabkit.checkpoint",
+    "save_on_signal": "colabkit._signals",
+    "keepalive": "colabkit.session",
+    "session_time_left": "colabkit.session",
+    "end_session": "colabkit.session",
+    "download": "colabkit.session",
 }
 
 __all__ = sorted(_LAZY)
 
 if TYPE_CHECKING:
+    from colabkit._signals import save_on_signal
+    from colabkit.checkpoint import CheckpointManager
+    from colabkit.data.archive import make_archive
+    from colabkit.data.stage import stage
     from colabkit.device import free_memory, get_device, memory_summary, seed_everything, to_device
+    from colabkit.drive import flush_drive, mount_drive, project_dirs
     from colabkit.errors import ColabkitError
+    from colabkit.session import download, end_session, keepalive, session_time_left
 
 
 def __getattr__(name: str) -> Any:

@@ -183,9 +183,10 @@ def _nvidia_smi() -> tuple[GpuInfo, ...] | None:
 
 
 def _torch_gpus() -> tuple[GpuInfo, ...]:
-    try:
-        import torch
-    except ImportError:
+    # Without nvidia-smi there is no NVIDIA driver worth asking about; importing
+    # torch (seconds) only to learn that would slow every path question down.
+    torch = sys.modules.get("torch")
+    if torch is None:
         return ()
     if not torch.cuda.is_available():
         return ()

@@ -19,6 +19,17 @@ DESIGNED = {
     "runtime",
     "seed_everything",
     "to_device",
+    "mount_drive",
+    "flush_drive",
+    "project_dirs",
+    "stage",
+    "make_archive",
+    "CheckpointManager",
+    "save_on_signal",
+    "keepalive",
+    "session_time_left",
+    "end_session",
+    "download",
 }
 
 

@@ -1,0 +1,338 @@
+"""Sources: a real HTTP server on 127.0.0.1, moto's S3 server, gdown faked through its seam."""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import http.server
+import io
+import os
+import re
+import threading
+import types
+import zipfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from colabkit.data import sources
+from colabkit.data.stage import stage
+from colabkit.errors import DownloadError, MissingDependencyError
+
+
+def zip_bytes(members: dict[str, bytes]) -> bytes:
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w", zipfile.ZIP_DEFLATED) as zf:
+        for name, data in members.items():
+            zf.writestr(name, data)
+    return buffer.getvalue()
+
+
+MEMBERS = {f"digits/{d}/{i}.txt": f"{d}-{i}".encode() * 200 for d in range(3) for i in range(20)}
+PAYLOAD = zip_bytes(MEMBERS)
+
+
+@pytest.fixture(autouse=True)
+def _no_sleep(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(sources, "sleep", lambda seconds: None)
+
+
+class Server:
+    """Serves ``files`` with Range support; ``cut`` makes the next full GETs stop half-way."""
+
+    def __init__(self) -> None:
+        self.files: dict[str, bytes] = {}
+        self.requests: list[dict[str, str]] = []
+        self.cut = 0
+        self.etag = '"v1"'
+        outer = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def log_message(self, *args: Any) -> None:
+                pass
+
+            def do_GET(self) -> None:
+                outer.requests.append({"path": self.path, **{k: v for k, v in self.headers.items()}})
+                body = outer.files.get(self.path.split("?")[0])
+                if body is None:
+                    self.send_error(404, "Not Found")
+                    return
+                start = 0
+                ranged = self.headers.get("Range")
+                if_range = self.headers.get("If-Range")
+                if ranged and (if_range is None or if_range == outer.etag):
+                    start = int(re.match(r"bytes=(\d+)-", ranged).group(1))  # type: ignore[union-attr]
+                    if start >= len(body):
+                        self.send_response(416)
+                        self.send_header("Content-Range", f"bytes */{len(body)}")
+                        self.send_header("Content-Length", "0")
+                        self.end_headers()
+                        return
+                    self.send_response(206)
+                    self.send_header("Content-Range", f"bytes {start}-{len(body) - 1}/{len(body)}")
+                else:
+                    self.send_response(200)
+                self.send_header("Content-Length", str(len(body) - start))
+                self.send_header("ETag", outer.etag)
+                self.end_headers()
+                if outer.cut and not ranged:
+                    outer.cut -= 1
+                    self.wfile.write(body[: len(body) // 2])
+                    self.wfile.flush()
+                    self.close_connection = True
+                    return
+                self.wfile.write(body[start:])
+
+        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.thread = threading.Thread(target=self.httpd.serve_forever, args=(0.05,), daemon=True)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.httpd.server_address[1]}"
+
+
+@pytest.fixture
+def server() -> Iterator[Server]:
+    srv = Server()
+    srv.thread.start()
+    try:
+        yield srv
+    finally:
+        srv.httpd.shutdown()
+        srv.httpd.server_close()
+        srv.thread.join()
+
+
+def test_http_zip_is_downloaded_and_extracted(tmp_path: Path, server: Server) -> None:
+    server.files["/data/digits.zip"] = PAYLOAD
+    root = stage(server.url + "/data/digits.zip", tmp_path, progress=False)
+    assert root == tmp_path / "digits" / "digits"
+    assert (root / "2" / "19.txt").read_bytes() == MEMBERS["digits/2/19.txt"]
+    assert not (tmp_path / ".colabkit-downloads").exists()
+    count = len(server.requests)
+    assert stage(server.url + "/data/digits.zip", tmp_path, progress=False) == root
+    assert len(server.requests) == count  # the re-run asks nothing of the network
+
+
+def test_interrupted_download_resumes_with_a_range_request(tmp_path: Path, server: Server) -> None:
+    server.files["/digits.zip"] = PAYLOAD
+    server.cut = 1
+    root = stage(server.url + "/digits.zip", tmp_path, progress=False, sha256=hashlib.sha256(PAYLOAD).hexdigest())
+    assert (root / "0" / "0.txt").read_bytes() == MEMBERS["digits/0/0.txt"]
+    assert server.requests[0].get("Range") is None
+    assert server.requests[1]["Range"] == f"bytes={len(PAYLOAD) // 2}-"
+    assert server.requests[1]["If-Range"] == '"v1"'
+
+
+def test_download_resumes_across_calls(tmp_path: Path, server: Server) -> None:
+    server.files["/digits.zip"] = PAYLOAD
+    server.cut = 5
+    with pytest.raises(DownloadError, match="partial file is kept"):
+        stage(server.url + "/digits.zip", tmp_path, retries=0, progress=False)
+    assert not (tmp_path / "digits").exists()
+    parts = list((tmp_path / ".colabkit-downloads").glob("*.part"))
+    assert [p.stat().st_size for p in parts] == [len(PAYLOAD) // 2]
+    server.cut = 0
+    root = stage(server.url + "/digits.zip", tmp_path, progress=False)
+    assert server.requests[-1]["Range"] == f"bytes={len(PAYLOAD) // 2}-"
+    assert (root / "1" / "5.txt").read_bytes() == MEMBERS["digits/1/5.txt"]
+    assert not (tmp_path / ".colabkit-downloads").exists()
+
+
+def test_partial_download_of_a_changed_file_is_not_spliced(tmp_path: Path, server: Server) -> None:
+    server.files["/digits.zip"] = PAYLOAD
+    server.cut = 5
+    with pytest.raises(DownloadError):
+        stage(server.url + "/digits.zip", tmp_path, retries=0, progress=False)
+    new_payload = zip_bytes({"digits/new.txt": b"fresh" * 100})
+    server.files["/digits.zip"] = new_payload
+    server.etag = '"v2"'
+    server.cut = 0
+    root = stage(server.url + "/digits.zip", tmp_path, progress=False)
+    assert server.requests[-1]["If-Range"] == '"v1"'  # asked to resume v1; the server sent v2 whole
+    assert sorted(p.name for p in root.iterdir()) == ["new.txt"]
+    assert (root / "new.txt").read_bytes() == b"fresh" * 100
+
+
+def test_http_errors_are_clear(tmp_path: Path, server: Server) -> None:
+    with pytest.raises(DownloadError, match="HTTP 404"):
+        stage(server.url + "/missing.zip", tmp_path, progress=False)
+    assert list(tmp_path.iterdir()) in ([], [tmp_path / ".colabkit-downloads"])
+
+
+def test_plain_file_url_keeps_its_name(tmp_path: Path, server: Server) -> None:
+    server.files["/labels.csv"] = b"a,b\n1,2\n"
+    root = stage(server.url + "/labels.csv", tmp_path, progress=False)
+    assert root == tmp_path / "labels.csv"
+    assert (root / "labels.csv").read_bytes() == b"a,b\n1,2\n"
+
+
+# -- gdown through the seam ------------------------------------------------------------------------
+
+
+class FakeGdown(types.SimpleNamespace):
+    """Records calls and writes files like gdown would (signature of gdown 6.x)."""
+
+    def __init__(self, files: dict[str, tuple[str, bytes]], error: BaseException | None = None) -> None:
+        class FileURLRetrievalError(Exception):
+            pass
+
+        super().__init__(calls=[], files=files, error=error)
+        self.exceptions = types.SimpleNamespace(FileURLRetrievalError=FileURLRetrievalError)
+        self.FileURLRetrievalError = FileURLRetrievalError
+
+    def download(
+        self,
+        url: str | None = None,
+        output: str | None = None,
+        quiet: bool = False,
+        id: str | None = None,
+        resume: bool = False,
+    ) -> str:
+        self.calls.append(("download", id, output, resume))
+        if self.error is not None:
+            raise self.error
+        name, data = self.files[id or ""]
+        assert output is not None and output.endswith(os.sep)
+        target = Path(output) / name
+        target.write_bytes(data)
+        return str(target)
+
+    def download_folder(
+        self,
+        url: str | None = None,
+        id: str | None = None,
+        output: str | None = None,
+        quiet: bool = False,
+        resume: bool = False,
+    ) -> list[str]:
+        self.calls.append(("download_folder", id, output, resume))
+        written = []
+        for name, data in self.files.values():
+            target = Path(output or ".") / "class" / name
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_bytes(data)
+            written.append(str(target))
+        return written
+
+
+FILE_ID = "1AbCdEfGhIjKlMnOpQrStUvWxYz012345"
+
+
+@pytest.mark.parametrize(
+    "link",
+    [
+        FILE_ID,
+        f"https://drive.google.com/file/d/{FILE_ID}/view?usp=sharing",
+        f"https://drive.google.com/open?id={FILE_ID}",
+        f"https://drive.google.com/uc?id={FILE_ID}&export=download",
+    ],
+)
+def test_gdrive_file_links_go_through_gdown(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, link: str) -> None:
+    fake = FakeGdown({FILE_ID: ("digits.zip", PAYLOAD)})
+    monkeypatch.setattr(sources, "gdown_module", lambda: fake)
+    root = stage(link, tmp_path, progress=False)
+    assert root == tmp_path / FILE_ID / "digits"
+    assert (root / "0" / "3.txt").read_bytes() == MEMBERS["digits/0/3.txt"]
+    assert fake.calls[0][0:2] == ("download", FILE_ID) and fake.calls[0][3] is True
+    assert stage(link, tmp_path, progress=False) == root and len(fake.calls) == 1
+    assert not (tmp_path / ".colabkit-downloads").exists()
+
+
+def test_gdrive_folder_link(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    fake = FakeGdown({"a": ("a.txt", b"A"), "b": ("b.txt", b"B")})
+    monkeypatch.setattr(sources, "gdown_module", lambda: fake)
+    root = stage(f"https://drive.google.com/drive/folders/{FILE_ID}?usp=sharing", tmp_path, name="f", progress=False)
+    assert root == tmp_path / "f"
+    assert (root / "class" / "b.txt").read_bytes() == b"B"
+    assert fake.calls[0][0] == "download_folder"
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("Too many users have viewed or downloaded this file recently. Please try again later.", "copy of the file"),
+        ("Cannot retrieve the public link of the file. You may need to change the permission", "Anyone with the link"),
+    ],
+)
+def test_gdown_errors_become_clear_colabkit_errors(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, text: str, message: str
+) -> None:
+    fake = FakeGdown({})
+    fake.error = fake.FileURLRetrievalError(text)
+    monkeypatch.setattr(sources, "gdown_module", lambda: fake)
+    with pytest.raises(DownloadError, match=message):
+        stage(FILE_ID, tmp_path, progress=False)
+    assert not (tmp_path / FILE_ID).exists()
+
+
+def test_missing_gdown_names_the_package(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(__import__("sys").modules, "gdown", None)
+    with pytest.raises(MissingDependencyError, match="pip install gdown"):
+        sources.gdown_module()
+
+
+def test_resolve_rejects_nonsense_and_missing_paths(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="nothing exists"):
+        sources.resolve(str(tmp_path / "nope.zip"))
+    with pytest.raises(ValueError, match="pass a path"):
+        sources.resolve("")
+    assert isinstance(sources.resolve("s3://bucket/key.zip"), sources.FsspecSource)
+    assert isinstance(sources.resolve("https://example.com/a.zip"), sources.HttpSource)
+    assert sources.parse_gdrive("https://example.com/file/d/x") is None
+
+
+# -- s3:// through fsspec against moto's server ------------------------------------------------------
+
+
+@pytest.fixture
+def s3(monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
+    pytest.importorskip("s3fs")
+    moto_server = pytest.importorskip("moto.server")
+    import boto3
+    import fsspec
+
+    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    endpoint = f"http://{host}:{port}"
+    for key, value in {
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing",
+        "AWS_DEFAULT_REGION": "us-east-1",
+    }.items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.setitem(
+        fsspec.config.conf, "s3", {"client_kwargs": {"endpoint_url": endpoint}, "skip_instance_cache": True}
+    )
+    client = boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1")
+    client.create_bucket(Bucket="datasets")
+    client.put_object(Bucket="datasets", Key="mnist/digits.zip", Body=PAYLOAD)
+    client.put_object(Bucket="datasets", Key="folder/a/x.txt", Body=b"X")
+    client.put_object(Bucket="datasets", Key="folder/b.txt", Body=b"B")
+    try:
+        yield endpoint
+    finally:
+        server.stop()
+        with contextlib.suppress(Exception):
+            fsspec.filesystem("s3").clear_instance_cache()
+
+
+def test_s3_archive_and_folder(tmp_path: Path, s3: str) -> None:
+    sha = hashlib.sha256(PAYLOAD).hexdigest()
+    root = stage("s3://datasets/mnist/digits.zip", tmp_path, sha256=sha, progress=False)
+    assert root == tmp_path / "digits" / "digits"
+    assert (root / "2" / "7.txt").read_bytes() == MEMBERS["digits/2/7.txt"]
+    folder = stage("s3://datasets/folder", tmp_path, progress=False)
+    assert (folder / "a" / "x.txt").read_bytes() == b"X"
+    assert (folder / "b.txt").read_bytes() == b"B"
+    with pytest.raises(DownloadError, match="does not exist"):
+        stage("s3://datasets/nothing.zip", tmp_path, progress=False)
+
+
+def test_missing_fsspec_names_the_extra(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(__import__("sys").modules, "fsspec", None)
+    with pytest.raises(MissingDependencyError, match="'remote' extra"):
+        stage("gs://bucket/data.zip", tmp_path, progress=False)
