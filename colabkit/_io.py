@@ -39,8 +39,10 @@ __all__ = [
     "is_temp_name",
     "is_transient",
     "ops",
+    "pid_alive",
     "retry",
     "temp_name",
+    "temp_owner_alive",
 ]
 
 T = TypeVar("T")
@@ -84,6 +86,31 @@ def temp_name(path: Path) -> Path:
 def is_temp_name(name: str) -> bool:
     """Whether ``name`` was made by :func:`temp_name`."""
     return TEMP_MARK in name
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether a process with this id runs on this machine."""
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:
+        return True  # it exists but belongs to someone else
+    return True
+
+
+def temp_owner_alive(name: str) -> bool:
+    """Whether the process that made temporary ``name`` (see :func:`temp_name`) still runs.
+
+    Leftovers of dead processes are safe to delete; a live owner may still be writing.
+    """
+    try:
+        pid = int(name.split(TEMP_MARK, 1)[1].split("-", 1)[0])
+    except (IndexError, ValueError):
+        return False
+    return pid_alive(pid)
 
 
 def fsync_dir(path: str | os.PathLike[str]) -> None:

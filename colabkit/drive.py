@@ -361,19 +361,20 @@ def flush_drive(remount: bool = True) -> Path | None:
 
 
 _remount_lock = threading.Lock()
-_last_remount = [float("-inf")]
-#: A remount within this many seconds serves every thread that saw the same errno 107.
-REMOUNT_COOLDOWN = 10.0
+# How many remounts errno 107 has triggered. A retry whose attempt began before the
+# latest remount failed on the old, dead transport, which that remount already replaced:
+# when DriveFS dies, every parallel copier fails at once, and they need one remount, not one each.
+_remounts = [0]
 
 
-def _remount_on_enotconn(exc: BaseException, attempt: int) -> None:
+def _remount_on_enotconn(exc: BaseException, attempt: int, seen: int) -> None:
+    """Force-remount Drive after errno 107, unless a remount since ``seen`` already did."""
     if not (isinstance(exc, OSError) and exc.errno == errno.ENOTCONN):
         return
     if runtime().kind != "colab":
         return
-    # Parallel copiers all fail at once when DriveFS dies: one remount, not one per thread.
     with _remount_lock:
-        if time.monotonic() - _last_remount[0] < REMOUNT_COOLDOWN:
+        if _remounts[0] != seen:
             return
         _notify.logger.warning("Drive transport lost (errno 107); remounting before retry %d", attempt)
         try:
@@ -383,15 +384,17 @@ def _remount_on_enotconn(exc: BaseException, attempt: int) -> None:
         except Exception:
             # The retry that follows reports the real failure if the mount stays down.
             _notify.logger.exception("remounting Drive after errno 107 failed")
-        _last_remount[0] = time.monotonic()
+        finally:
+            _remounts[0] += 1
 
 
 def drive_retry(fn: Callable[[], T], *, retries: int = 3, sleep: Callable[[float], None] | None = None) -> T:
     """Call ``fn`` and retry it on Drive's transient errors (errno 5, 107, ...) with backoff.
 
     On errno 107 ("Transport endpoint is not connected": Drive's process died)
-    Drive is force-remounted before the retry when on Colab. ``fn`` must be
-    safe to repeat (a read, or an atomic write).
+    Drive is force-remounted before the retry when on Colab; when many threads
+    fail at once, the first remounts and the others retry on the new mount.
+    ``fn`` must be safe to repeat (a read, or an atomic write).
 
     Args:
         fn: The operation, taking no arguments.
@@ -409,7 +412,16 @@ def drive_retry(fn: Callable[[], T], *, retries: int = 3, sleep: Callable[[float
     """
     if retries < 0:
         raise ArgumentError(f"drive_retry(retries={retries!r}): use 0 or more")
-    return _io.retry(fn, retries=retries, on_retry=_remount_on_enotconn, sleep=sleep or time.sleep)
+    seen = [_remounts[0]]
+
+    def attempt() -> T:
+        seen[0] = _remounts[0]  # read before the call: which transport this attempt runs on
+        return fn()
+
+    def on_retry(exc: BaseException, number: int) -> None:
+        _remount_on_enotconn(exc, number, seen[0])
+
+    return _io.retry(attempt, retries=retries, on_retry=on_retry, sleep=sleep or time.sleep)
 
 
 def is_drive_path(path: str | os.PathLike[str]) -> bool:

@@ -239,6 +239,17 @@ HOSTILE = {
         lambda p: make_tar(p / "x.tar.gz", [(tar_member("ok"), b"1"), (tar_member("../evil"), b"x")], "w:gz"),
         r"'\.\.'",
     ),
+    "tar-absolute": (
+        lambda p: make_tar(p / "x.tar", [(tar_member("ok"), b"1"), (tar_member("/tmp/evil"), b"x")]),
+        "absolute",
+    ),
+    "tar-drive-letter": (lambda p: make_tar(p / "x.tar", [(tar_member("C:\\evil"), b"x")]), "drive letter"),
+    "tar-blockdev": (lambda p: make_tar(p / "x.tar", [(tar_member("sda", tarfile.BLKTYPE), None)]), "device"),
+    "tar-write-through-link": (
+        lambda p: make_tar(p / "x.tar", [(tar_member("ln", tarfile.SYMTYPE, "."), None), (tar_member("ln/f"), b"x")]),
+        "lies under 'ln'",
+    ),
+    "zip-ratio-bomb": (lambda p: make_zip(p / "x.zip", {"zeros.bin": bytes(5 * 1024 * 1024)}), "zip bomb"),
     "tar-duplicate": (
         lambda p: make_tar(p / "x.tar", [(tar_member("a.txt"), b"1"), (tar_member("a.txt"), b"2")]),
         "appears twice",

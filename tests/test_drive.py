@@ -268,6 +268,47 @@ def test_errno_107_force_remounts_drive_before_retrying() -> None:
         assert mounts[-1]["force_remount"] is True
 
 
+def test_many_threads_failing_with_107_at_once_cause_one_remount() -> None:
+    # DriveFS dies: every copier thread fails at the same moment. One remount serves them all.
+    import threading
+
+    workers = 8
+    with fake_colab() as colab:
+        mydrive = mount_drive()
+        (mydrive / "shard.bin").write_bytes(b"abc")
+        barrier = threading.Barrier(workers)
+        failed: set[int] = set()
+        results: list[bytes] = []
+        errors: list[BaseException] = []
+
+        def read() -> bytes:
+            me = threading.get_ident()
+            if me not in failed:
+                failed.add(me)
+                barrier.wait(timeout=10)  # all attempts are in flight before any fails
+                raise OSError(errno.ENOTCONN, "Transport endpoint is not connected")
+            return (mydrive / "shard.bin").read_bytes()
+
+        def run() -> None:
+            try:
+                results.append(drive_retry(read, sleep=lambda _: None))
+            except BaseException as exc:  # pragma: no cover - reported below
+                errors.append(exc)
+
+        threads = [threading.Thread(target=run) for _ in range(workers)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(timeout=30)
+        assert errors == []
+        assert results == [b"abc"] * workers
+        mounts = colab.calls_to("drive.mount")
+        assert [call["force_remount"] for call in mounts] == [False, True]
+        # A later, separate outage remounts again: no cooldown swallows it.
+        assert drive_retry(_flaky(mydrive / "shard.bin", [errno.ENOTCONN]), sleep=lambda _: None) == b"abc"  # type: ignore[arg-type]
+        assert [call["force_remount"] for call in colab.calls_to("drive.mount")] == [False, True, True]
+
+
 def test_errno_107_off_colab_just_retries(tmp_path: Path) -> None:
     with fake_kaggle() as kaggle:
         target = kaggle.path("/kaggle/working/x")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import hashlib
+import os
 from pathlib import Path
 
 import pytest
@@ -107,3 +108,15 @@ def test_human_bytes() -> None:
     assert _io.human_bytes(512) == "512 B"
     assert _io.human_bytes(1536) == "1.5 KB"
     assert _io.human_bytes(3 * 1024**3) == "3.0 GB"
+
+
+def test_temp_owner_alive(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    mine = _io.temp_name(tmp_path / "x").name
+    assert _io.temp_owner_alive(mine)
+    child = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead = mine.replace(f"{_io.TEMP_MARK}{os.getpid()}-", f"{_io.TEMP_MARK}{int(child.stdout)}-")
+    assert not _io.temp_owner_alive(dead)
+    assert not _io.temp_owner_alive("plain-name")

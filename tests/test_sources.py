@@ -19,7 +19,7 @@ import pytest
 
 from colabkit.data import sources
 from colabkit.data.stage import stage
-from colabkit.errors import DownloadError, MissingDependencyError
+from colabkit.errors import ChecksumError, DownloadError, MissingDependencyError
 
 
 def zip_bytes(members: dict[str, bytes]) -> bytes:
@@ -156,10 +156,23 @@ def test_partial_download_of_a_changed_file_is_not_spliced(tmp_path: Path, serve
     assert (root / "new.txt").read_bytes() == b"fresh" * 100
 
 
+def test_checksum_mismatch_deletes_the_download(
+    tmp_path: Path, server: Server, capsys: pytest.CaptureFixture[str]
+) -> None:
+    server.files["/digits.zip"] = PAYLOAD
+    with pytest.raises(ChecksumError, match=r"md5 is [0-9a-f]{32}, expected 0{32}.*copy was deleted"):
+        stage(server.url + "/digits.zip", tmp_path, md5="0" * 32, progress=False)
+    assert list(tmp_path.iterdir()) == []  # no partial download kept, nothing published
+    assert capsys.readouterr().err == ""  # progress=False: no download bar
+    root = stage(server.url + "/digits.zip", tmp_path, md5=hashlib.md5(PAYLOAD).hexdigest(), progress=True)
+    assert (root / "0" / "1.txt").read_bytes() == MEMBERS["digits/0/1.txt"]
+    assert "download digits.zip" in capsys.readouterr().err
+
+
 def test_http_errors_are_clear(tmp_path: Path, server: Server) -> None:
     with pytest.raises(DownloadError, match="HTTP 404"):
         stage(server.url + "/missing.zip", tmp_path, progress=False)
-    assert list(tmp_path.iterdir()) in ([], [tmp_path / ".colabkit-downloads"])
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_plain_file_url_keeps_its_name(tmp_path: Path, server: Server) -> None:
@@ -209,6 +222,9 @@ class FakeGdown(types.SimpleNamespace):
         resume: bool = False,
     ) -> list[str]:
         self.calls.append(("download_folder", id, output, resume))
+        if self.error is not None:
+            Path(output or ".", "half.txt").write_bytes(b"partial")
+            raise self.error
         written = []
         for name, data in self.files.values():
             target = Path(output or ".") / "class" / name
@@ -244,16 +260,29 @@ def test_gdrive_file_links_go_through_gdown(tmp_path: Path, monkeypatch: pytest.
 def test_gdrive_folder_link(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     fake = FakeGdown({"a": ("a.txt", b"A"), "b": ("b.txt", b"B")})
     monkeypatch.setattr(sources, "gdown_module", lambda: fake)
-    root = stage(f"https://drive.google.com/drive/folders/{FILE_ID}?usp=sharing", tmp_path, name="f", progress=False)
+    link = f"https://drive.google.com/drive/folders/{FILE_ID}?usp=sharing"
+    fake.error = fake.FileURLRetrievalError("Cannot retrieve the folder information from the link")
+    with pytest.raises(DownloadError, match="Anyone with the link"):
+        stage(link, tmp_path, name="f", progress=False)
+    assert list(tmp_path.iterdir()) == []  # the half-downloaded folder is gone
+    fake.error = None
+    root = stage(link, tmp_path, name="f", progress=False)
     assert root == tmp_path / "f"
     assert (root / "class" / "b.txt").read_bytes() == b"B"
-    assert fake.calls[0][0] == "download_folder"
+    assert sorted(os.listdir(tmp_path)) == ["f"]
+    assert [call[0] for call in fake.calls] == ["download_folder", "download_folder"]
 
 
 @pytest.mark.parametrize(
     ("text", "message"),
     [
         ("Too many users have viewed or downloaded this file recently. Please try again later.", "copy of the file"),
+        # gdown 6 wraps the page's message and indents it with tabs.
+        (
+            "Failed to retrieve file url:\n\n\tToo many\n\tusers have viewed or downloaded this file recently.\n\n"
+            "You may still be able to access the file from the browser",
+            "too many users have viewed or downloaded this file recently .*Fix: make a copy",
+        ),
         ("Cannot retrieve the public link of the file. You may need to change the permission", "Anyone with the link"),
     ],
 )
@@ -265,7 +294,16 @@ def test_gdown_errors_become_clear_colabkit_errors(
     monkeypatch.setattr(sources, "gdown_module", lambda: fake)
     with pytest.raises(DownloadError, match=message):
         stage(FILE_ID, tmp_path, progress=False)
-    assert not (tmp_path / FILE_ID).exists()
+    assert list(tmp_path.iterdir()) == []  # no dataset folder, no empty scratch folders
+
+
+def test_gdown_returning_nothing_is_a_clear_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    fake = FakeGdown({})
+    fake.download = lambda **kwargs: None  # gdown <= 4.7.1 printed "Access denied" and returned None
+    monkeypatch.setattr(sources, "gdown_module", lambda: fake)
+    with pytest.raises(DownloadError, match="Anyone with the link"):
+        stage(f"https://drive.google.com/file/d/{FILE_ID}/view", tmp_path, progress=False)
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_missing_gdown_names_the_package(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -336,3 +374,12 @@ def test_missing_fsspec_names_the_extra(tmp_path: Path, monkeypatch: pytest.Monk
     monkeypatch.setitem(__import__("sys").modules, "fsspec", None)
     with pytest.raises(MissingDependencyError, match="'remote' extra"):
         stage("gs://bucket/data.zip", tmp_path, progress=False)
+
+
+def test_missing_bucket_backend_names_its_package(tmp_path: Path) -> None:
+    pytest.importorskip("fsspec")
+    if __import__("importlib").util.find_spec("gcsfs") is not None:
+        pytest.skip("gcsfs is installed")
+    with pytest.raises(MissingDependencyError, match=r"pip install gcsfs.*|'gcsfs'.*'remote' extra"):
+        stage("gs://bucket/data.zip", tmp_path, progress=False)
+    assert list(tmp_path.iterdir()) == []

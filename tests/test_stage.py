@@ -147,9 +147,13 @@ def test_checksums(tmp_path: Path) -> None:
     good = hashlib.sha256(src.read_bytes()).hexdigest()
     md5 = hashlib.md5(src.read_bytes()).hexdigest()
     assert stage(src, tmp_path / "data", sha256=good, md5=md5, progress=False).is_dir()
-    with pytest.raises(ChecksumError, match="sha256 is"):
+    with pytest.raises(ChecksumError, match=r"sha256 is .*Nothing was staged"):
         stage(src, tmp_path / "other", sha256="0" * 64, progress=False)
     assert not (tmp_path / "other" / "flowers").exists()
+    assert hashlib.sha256(src.read_bytes()).hexdigest() == good  # a local source is never touched
+    with pytest.raises(ChecksumError, match="md5 is"):
+        stage(src, tmp_path / "other", md5="0" * 32, progress=False)
+    assert os.listdir(tmp_path / "other") == []
     with pytest.raises(ValueError, match="64 hex digits"):
         stage(src, tmp_path / "data", sha256="abc", progress=False)
 
@@ -244,8 +248,54 @@ def test_disk_full_mid_extraction_is_a_clean_error(
 
 def test_free_space_is_checked_before_writing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     src = write_zip(tmp_path / "flowers.zip")
+    extracted = sum(len(v) for v in MEMBERS.values())
     monkeypatch.setattr(_io, "free_space", lambda path: 1000)
-    with pytest.raises(InsufficientSpaceError, match=r"needs .* \(\d+ bytes\) but .* \(1000 bytes\) free"):
+    with pytest.raises(
+        InsufficientSpaceError, match=rf"extracted .*needs .* \({extracted} bytes\).* but .* \(1000 bytes\) free"
+    ):
+        stage(src, tmp_path / "data", progress=False)
+    assert os.listdir(tmp_path / "data") == []
+
+
+def test_free_space_check_names_the_copy_and_the_extracted_size(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    extracted = sum(len(v) for v in MEMBERS.values())
+    with fake_colab() as colab:
+        from colabkit.drive import mount_drive
+
+        src = write_zip(mount_drive() / "flowers.zip")
+        copy = src.stat().st_size
+        free = stage_mod._SPACE_MARGIN + copy + extracted - 1  # room for either, not for both
+        monkeypatch.setattr(_io, "free_space", lambda path: free)
+        copied: list[str] = []
+        with monkeypatch.context() as patch:
+            patch.setattr(sources, "_copy_one", lambda *a, **k: copied.append(a[0]))
+            with pytest.raises(InsufficientSpaceError) as caught:
+                stage(src, progress=False)
+        message = str(caught.value)
+        assert f"local copy of the archive needs {_io.human_bytes(copy)} ({copy} bytes)" in message
+        assert f"extracted data needs {_io.human_bytes(extracted)} ({extracted} bytes)" in message
+        assert f"({free} bytes) free" in message and "dest=" in message
+        assert copied == []  # refused before a byte was read from Drive
+        assert os.listdir(colab.path("/content/data")) == []
+        monkeypatch.setattr(_io, "free_space", lambda path: free + 1)  # one byte more is enough
+        assert files_under(stage(src, progress=False)) == {k.split("/", 1)[1]: v for k, v in MEMBERS.items()}
+
+
+def test_free_space_for_a_compressed_tar_counts_the_decompressed_tar(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    src = tmp_path / "cifar.tar.gz"
+    with tarfile.open(src, "w:gz") as tf:
+        for name, data in list(MEMBERS.items())[:20]:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tf.addfile(info, io.BytesIO(data))
+    with gzip.open(src) as stream:
+        tar_size = len(stream.read())
+    monkeypatch.setattr(_io, "free_space", lambda path: stage_mod._SPACE_MARGIN + tar_size * 2 - 1)
+    with pytest.raises(InsufficientSpaceError, match=rf"\({tar_size} bytes\) twice over"):
         stage(src, tmp_path / "data", progress=False)
     assert os.listdir(tmp_path / "data") == []
 
@@ -260,6 +310,48 @@ def test_hostile_archive_leaves_destination_untouched(tmp_path: Path) -> None:
     assert files_under(dest) == before
     assert files_under(old) == {"ok.txt": b"ok"}
     assert not list(tmp_path.rglob("escape.txt"))
+
+
+def snapshot(root: Path) -> dict[str, tuple[int, int]]:
+    """Every path under ``root``, files with their size and mtime: any write shows up.
+
+    Folder mtimes are left out: the temporary sibling stage() made and removed touches dest's.
+    """
+    return {
+        p.relative_to(root).as_posix(): (0, 0) if p.is_dir() else (p.lstat().st_size, p.lstat().st_mtime_ns)
+        for p in root.rglob("*")
+    }
+
+
+@pytest.mark.parametrize(
+    ("limits", "message"),
+    [
+        (archive.ArchiveLimits(max_members=5), "more than 5 members"),
+        (archive.ArchiveLimits(max_total_size=100_000), "more than 97.7 KB"),
+        (archive.ArchiveLimits(max_ratio=20, ratio_grace=10_000), "zip bomb"),
+    ],
+)
+def test_bombs_leave_the_destination_as_it_was(tmp_path: Path, limits: archive.ArchiveLimits, message: str) -> None:
+    dest = tmp_path / "data"
+    old = stage(write_zip(tmp_path / "v1" / "bomb.zip", {"bomb/ok.txt": b"ok"}), dest, progress=False)
+    src = write_zip(tmp_path / "bomb.zip", {f"bomb/f{i}.bin": bytes(50_000) for i in range(10)})
+    before = snapshot(tmp_path)
+    with pytest.raises(UnsafeArchiveError, match=message):
+        stage(src, dest, limits=limits, workers=2, progress=False)
+    assert snapshot(tmp_path) == before  # nothing written in dest, next to it or anywhere else
+    assert files_under(old) == {"ok.txt": b"ok"}
+    assert files_under(stage(src, dest, progress=False))["f9.bin"] == bytes(50_000)  # default limits allow it
+
+
+def test_destination_inside_the_source_folder_is_refused(tmp_path: Path) -> None:
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    (folder / "a.png").write_bytes(b"a")
+    with pytest.raises(ValueError, match="lies inside the source folder"):
+        stage(folder, folder / "staged", progress=False)
+    with pytest.raises(ValueError, match="lies inside the source folder"):
+        stage(folder, tmp_path, overwrite=True, progress=False)
+    assert sorted(p.name for p in folder.iterdir()) == ["a.png"]
 
 
 def test_foreign_folder_is_not_replaced_without_overwrite(tmp_path: Path) -> None:
@@ -346,6 +438,58 @@ def test_cli_stage(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     sha = hashlib.sha256(src.read_bytes()).hexdigest()
     assert cli_stage([str(src), str(tmp_path / "d2"), "--sha256", sha, "--name", "x", "--no-progress"]) == 0
     assert (tmp_path / "d2" / "x" / "flowers" / "rose" / "000.jpg").exists()
+
+
+def test_python_dash_m_colabkit_stage(tmp_path: Path, subprocess_env: dict[str, str]) -> None:
+    src = write_zip(tmp_path / "flowers.zip")
+    command = [sys.executable, "-m", "colabkit", "stage", str(src), str(tmp_path / "data"), "--no-progress"]
+    done = subprocess.run(command, env=subprocess_env, capture_output=True, text=True, timeout=60, check=False)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == str(tmp_path / "data" / "flowers" / "flowers")
+    assert files_under(Path(done.stdout.strip())) == {k.split("/", 1)[1]: v for k, v in MEMBERS.items()}
+    bad = [sys.executable, "-m", "colabkit", "stage", str(src), str(tmp_path / "d2"), "--md5", "0" * 32]
+    failed = subprocess.run(bad, env=subprocess_env, capture_output=True, text=True, timeout=60, check=False)
+    assert failed.returncode == 1
+    assert "colabkit stage: error:" in failed.stderr and "md5 is" in failed.stderr
+    assert not (tmp_path / "d2" / "flowers").exists()
+
+
+def test_make_archive_round_trips_through_stage(tmp_path: Path) -> None:
+    folder = tmp_path / "pets"
+    for i in range(30):
+        (folder / f"c{i % 3}").mkdir(parents=True, exist_ok=True)
+        (folder / f"c{i % 3}" / f"{i}.jpg").write_bytes(os.urandom(200))
+        (folder / f"c{i % 3}" / f"{i}.txt").write_bytes(b"label " * 50)
+    packed = archive.make_archive(folder, tmp_path / "drive" / "pets.zip", progress=False)
+    with zipfile.ZipFile(packed) as zf:
+        methods = {Path(info.filename).suffix: info.compress_type for info in zf.infolist()}
+    assert methods == {".jpg": zipfile.ZIP_STORED, ".txt": zipfile.ZIP_DEFLATED}
+    root = stage(packed, tmp_path / "data", progress=False)
+    assert root == tmp_path / "data" / "pets" / "pets"
+    assert files_under(root) == files_under(folder)
+
+
+def test_progress_false_is_silent_for_every_step(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    with fake_colab() as colab:
+        from colabkit.drive import mount_drive
+
+        mydrive = mount_drive()
+        capsys.readouterr()
+        zipped = write_zip(mydrive / "flowers.zip")  # Drive: a copy, then a parallel extraction
+        tgz = mydrive / "small.tgz"
+        with tarfile.open(tgz, "w:gz") as tf:
+            info = tarfile.TarInfo("small/a.txt")
+            info.size = 3
+            tf.addfile(info, io.BytesIO(b"abc"))
+        gz = mydrive / "labels.gz"
+        gz.write_bytes(gzip.compress(b"x" * 1000))
+        for src in (zipped, tgz, gz, mydrive):
+            stage(src, colab.path("/content/data"), workers=2, progress=False)
+        archive.make_archive(colab.path("/content/data/flowers"), tmp_path / "out.zip", progress=False)
+        captured = capsys.readouterr()
+        assert (captured.out, captured.err) == ("", "")
+        stage(zipped, colab.path("/content/other"), workers=2, progress=True)
+        assert "copy flowers.zip" in capsys.readouterr().err
 
 
 def test_progress_bars_show_and_can_be_silenced(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -51,6 +51,7 @@ __all__ = [
     "ExtractResult",
     "archive_format",
     "extract_archive",
+    "extracted_size",
     "make_archive",
     "scan_archive",
 ]
@@ -747,9 +748,11 @@ def _run_forked(
                     os._exit(status)
             pids.append(pid)
     except BaseException:
+        # fork() failed part-way: stop and reap the workers already started.
+        _kill(pids)
         for pid in pids:
-            with contextlib.suppress(OSError):
-                os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+        os.close(result_r)
         raise
     finally:
         os.close(work_r)
@@ -762,13 +765,9 @@ def _run_forked(
                     done(int(line[2:]))
                 elif line.startswith("E\t") and error is None:
                     error = _decode_error(line.rstrip("\n"))
-                    for pid in pids:
-                        with contextlib.suppress(OSError):
-                            os.kill(pid, signal.SIGKILL)
+                    _kill(pids)
     except BaseException:
-        for pid in pids:
-            with contextlib.suppress(OSError):
-                os.kill(pid, signal.SIGKILL)
+        _kill(pids)
         raise
     finally:
         statuses = [os.waitpid(pid, 0)[1] for pid in pids]
@@ -776,6 +775,12 @@ def _run_forked(
         raise error
     if any(statuses):
         raise ColabkitIOError(f"an extraction worker died unexpectedly (wait statuses {statuses}); try workers=1")
+
+
+def _kill(pids: list[int]) -> None:
+    for pid in pids:
+        with contextlib.suppress(OSError):
+            os.kill(pid, signal.SIGKILL)
 
 
 def _run_chunks(
@@ -822,13 +827,22 @@ def _auto_workers(workers: int | Literal["auto"], files: int, total: int) -> int
 
 
 @contextlib.contextmanager
-def _progress_bar(total: int, desc: str, enabled: bool, unit: str = "file") -> Iterator[Callable[[int], None]]:
+def _progress_bar(total: int | None, desc: str, enabled: bool, unit: str = "file") -> Iterator[Callable[[int], None]]:
     if not enabled:
         yield lambda n: None
         return
     from tqdm.auto import tqdm
 
-    bar = tqdm(total=total, desc=desc, unit=unit, unit_scale=unit == "B", leave=False, dynamic_ncols=True)
+    in_bytes = unit == "B"
+    bar = tqdm(
+        total=total,
+        desc=desc,
+        unit=unit,
+        unit_scale=in_bytes,
+        unit_divisor=1024 if in_bytes else 1000,
+        leave=False,
+        dynamic_ncols=True,
+    )
     try:
         yield bar.update
     finally:
@@ -930,13 +944,17 @@ def extract_archive(
         # Some problems (a member that inflates past its declared size) show only while
         # writing: take back everything, so a rejected archive leaves dest as it was.
         for entry in os.listdir(root):
-            full = root / entry
-            if full.is_dir() and not full.is_symlink():
-                shutil.rmtree(full, ignore_errors=True)
-            else:
-                with contextlib.suppress(OSError):
-                    full.unlink()
+            remove_path(root / entry)
         raise
+
+
+def remove_path(path: Path) -> None:
+    """Delete a file, link or whole folder (never what a link points to); errors are ignored."""
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        with contextlib.suppress(OSError):
+            path.unlink()
 
 
 def _extract_any(
@@ -958,13 +976,34 @@ def _extract_any(
         scratch_dir = Path(scratch) if scratch is not None else root.parent
         plain = _io.temp_name(scratch_dir / (label + ".tar"))
         try:
-            _io.ensure_free_space(scratch_dir, os.path.getsize(path) * 2, what=f"the decompressed {label}")
+            _io.ensure_free_space(scratch_dir, extracted_size(path, fmt), what=f"the decompressed {label}")
             _decompress_stream(path, fmt, plain, limits, progress, label)
             return _extract_plan(os.fspath(plain), "tar", root, workers, limits, progress, label)
         finally:
             with contextlib.suppress(OSError):
                 plain.unlink()
     return _extract_plan(path, fmt, root, workers, limits, progress, label)
+
+
+def extracted_size(path: str | os.PathLike[str], fmt: Format) -> int:
+    """The size ``path`` will have once extracted, read from its headers without extracting.
+
+    Exact for zip (the central directory) and for most ``.gz``/``.tar.gz`` (the gzip
+    trailer); the archive's own size for plain tar (its members' sizes plus headers)
+    and for ``.tar.bz2``/``.tar.xz`` (whose headers do not say; compressed data only
+    grows). The members are not validated here: :func:`extract_archive` does that.
+    """
+    name = os.fspath(path)
+    packed = os.path.getsize(name)
+    if fmt == "zip":
+        with contextlib.suppress(OSError, UnicodeDecodeError, struct.error, UnsafeArchiveError):
+            found = _fast_central(name)
+            entries = found[0] if found is not None else _zipfile_central(name)[0]
+            return sum(entry[5] for entry in entries)
+        return packed
+    if fmt in ("gz", "tar.gz"):
+        return max(_gzip_size_hint(name), packed)
+    return packed
 
 
 def _gzip_size_hint(path: str) -> int:

@@ -31,13 +31,14 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from types import ModuleType
 from typing import IO, Any, Literal, Protocol, TypeVar
 
 from colabkit import _io
+from colabkit.data.archive import _progress_bar
 from colabkit.errors import ArgumentError, ColabkitIOError, DownloadError, missing_dependency
 
 __all__ = [
@@ -215,18 +216,9 @@ def _strip_archive_suffix(name: str) -> str:
     return name
 
 
-@contextlib.contextmanager
-def _bar(total: int | None, desc: str, enabled: bool) -> Iterator[Callable[[int], None]]:
-    if not enabled:
-        yield lambda n: None
-        return
-    from tqdm.auto import tqdm
-
-    bar = tqdm(total=total, desc=desc, unit="B", unit_scale=True, unit_divisor=1024, leave=False, dynamic_ncols=True)
-    try:
-        yield bar.update
-    finally:
-        bar.close()
+def _bar(total: int | None, desc: str, enabled: bool) -> contextlib.AbstractContextManager[Callable[[int], None]]:
+    """A bytes progress bar (tqdm.auto) whose update function is yielded; a no-op when not ``enabled``."""
+    return _progress_bar(total, desc, enabled, "B")
 
 
 # -- local paths (and Drive) ------------------------------------------------------------------------
@@ -267,7 +259,7 @@ class PathSource:
         if not _is_drive_path(self.path):
             return Fetched(self.path, self.path.name, temporary=False)
         # Drive reads are slow and flaky at random offsets: one sequential copy to local disk first.
-        size = self.path.stat().st_size
+        size = _retry(lambda: self.path.stat().st_size, ctx.retries)
         _io.ensure_free_space(ctx.scratch, size, what=f"the local copy of {self.path.name}")
         ctx.scratch.mkdir(parents=True, exist_ok=True)
         local = _io.temp_name(ctx.scratch / self.path.name)
@@ -343,33 +335,22 @@ def copy_tree(
     def one(pair: tuple[str, str]) -> int:
         return _retry(lambda: _copy_one(*pair), retries)
 
-    if progress:
-        from tqdm.auto import tqdm
-
-        bar: Any = tqdm(total=len(files), desc=f"copy {src.name}", unit="file", leave=False, dynamic_ncols=True)
-    else:
-        bar = None
-    try:
+    with _progress_bar(len(files), f"copy {src.name}", progress) as tick:
         if workers <= 1 or len(files) < 2:
             for pair in files:
                 total_bytes += one(pair)
-                if bar is not None:
-                    bar.update(1)
+                tick(1)
         else:
             with ThreadPoolExecutor(max_workers=min(workers, len(files)), thread_name_prefix="colabkit-copy") as pool:
                 futures = [pool.submit(one, pair) for pair in files]
                 try:
                     for future in futures:
                         total_bytes += future.result()
-                        if bar is not None:
-                            bar.update(1)
+                        tick(1)
                 except BaseException:
                     for future in futures:
                         future.cancel()
                     raise
-    finally:
-        if bar is not None:
-            bar.close()
     return len(files), total_bytes
 
 
@@ -396,16 +377,18 @@ def parse_gdrive(text: str) -> tuple[str, Literal["file", "folder"]] | None:
 
 
 def _gdown_error(exc: BaseException, link: str) -> DownloadError:
-    text = str(exc)
-    if "Too many users" in text or "too many users" in text:
+    text = " ".join(str(exc).split())  # gdown wraps and indents the page's message over several lines
+    if "too many users" in text.lower():
         return DownloadError(
             f"Google Drive refused {link}: too many users have viewed or downloaded this file recently (Drive's "
             "per-file quota). Fix: make a copy of the file in your own Drive and stage() the copy's link, or "
             "mount_drive() and stage() the file's path, or wait up to 24 hours"
         )
     return DownloadError(
-        f"could not download {link} from Google Drive ({type(exc).__name__}: {text.strip()[:300]}). Fix: open the "
-        "file's Share dialog and set General access to 'Anyone with the link', or mount_drive() and stage() its path"
+        f"could not download {link} from Google Drive ({type(exc).__name__}: {text[:300]}). Fix: open the "
+        "file's Share dialog and set General access to 'Anyone with the link', or mount_drive() and stage() its "
+        "path; if it is already public, Drive may be limiting downloads of a popular file: stage() a copy made "
+        "in your own Drive"
     )
 
 

@@ -28,7 +28,7 @@ from typing import Any, Literal
 
 from colabkit import _io, _notify
 from colabkit.data import sources as _sources
-from colabkit.data.archive import ArchiveLimits, archive_format, extract_archive
+from colabkit.data.archive import ArchiveLimits, archive_format, extract_archive, extracted_size, remove_path
 from colabkit.errors import ArgumentError, ChecksumError, ColabkitError, InsufficientSpaceError
 
 __all__ = ["MARKER", "cli_stage", "stage"]
@@ -39,6 +39,8 @@ MARKER = ".colabkit-stage.json"
 SCRATCH = ".colabkit-downloads"
 _MARKER_VERSION = 1
 _COPY_THREADS = 32
+#: Head-room left free on the destination's disk (as colabkit._io.ensure_free_space keeps).
+_SPACE_MARGIN = 64 * 1024 * 1024
 
 
 def stage(
@@ -104,6 +106,11 @@ def stage(
     base = Path(os.path.abspath(os.path.expanduser(dest))) if dest is not None else _default_dest()
     folder_name = _check_name(name if name is not None else src.default_name(), name is not None)
     target = base / folder_name
+    if isinstance(src, _sources.PathSource) and (src.path == target or src.path in target.parents):
+        raise ArgumentError(
+            f"stage(): the destination {target} lies inside the source folder {src.path}, so each run would copy "
+            "the previous copy again; pass a dest= outside it"
+        )
     identity = {
         "source": src.identity(),
         "sha256": sha256.lower() if sha256 else None,
@@ -163,7 +170,12 @@ def _stage_fresh(
     wanted = tuple(algorithm for algorithm, digest in (("sha256", sha256), ("md5", md5)) if digest)
     threads = workers if isinstance(workers, int) else _COPY_THREADS
     ctx = _sources.FetchContext(scratch, retries, progress, threads, wanted)
-    fetched = src.fetch(ctx)
+    _check_space(src, target.parent, extract)
+    try:
+        fetched = src.fetch(ctx)
+    except BaseException:
+        _tidy_scratch(scratch)
+        raise
     staging = _io.temp_name(target)
     try:
         _verify(fetched, src, {"sha256": sha256, "md5": md5})
@@ -184,16 +196,57 @@ def _stage_fresh(
         raise
     finally:
         if fetched.temporary:
-            _discard(fetched.path)
-            if fetched.path.parent != scratch:
-                with contextlib.suppress(OSError):
-                    fetched.path.parent.rmdir()
-        with contextlib.suppress(OSError):
-            scratch.rmdir()  # only when empty: partial downloads stay for the next attempt
+            remove_path(fetched.path)
+        _tidy_scratch(scratch)
     _notify.logger.info(
         "staged %s -> %s (%d files) in %.1fs", src.description, target, files, time.monotonic() - started
     )
     return target / result if result != "." else target
+
+
+def _check_space(src: _sources.Source, base: Path, extract: bool | Literal["auto"]) -> None:
+    """Refuse before writing anything when ``base``'s disk cannot hold the copy and the extracted data.
+
+    Only path sources are sized up front (a Drive archive's copy plus its extracted size,
+    read from its headers); downloads are checked once their length is known, and every
+    extraction checks again against the exact size of its members.
+    """
+    if not isinstance(src, _sources.PathSource) or src.path.is_dir():
+        return
+    size = _sources._retry(lambda: src.path.stat().st_size, 2)
+    fmt = archive_format(src.path) if extract is not False else None
+    copy = size if fmt is not None and _sources._is_drive_path(src.path) else 0
+    # A compressed tar is first decompressed next to the files it holds.
+    compressed_tar = fmt in ("tar.gz", "tar.bz2", "tar.xz")
+    if fmt is not None and not copy and not compressed_tar:
+        return  # a local zip, tar or gz: extraction checks exactly this before it writes
+    extracted = extracted_size(src.path, fmt) if fmt is not None else size
+    extracted_peak = extracted * 2 if compressed_tar else extracted
+    needed = copy + extracted_peak
+    free = _io.free_space(base)
+    if needed + _SPACE_MARGIN <= free:
+        return
+    pieces = [f"the local copy of the archive needs {_io.human_bytes(copy)} ({copy} bytes)"] if copy else []
+    label = "the extracted data" if fmt is not None else "the copy"
+    twice = " twice over (the decompressed tar and its files)" if extracted_peak != extracted else ""
+    pieces.append(f"{label} needs {_io.human_bytes(extracted)} ({extracted} bytes){twice}")
+    raise InsufficientSpaceError(
+        errno.ENOSPC,
+        f"not enough free disk to stage {src.path.name}: {' and '.join(pieces)}, {_io.human_bytes(needed)} in all, "
+        f"but {base} has {_io.human_bytes(free)} ({free} bytes) free; nothing was written. Free some space "
+        f"(df -h {base}) or pass a dest= on a larger disk",
+    )
+
+
+def _tidy_scratch(scratch: Path) -> None:
+    """Remove the scratch folder's empty folders, and itself when empty: partial downloads stay for a resume."""
+    with contextlib.suppress(OSError), os.scandir(scratch) as entries:
+        for entry in list(entries):
+            if entry.is_dir(follow_symlinks=False):
+                with contextlib.suppress(OSError):
+                    os.rmdir(entry.path)
+    with contextlib.suppress(OSError):
+        scratch.rmdir()
 
 
 def _fill(
@@ -258,10 +311,11 @@ def _verify(fetched: _sources.Fetched, src: _sources.Source, expected: dict[str,
         actual = fetched.hashes.get(algorithm) or _hash(fetched.path, algorithm)
         if actual != digest.lower():
             if fetched.temporary:
-                _discard(fetched.path)
+                remove_path(fetched.path)
+            done = "The copy was deleted" if fetched.temporary else "Nothing was staged"
             raise ChecksumError(
                 f"{src.description}: {algorithm} is {actual}, expected {digest.lower()}; the download or copy is "
-                "corrupt or the source changed. The copy was deleted; check the checksum you passed and retry"
+                f"corrupt or the source changed. {done}; check the {algorithm}= you passed and retry"
             )
 
 
@@ -279,15 +333,7 @@ def _publish(staging: Path, target: Path) -> None:
     os.rename(staging, target)
     _io.fsync_dir(target.parent)
     if trash is not None:
-        _discard(trash)
-
-
-def _discard(path: Path) -> None:
-    if path.is_dir() and not path.is_symlink():
-        shutil.rmtree(path, ignore_errors=True)
-    else:
-        with contextlib.suppress(OSError):
-            path.unlink()
+        remove_path(trash)
 
 
 def _read_marker(target: Path) -> dict[str, Any] | None:
@@ -317,28 +363,12 @@ def _remove_leftovers(base: Path, name: str) -> None:
     with contextlib.suppress(OSError), os.scandir(base) as entries:
         for entry in entries:
             if entry.name.startswith(prefix):
-                _discard(Path(entry.path))
+                remove_path(Path(entry.path))
     scratch = base / SCRATCH
     with contextlib.suppress(OSError), os.scandir(scratch) as entries:
         for entry in entries:
-            if _io.is_temp_name(entry.name) and not _pid_alive(entry.name):
-                _discard(Path(entry.path))
-
-
-def _pid_alive(temp_name: str) -> bool:
-    try:
-        pid = int(temp_name.split(_io.TEMP_MARK, 1)[1].split("-", 1)[0])
-    except (IndexError, ValueError):
-        return False
-    if pid == os.getpid():
-        return True
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except OSError:
-        return True
-    return True
+            if _io.is_temp_name(entry.name) and not _io.temp_owner_alive(entry.name):
+                remove_path(Path(entry.path))
 
 
 @contextlib.contextmanager
