@@ -40,18 +40,26 @@ _LAZY: dict[str, str] = {
     "session_time_left": "colabkit.session",
     "end_session": "colabkit.session",
     "download": "colabkit.session",
+    "compare_devices": "colabkit.bench",
+    "matmul_speed": "colabkit.bench",
+    "lr_find": "colabkit.bench",
+    "load_for_inference": "colabkit.inference",
+    "predict_images": "colabkit.inference",
+    "export": "colabkit.inference",
 }
 
 __all__ = sorted(_LAZY)
 
 if TYPE_CHECKING:
     from colabkit._signals import save_on_signal
+    from colabkit.bench import compare_devices, lr_find, matmul_speed
     from colabkit.checkpoint import CheckpointManager
     from colabkit.data.archive import make_archive
     from colabkit.data.stage import stage
     from colabkit.device import free_memory, get_device, memory_summary, seed_everything, to_device
     from colabkit.drive import flush_drive, mount_drive, project_dirs
     from colabkit.errors import ColabkitError
+    from colabkit.inference import export, load_for_inference, predict_images
     from colabkit.session import download, end_session, keepalive, session_time_left
 
 

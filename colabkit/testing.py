@@ -248,6 +248,12 @@ def _installed_modules(modules: Mapping[str, types.ModuleType]) -> Iterator[None
     names = list(modules)
     saved = {name: sys.modules.get(name) for name in [*names, "google"]}
     google = sys.modules.get("google")
+    if google is None:
+        # Import the real namespace package (protobuf, ...) when installed, so the
+        # fake google.colab sits beside google.protobuf instead of hiding it.
+        with contextlib.suppress(ImportError):
+            import google  # type: ignore[no-redef]
+        google = sys.modules.get("google")
     added_google = google is None
     if google is None:
         google = _module("google", __path__=[])

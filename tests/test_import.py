@@ -30,6 +30,12 @@ DESIGNED = {
     "session_time_left",
     "end_session",
     "download",
+    "compare_devices",
+    "matmul_speed",
+    "lr_find",
+    "load_for_inference",
+    "predict_images",
+    "export",
 }
 
 

@@ -156,3 +156,18 @@ def test_given_root_is_kept(tmp_path: Path) -> None:
     with fake_colab(tmp_path / "root") as colab:
         assert colab.root == (tmp_path / "root").resolve()
     assert (tmp_path / "root" / "content").is_dir()
+
+
+def test_fake_colab_keeps_the_real_google_namespace() -> None:
+    pytest.importorskip("google.protobuf")
+    saved = {name: mod for name, mod in sys.modules.items() if name == "google" or name.startswith("google.")}
+    for name in saved:
+        del sys.modules[name]
+    try:
+        with fake_colab():
+            import google.protobuf  # noqa: F401 - must stay importable beside the fake google.colab
+            from google.colab import drive  # noqa: F401
+    finally:
+        for name in [n for n in sys.modules if n == "google" or n.startswith("google.")]:
+            del sys.modules[name]
+        sys.modules.update(saved)

@@ -1,0 +1,1105 @@
+"""How much faster is the GPU? Device comparisons, matmul throughput and the learning-rate range test.
+
+:func:`compare_devices` times training steps and inference of one model on
+every usable device (CPU first, as the baseline), :func:`matmul_speed`
+measures raw matrix-multiply TFLOP/s per device and dtype, and :func:`lr_find`
+runs the learning-rate range test. Each returns a small result object that
+prints as a table, renders as HTML in notebooks and draws a chart with
+``.plot()``.
+
+Timing is honest about asynchronous devices: every measurement starts and
+ends with a device synchronisation (CUDA kernels are queued, so a clock read
+without ``torch.cuda.synchronize()`` times the queueing, not the work), and
+warm-up steps (cuDNN autotuning, lazy allocations, first-call overheads) are
+run before the clock starts. Seams for tests: :func:`clock` and
+:func:`synchronize`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import dataclasses
+import html
+import math
+import time
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
+
+import torch
+from torch import nn
+
+from colabkit import _notify
+from colabkit import device as _device
+from colabkit.errors import ArgumentError, missing_dependency
+
+if TYPE_CHECKING:
+    from matplotlib.axes import Axes
+
+__all__ = [
+    "DeviceComparison",
+    "LRFinderResult",
+    "MatmulResult",
+    "MatmulTiming",
+    "PhaseTiming",
+    "clock",
+    "compare_devices",
+    "lr_find",
+    "matmul_speed",
+    "synchronize",
+]
+
+Phase = Literal["train", "inference"]
+LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+#: Seconds each timed measurement aims for when ``steps="auto"``.
+_AUTO_BUDGET = 1.0
+_AUTO_MIN_STEPS, _AUTO_MAX_STEPS = 3, 200
+#: Distinct batches kept in memory per batch size; timing cycles through them.
+_POOL_BATCHES = 4
+
+_NO_GPU = (
+    "no GPU was found: only the CPU was timed. On Colab: Runtime > Change runtime type > "
+    "Hardware accelerator: GPU (e.g. T4); on Kaggle: Settings > Accelerator > GPU; then rerun"
+)
+
+
+# -- seams ------------------------------------------------------------------------------------------
+def clock() -> float:
+    """The timer every measurement reads (the seam tests replace)."""
+    return time.perf_counter()
+
+
+def synchronize(device: torch.device) -> None:
+    """Wait until every queued kernel on ``device`` has finished (a no-op on the CPU)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    elif device.type == "mps":
+        torch.mps.synchronize()
+
+
+# -- shared helpers ---------------------------------------------------------------------------------
+def _resolve_devices(
+    devices: str | torch.device | Sequence[str | torch.device],
+) -> tuple[list[torch.device], list[str]]:
+    """The devices to time and notes about the ones skipped."""
+    notes: list[str] = []
+    if isinstance(devices, str) and devices == "all":
+        found = [torch.device("cpu")]
+        if _device.backend.cuda_available():
+            for index in range(_device.backend.cuda_count()):
+                problem = _device._cuda_problem(index)
+                if problem is None:
+                    found.append(torch.device("cuda", index))
+                else:
+                    notes.append(f"cuda:{index} skipped: {problem}")
+        if _device.backend.mps_available():
+            found.append(torch.device("mps"))
+        return found, notes
+    requested = [devices] if isinstance(devices, (str, torch.device)) else list(devices)
+    if not requested:
+        raise ArgumentError("devices=[] names no device; pass 'all' or e.g. ['cpu', 'cuda']")
+    chosen: list[torch.device] = []
+    for item in requested:
+        try:
+            parsed = item if isinstance(item, torch.device) else torch.device(str(item).strip().lower())
+        except RuntimeError:
+            raise ArgumentError(
+                f"devices={devices!r}: {item!r} is not a device; use 'all', 'cpu', 'cuda', 'cuda:1' or 'mps'"
+            ) from None
+        if parsed.type == "cuda":
+            if parsed.index is None:
+                parsed = torch.device("cuda", 0)
+            problem = _device._usable_cuda(parsed)
+            if problem is not None:
+                notes.append(f"{parsed} skipped: {problem}")
+                continue
+        elif parsed.type == "mps":
+            if not _device.backend.mps_available():
+                notes.append("mps skipped: the MPS backend is not available")
+                continue
+        elif parsed.type != "cpu":
+            raise ArgumentError(f"devices={devices!r}: {item!r} is not a device colabkit times; use cpu, cuda or mps")
+        if parsed not in chosen:
+            chosen.append(parsed)
+    if not chosen:
+        raise ArgumentError(f"devices={devices!r}: none of them can be used here ({'; '.join(notes)}); pass 'all'")
+    return chosen, notes
+
+
+def _device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return str(torch.cuda.get_device_name(device))
+    if device.type == "mps":
+        return "Apple GPU (MPS)"
+    return f"CPU ({torch.get_num_threads()} threads)"
+
+
+def _split_batch(batch: Any) -> tuple[Any, Any]:
+    """``(inputs, targets)`` from a batch: a pair (or longer sequence) or a dict with input and target keys."""
+    if isinstance(batch, dict):
+        for inputs_key, target_key in (("input", "target"), ("inputs", "targets"), ("x", "y"), ("image", "label")):
+            if inputs_key in batch and target_key in batch:
+                return batch[inputs_key], batch[target_key]
+        raise ArgumentError(
+            f"a batch is a dict with keys {sorted(batch)}; colabkit needs ('input', 'target') or ('x', 'y') keys, "
+            "or batches that are (inputs, targets) pairs"
+        )
+    if isinstance(batch, (list, tuple)) and len(batch) >= 2:
+        return batch[0], batch[1]
+    raise ArgumentError(
+        f"a batch of type {type(batch).__name__} is not (inputs, targets); make the data yield pairs "
+        "such as a DataLoader over a TensorDataset(x, y) or an ImageFolder"
+    )
+
+
+def _batch_len(inputs: Any) -> int:
+    if isinstance(inputs, torch.Tensor):
+        return int(inputs.shape[0])
+    if isinstance(inputs, (list, tuple)) and inputs:
+        return _batch_len(inputs[0])
+    if isinstance(inputs, dict) and inputs:
+        return _batch_len(next(iter(inputs.values())))
+    raise ArgumentError(f"cannot tell the batch size of inputs of type {type(inputs).__name__}; pass tensors")
+
+
+def _iterate(data: Any, *, batch_size: int | None = None) -> Iterable[Any]:
+    """Batches from a DataLoader / iterable of batches, a Dataset, or an ``(x, y)`` pair of tensors."""
+    from torch.utils.data import DataLoader, Dataset, TensorDataset
+
+    if isinstance(data, DataLoader):
+        return data
+    if isinstance(data, (tuple, list)) and len(data) == 2 and all(isinstance(t, torch.Tensor) for t in data):
+        if data[0].shape[0] != data[1].shape[0]:
+            raise ArgumentError(
+                f"data=(x, y) has {data[0].shape[0]} inputs but {data[1].shape[0]} targets; they must match"
+            )
+        return DataLoader(TensorDataset(data[0], data[1]), batch_size=batch_size or 64, shuffle=False)
+    if isinstance(data, Dataset) and hasattr(data, "__len__"):
+        return DataLoader(data, batch_size=batch_size or 64, shuffle=False)
+    if isinstance(data, Iterable):
+        return data
+    raise ArgumentError(
+        f"data of type {type(data).__name__} is not something to train on; pass a DataLoader, a Dataset "
+        "or an (inputs, targets) pair of tensors"
+    )
+
+
+def _cycle(data: Iterable[Any]) -> Iterator[Any]:
+    """Batches forever, restarting the data when it runs out (and refusing empty data)."""
+    while True:
+        empty = True
+        for batch in data:
+            empty = False
+            yield batch
+        if empty:
+            raise ArgumentError("data yielded no batches; pass a non-empty DataLoader or dataset")
+
+
+def _auto_loss(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy for class indices, mean squared error for same-shaped float targets."""
+    if not targets.is_floating_point() and outputs.dim() >= 2:
+        return nn.functional.cross_entropy(outputs, targets)
+    if targets.is_floating_point() and outputs.shape == targets.shape:
+        return nn.functional.mse_loss(outputs, targets)
+    raise ArgumentError(
+        f"loss_fn='auto' cannot pick a loss for outputs of shape {tuple(outputs.shape)} and targets of "
+        f"dtype {targets.dtype} / shape {tuple(targets.shape)}; pass loss_fn=, e.g. torch.nn.CrossEntropyLoss()"
+    )
+
+
+def _loss_fn(loss_fn: LossFn | str) -> LossFn:
+    if isinstance(loss_fn, str):
+        if loss_fn != "auto":
+            raise ArgumentError(f"loss_fn={loss_fn!r}: pass 'auto' or a callable such as torch.nn.CrossEntropyLoss()")
+        return _auto_loss
+    if not callable(loss_fn):
+        raise ArgumentError(f"loss_fn={loss_fn!r} is not callable; pass e.g. torch.nn.CrossEntropyLoss()")
+    return loss_fn
+
+
+def _positive_int(name: str, value: object) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ArgumentError(f"{name}={value!r} must be a positive integer or 'auto'")
+    return value
+
+
+def _format_table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(headers)]
+    lines = ["  ".join(h.ljust(w) for h, w in zip(headers, widths, strict=True))]
+    lines.append("  ".join("-" * w for w in widths))
+    for row in rows:
+        # Text left, numbers right: columns of figures are read by their last digits.
+        cells = [c.rjust(w) if _is_number(c) else c.ljust(w) for c, w in zip(row, widths, strict=True)]
+        lines.append("  ".join(cells).rstrip())
+    return "\n".join(lines)
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text.rstrip("x%"))
+    except ValueError:
+        return False
+    return True
+
+
+def _html_table(headers: Sequence[str], rows: Sequence[Sequence[str]], notes: Sequence[str]) -> str:
+    head = "".join(f"<th>{html.escape(h)}</th>" for h in headers)
+    body = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>" for row in rows)
+    foot = "".join(f"<p><i>{html.escape(note)}</i></p>" for note in notes)
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>{foot}"
+
+
+def _pyplot(purpose: str) -> Any:
+    try:
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise missing_dependency("matplotlib", "plot", purpose=purpose) from None
+    return plt
+
+
+def _axes(ax: Axes | None, purpose: str, figsize: tuple[float, float] = (7.0, 4.0)) -> Axes:
+    if ax is not None:
+        return ax
+    _, new = _pyplot(purpose).subplots(figsize=figsize)
+    return new
+
+
+def _save(ax: Axes, path: str | Path | None) -> None:
+    if path is not None:
+        target = Path(path)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        figure: Any = ax.figure
+        figure = getattr(figure, "figure", figure)  # the root Figure, also when ax sits in a SubFigure
+        figure.tight_layout()
+        figure.savefig(target, dpi=120)
+
+
+# -- compare_devices --------------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class PhaseTiming:
+    """One measurement of :func:`compare_devices`.
+
+    Attributes:
+        device: ``"cpu"``, ``"cuda:0"``, ...
+        device_name: What the device is, e.g. ``"Tesla T4"``.
+        phase: ``"train"`` (forward, backward, optimizer step) or ``"inference"`` (forward only).
+        batch_size: Samples per step.
+        steps: Timed steps (after warm-up).
+        seconds: Wall time of the timed steps.
+        speedup: Samples per second relative to the CPU for the same phase and batch size
+            (None when the CPU was not timed).
+        precision: ``"fp32"``, or the autocast precision used (``"fp16"``, ``"bf16"``).
+    """
+
+    device: str
+    device_name: str
+    phase: Phase
+    batch_size: int
+    steps: int
+    seconds: float
+    speedup: float | None = None
+    precision: str = "fp32"
+
+    @property
+    def samples_per_s(self) -> float:
+        """Throughput: samples processed per second."""
+        return self.batch_size * self.steps / self.seconds if self.seconds > 0 else math.inf
+
+    @property
+    def ms_per_step(self) -> float:
+        """Milliseconds per step."""
+        return 1000.0 * self.seconds / self.steps
+
+
+@dataclasses.dataclass(frozen=True)
+class DeviceComparison:
+    """What :func:`compare_devices` measured: one :class:`PhaseTiming` per device, phase and batch size.
+
+    Print it for a table, display it in a notebook for an HTML table, call :meth:`plot` for a bar chart.
+
+    Attributes:
+        timings: The measurements, CPU first.
+        notes: Remarks such as "no GPU was found".
+    """
+
+    timings: tuple[PhaseTiming, ...]
+    notes: tuple[str, ...] = ()
+
+    @property
+    def devices(self) -> list[str]:
+        """The devices timed, in order."""
+        return list(dict.fromkeys(t.device for t in self.timings))
+
+    @property
+    def gpu_found(self) -> bool:
+        """Whether any accelerator (not the CPU) was timed."""
+        return any(t.device != "cpu" for t in self.timings)
+
+    def get(self, device: str, phase: Phase, batch_size: int | None = None) -> PhaseTiming:
+        """The measurement for one device and phase (and batch size, if several were timed).
+
+        Raises:
+            KeyError: Nothing was measured for that combination.
+        """
+        for timing in self.timings:
+            if timing.device == device and timing.phase == phase and batch_size in (None, timing.batch_size):
+                return timing
+        raise KeyError(f"no timing for device={device!r}, phase={phase!r}, batch_size={batch_size!r}")
+
+    def speedup(self, device: str, phase: Phase = "train", batch_size: int | None = None) -> float | None:
+        """How many times faster than the CPU ``device`` ran ``phase``."""
+        return self.get(device, phase, batch_size).speedup
+
+    def to_rows(self) -> list[dict[str, Any]]:
+        """The table as a list of dicts (e.g. for ``pandas.DataFrame``)."""
+        return [
+            {
+                "device": t.device,
+                "device_name": t.device_name,
+                "precision": t.precision,
+                "phase": t.phase,
+                "batch_size": t.batch_size,
+                "steps": t.steps,
+                "seconds": t.seconds,
+                "ms_per_step": t.ms_per_step,
+                "samples_per_s": t.samples_per_s,
+                "speedup_vs_cpu": t.speedup,
+            }
+            for t in self.timings
+        ]
+
+    def _cells(self) -> tuple[list[str], list[list[str]]]:
+        headers = ["device", "phase", "batch", "steps", "seconds", "ms/step", "samples/s", "vs CPU"]
+        rows = [
+            [
+                f"{t.device} ({t.device_name}{'' if t.precision == 'fp32' else ', ' + t.precision})",
+                t.phase,
+                str(t.batch_size),
+                str(t.steps),
+                f"{t.seconds:.3f}",
+                f"{t.ms_per_step:.2f}",
+                f"{t.samples_per_s:,.0f}".replace(",", ""),
+                "-" if t.speedup is None else f"{t.speedup:.2f}x",
+            ]
+            for t in self.timings
+        ]
+        return headers, rows
+
+    def __str__(self) -> str:
+        headers, rows = self._cells()
+        return "\n".join([_format_table(headers, rows), *self.notes])
+
+    def _repr_html_(self) -> str:
+        headers, rows = self._cells()
+        return _html_table(headers, rows, self.notes)
+
+    def plot(self, *, ax: Axes | None = None, path: str | Path | None = None) -> Axes:
+        """Bar chart of samples per second, grouped by phase, one bar per device (log scale).
+
+        Args:
+            ax: Axes to draw on; default: a new figure.
+            path: Also save the chart there (PNG, SVG, PDF by suffix).
+
+        Returns:
+            The matplotlib Axes.
+
+        Raises:
+            MissingDependencyError: matplotlib is not installed.
+        """
+        ax = _axes(ax, "DeviceComparison.plot()")
+        groups = list(dict.fromkeys((t.phase, t.batch_size) for t in self.timings))
+        devices = self.devices
+        width = 0.8 / max(len(devices), 1)
+        for d_index, device in enumerate(devices):
+            xs, heights, labels = [], [], []
+            for g_index, (phase, batch_size) in enumerate(groups):
+                with contextlib.suppress(KeyError):
+                    timing = self.get(device, phase, batch_size)
+                    xs.append(g_index + (d_index - (len(devices) - 1) / 2) * width)
+                    heights.append(timing.samples_per_s)
+                    labels.append("" if timing.speedup is None else f"{timing.speedup:.1f}x")
+            bars = ax.bar(xs, heights, width=width, label=device)
+            ax.bar_label(bars, labels=labels, fontsize=8)
+        several_sizes = len({b for _, b in groups}) > 1
+        ax.set_xticks(range(len(groups)))
+        ax.set_xticklabels([f"{p}\nbatch {b}" if several_sizes else p for p, b in groups])
+        ax.set_ylabel("samples / second")
+        ax.set_yscale("log")
+        ax.set_title("Training and inference throughput by device" + ("" if self.gpu_found else " (no GPU found)"))
+        ax.legend()
+        _save(ax, path)
+        return ax
+
+
+def _pool(data: Any, batch_sizes: Sequence[int] | None) -> dict[int, list[tuple[Any, Any]]]:
+    """A few CPU batches per batch size, gathered before any clock starts (data loading is not timed)."""
+    loader = _iterate(data, batch_size=None if batch_sizes is None else max(batch_sizes))
+    if batch_sizes is None:
+        batches = []
+        for batch in loader:
+            batches.append(_split_batch(batch))
+            if len(batches) >= _POOL_BATCHES:
+                break
+        if not batches:
+            raise ArgumentError("data yielded no batches; pass a non-empty DataLoader or dataset")
+        return {_batch_len(batches[0][0]): batches}
+    # Re-batch samples to each requested size from one pool of samples.
+    needed = max(batch_sizes) * _POOL_BATCHES
+    xs: list[torch.Tensor] = []
+    ys: list[torch.Tensor] = []
+    count = 0
+    for batch in _cycle(loader):
+        x, y = _split_batch(batch)
+        if not isinstance(x, torch.Tensor) or not isinstance(y, torch.Tensor):
+            raise ArgumentError("batch_sizes= needs batches of tensors (inputs, targets); pass batch_sizes='auto'")
+        xs.append(x)
+        ys.append(y)
+        count += x.shape[0]
+        if count >= needed:
+            break
+    all_x, all_y = torch.cat(xs), torch.cat(ys)
+    pool: dict[int, list[tuple[Any, Any]]] = {}
+    for size in batch_sizes:
+        pool[size] = [
+            (all_x[i * size : (i + 1) * size], all_y[i * size : (i + 1) * size]) for i in range(_POOL_BATCHES)
+        ]
+    return pool
+
+
+def _time_steps(
+    step: Callable[[tuple[Any, Any]], None],
+    batches: Sequence[tuple[Any, Any]],
+    device: torch.device,
+    *,
+    steps: int | None,
+    warmup: int,
+) -> tuple[int, float]:
+    """Run warm-up steps, then time ``steps`` steps (or as many as fill the auto budget)."""
+    index = 0
+
+    def run(count: int) -> float:
+        nonlocal index
+        synchronize(device)
+        start = clock()
+        for _ in range(count):
+            step(batches[index % len(batches)])
+            index += 1
+        synchronize(device)
+        return clock() - start
+
+    run(warmup)
+    if steps is None:
+        # One probe step sizes the run to the budget, so slow devices are not timed for minutes.
+        probe = max(run(1), 1e-6)
+        steps = int(min(max(_AUTO_BUDGET / probe, _AUTO_MIN_STEPS), _AUTO_MAX_STEPS))
+    return steps, run(steps)
+
+
+def compare_devices(
+    model: nn.Module,
+    data: Any,
+    *,
+    devices: str | torch.device | Sequence[str | torch.device] = "all",
+    steps: int | Literal["auto"] = "auto",
+    batch_sizes: Sequence[int] | Literal["auto"] = "auto",
+    phases: Sequence[Phase] = ("train", "inference"),
+    loss_fn: LossFn | Literal["auto"] = "auto",
+    precision: str = "fp32",
+    warmup: int | Literal["auto"] = "auto",
+    progress: bool = True,
+) -> DeviceComparison:
+    """Time training steps and inference of ``model`` on each device, CPU first.
+
+    Each device gets its own copy of the model (yours is not changed or moved).
+    A few batches are taken from ``data`` up front and reused, so the timing is
+    of compute and host-to-device copies, not of data loading. Every
+    measurement runs warm-up steps first and synchronises the device before
+    and after the clock.
+
+    Args:
+        model: The model to time.
+        data: A DataLoader (or any iterable) of ``(inputs, targets)`` batches, a Dataset,
+            or an ``(inputs, targets)`` pair of tensors.
+        devices: ``"all"`` (CPU and every usable GPU), one device or a list such as ``["cpu", "cuda"]``.
+        steps: Timed steps per measurement; ``"auto"`` runs about one second's worth (3 to 200).
+        batch_sizes: Batch sizes to time; ``"auto"`` keeps the data's own batch size.
+        phases: ``"train"`` (forward, loss, backward, SGD step) and/or ``"inference"`` (forward only).
+        loss_fn: Loss for the train phase; ``"auto"``: cross-entropy for class labels,
+            mean squared error for float targets of the output's shape.
+        precision: ``"fp32"`` (the same arithmetic everywhere: a like-for-like comparison), or
+            ``"auto"`` for what :func:`colabkit.fit` would use on each device (fp16 autocast with a
+            GradScaler on a T4, bf16 on newer GPUs, fp32 on the CPU), or ``"fp16"`` / ``"bf16"``.
+        warmup: Untimed steps before each measurement; ``"auto"``: 2 on the CPU, 5 on GPUs.
+        progress: Show a progress bar.
+
+    Returns:
+        A :class:`DeviceComparison`: print it for the table, ``.plot()`` for the chart,
+        ``.speedup("cuda:0", "train")`` for one number.
+
+    Raises:
+        ArgumentError: A device, option or the data cannot be used.
+
+    Example:
+        >>> result = colabkit.compare_devices(model, train_loader)  # doctest: +SKIP
+        >>> print(result)  # doctest: +SKIP
+        >>> result.plot()  # doctest: +SKIP
+    """
+    from tqdm.auto import tqdm
+
+    timed_steps = None if steps == "auto" else _positive_int("steps", steps)
+    if warmup != "auto" and (isinstance(warmup, bool) or not isinstance(warmup, int) or warmup < 0):
+        raise ArgumentError(f"warmup={warmup!r} must be a non-negative integer or 'auto'")
+    sizes = None if batch_sizes == "auto" else [_positive_int("batch_sizes", b) for b in batch_sizes]
+    if sizes is not None and not sizes:
+        raise ArgumentError("batch_sizes=[] names no batch size; pass 'auto' or e.g. [32, 128]")
+    if not phases or any(p not in ("train", "inference") for p in phases):
+        raise ArgumentError(f"phases={phases!r}: use a non-empty list of 'train' and 'inference'")
+    criterion = _loss_fn(loss_fn)
+    from colabkit.train.precision import resolve_precision
+
+    resolve_precision(precision, torch.device("cpu"))  # rejects an unknown name before any work
+    targets, notes = _resolve_devices(devices)
+    pool = _pool(data, sizes)
+    if any(d.type == "cuda" for d in targets):
+        # As DataLoader(pin_memory=True) in real training: page-locked batches copy asynchronously.
+        pool = {size: [_pin(batch) for batch in batches] for size, batches in pool.items()}
+    if not any(d.type != "cpu" for d in targets):
+        notes.append(_NO_GPU)
+        _notify.say_once("bench-no-gpu", _NO_GPU)
+
+    timings: list[PhaseTiming] = []
+    work = [(d, p, b) for d in targets for b in pool for p in phases]
+    bar = tqdm(total=len(work), desc="compare_devices", disable=not progress, leave=False)
+    try:
+        for device in targets:
+            name = _device_name(device)
+            policy = resolve_precision(precision, device)
+            replica = copy.deepcopy(model).to(device)
+            optimizer = torch.optim.SGD(replica.parameters(), lr=1e-4)
+            n_warmup = (2 if device.type == "cpu" else 5) if warmup == "auto" else int(warmup)
+            for batch_size, batches in pool.items():
+                for phase in phases:
+                    bar.set_postfix_str(f"{device} {phase} batch {batch_size}")
+                    step = (
+                        _train_step(replica, optimizer, criterion, device, policy)
+                        if phase == "train"
+                        else _infer_step(replica, device, policy)
+                    )
+                    with _mode(replica, train=phase == "train"):
+                        count, seconds = _time_steps(step, batches, device, steps=timed_steps, warmup=n_warmup)
+                    timings.append(
+                        PhaseTiming(str(device), name, phase, batch_size, count, seconds, precision=policy.name)
+                    )
+                    bar.update(1)
+            del replica, optimizer
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+    finally:
+        bar.close()
+    return DeviceComparison(tuple(_with_speedups(timings)), tuple(notes))
+
+
+@contextlib.contextmanager
+def _mode(model: nn.Module, *, train: bool) -> Iterator[None]:
+    was = model.training
+    model.train(train)
+    try:
+        with contextlib.nullcontext() if train else torch.inference_mode():
+            yield
+    finally:
+        model.train(was)
+
+
+def _pin(batch: tuple[Any, Any]) -> tuple[Any, Any]:
+    return tuple(t.pin_memory() if isinstance(t, torch.Tensor) else t for t in batch)  # type: ignore[return-value]
+
+
+def _train_step(
+    model: nn.Module, optimizer: torch.optim.Optimizer, criterion: LossFn, device: torch.device, policy: Any
+) -> Callable[[tuple[Any, Any]], None]:
+    scaler = policy.make_scaler()
+
+    def step(batch: tuple[Any, Any]) -> None:
+        inputs, targets = _device.to_device(batch, device)
+        with policy.autocast():
+            loss = criterion(model(inputs), targets)
+        if scaler is None:
+            loss.backward()
+            optimizer.step()
+        else:  # fp16: scale the loss so small gradients do not underflow, as fit() does
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+        optimizer.zero_grad(set_to_none=True)
+
+    return step
+
+
+def _infer_step(model: nn.Module, device: torch.device, policy: Any) -> Callable[[tuple[Any, Any]], None]:
+    def step(batch: tuple[Any, Any]) -> None:
+        with policy.autocast():
+            model(_device.to_device(batch[0], device))
+
+    return step
+
+
+def _with_speedups(timings: list[PhaseTiming]) -> list[PhaseTiming]:
+    baseline = {(t.phase, t.batch_size): t.samples_per_s for t in timings if t.device == "cpu"}
+    result = []
+    for t in timings:
+        base = baseline.get((t.phase, t.batch_size))
+        speedup = None if base is None or not math.isfinite(base) or base <= 0 else t.samples_per_s / base
+        result.append(dataclasses.replace(t, speedup=speedup))
+    return result
+
+
+# -- matmul_speed -----------------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class MatmulTiming:
+    """One matrix-multiply measurement: ``size x size`` times ``size x size`` in ``dtype`` on ``device``.
+
+    Attributes:
+        device: ``"cpu"``, ``"cuda:0"``, ...
+        device_name: What the device is.
+        dtype: ``"float32"``, ``"float16"`` or ``"bfloat16"``.
+        size: Matrix side.
+        repeats: Timed multiplications.
+        seconds: Wall time of the timed multiplications.
+        speedup: TFLOP/s relative to the CPU in float32 at the same size (None without a CPU float32 run).
+    """
+
+    device: str
+    device_name: str
+    dtype: str
+    size: int
+    repeats: int
+    seconds: float
+    speedup: float | None = None
+
+    @property
+    def tflops(self) -> float:
+        """Trillions of floating-point operations per second (2·n³ per multiplication)."""
+        return 2.0 * self.size**3 * self.repeats / self.seconds / 1e12 if self.seconds > 0 else math.inf
+
+
+@dataclasses.dataclass(frozen=True)
+class MatmulResult:
+    """What :func:`matmul_speed` measured. Print it, display it, or ``.plot()`` it.
+
+    Attributes:
+        timings: One :class:`MatmulTiming` per device, dtype and size.
+        notes: Remarks (no GPU found, combinations skipped).
+    """
+
+    timings: tuple[MatmulTiming, ...]
+    notes: tuple[str, ...] = ()
+
+    def get(self, device: str, dtype: str, size: int) -> MatmulTiming:
+        """The measurement for one combination.
+
+        Raises:
+            KeyError: It was not measured.
+        """
+        for timing in self.timings:
+            if (timing.device, timing.dtype, timing.size) == (device, dtype, size):
+                return timing
+        raise KeyError(f"no matmul timing for device={device!r}, dtype={dtype!r}, size={size!r}")
+
+    def best(self, device: str) -> MatmulTiming:
+        """The fastest measurement on ``device``.
+
+        Raises:
+            KeyError: ``device`` was not measured.
+        """
+        mine = [t for t in self.timings if t.device == device]
+        if not mine:
+            raise KeyError(f"no matmul timing for device={device!r}")
+        return max(mine, key=lambda t: t.tflops)
+
+    def to_rows(self) -> list[dict[str, Any]]:
+        """The table as a list of dicts."""
+        return [
+            {
+                "device": t.device,
+                "device_name": t.device_name,
+                "dtype": t.dtype,
+                "size": t.size,
+                "repeats": t.repeats,
+                "seconds": t.seconds,
+                "tflops": t.tflops,
+                "speedup_vs_cpu_float32": t.speedup,
+            }
+            for t in self.timings
+        ]
+
+    def _cells(self) -> tuple[list[str], list[list[str]]]:
+        headers = ["device", "dtype", "size", "repeats", "seconds", "TFLOP/s", "vs CPU fp32"]
+        rows = [
+            [
+                f"{t.device} ({t.device_name})",
+                t.dtype,
+                str(t.size),
+                str(t.repeats),
+                f"{t.seconds:.3f}",
+                f"{t.tflops:.3f}",
+                "-" if t.speedup is None else f"{t.speedup:.1f}x",
+            ]
+            for t in self.timings
+        ]
+        return headers, rows
+
+    def __str__(self) -> str:
+        headers, rows = self._cells()
+        return "\n".join([_format_table(headers, rows), *self.notes])
+
+    def _repr_html_(self) -> str:
+        headers, rows = self._cells()
+        return _html_table(headers, rows, self.notes)
+
+    def plot(self, *, ax: Axes | None = None, path: str | Path | None = None) -> Axes:
+        """Bar chart of TFLOP/s by matrix size, one bar per device and dtype.
+
+        Args:
+            ax: Axes to draw on; default: a new figure.
+            path: Also save the chart there.
+
+        Returns:
+            The matplotlib Axes.
+
+        Raises:
+            MissingDependencyError: matplotlib is not installed.
+        """
+        ax = _axes(ax, "MatmulResult.plot()")
+        sizes = sorted({t.size for t in self.timings})
+        series = list(dict.fromkeys((t.device, t.dtype) for t in self.timings))
+        width = 0.8 / max(len(series), 1)
+        for s_index, (device, dtype) in enumerate(series):
+            xs, heights = [], []
+            for x, size in enumerate(sizes):
+                with contextlib.suppress(KeyError):
+                    heights.append(self.get(device, dtype, size).tflops)
+                    xs.append(x + (s_index - (len(series) - 1) / 2) * width)
+            ax.bar(xs, heights, width=width, label=f"{device} {dtype}")
+        ax.set_xticks(range(len(sizes)))
+        ax.set_xticklabels([f"{n}x{n}" for n in sizes])
+        ax.set_ylabel("TFLOP/s")
+        ax.set_yscale("log")
+        ax.set_title("Matrix multiply throughput")
+        ax.legend(fontsize=8)
+        _save(ax, path)
+        return ax
+
+
+_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def matmul_speed(
+    sizes: Sequence[int] | Literal["auto"] = "auto",
+    dtypes: Sequence[str] | Literal["auto"] = "auto",
+    *,
+    devices: str | torch.device | Sequence[str | torch.device] = "all",
+    repeats: int | Literal["auto"] = "auto",
+    progress: bool = True,
+) -> MatmulResult:
+    """Measure matrix-multiply throughput (TFLOP/s) per device and dtype.
+
+    The "is the GPU really N times faster?" check: square matrices of each size
+    are multiplied on each device after a warm-up, with device synchronisation
+    around the clock.
+
+    Args:
+        sizes: Matrix sides; ``"auto"``: 512, 1024 and 2048 (plus 4096 when a GPU is timed).
+        dtypes: Any of ``"float32"``, ``"float16"``, ``"bfloat16"``; ``"auto"``: float32 on the
+            CPU, float32 and float16 on GPUs (where tensor cores make half precision fast).
+        devices: ``"all"``, one device or a list.
+        repeats: Timed multiplications per measurement; ``"auto"`` fills about a second (3 to 200).
+        progress: Show a progress bar.
+
+    Returns:
+        A :class:`MatmulResult`; ``result.best("cuda:0").tflops`` is the peak seen on the GPU.
+
+    Raises:
+        ArgumentError: A size, dtype or device cannot be used.
+
+    Example:
+        >>> print(colabkit.matmul_speed())  # doctest: +SKIP
+    """
+    from tqdm.auto import tqdm
+
+    targets, notes = _resolve_devices(devices)
+    has_gpu = any(d.type != "cpu" for d in targets)
+    if sizes == "auto":
+        chosen_sizes = [512, 1024, 2048, 4096] if has_gpu else [512, 1024, 2048]
+    else:
+        chosen_sizes = [_positive_int("sizes", s) for s in sizes]
+        if not chosen_sizes:
+            raise ArgumentError("sizes=[] names no size; pass 'auto' or e.g. [1024, 4096]")
+    if dtypes != "auto":
+        unknown = [d for d in dtypes if d not in _DTYPES]
+        if unknown or not dtypes:
+            raise ArgumentError(f"dtypes={dtypes!r}: use some of {sorted(_DTYPES)} or 'auto'")
+    timed_repeats = None if repeats == "auto" else _positive_int("repeats", repeats)
+    if not has_gpu:
+        notes.append(_NO_GPU)
+        _notify.say_once("bench-no-gpu", _NO_GPU)
+
+    plan = []
+    for device in targets:
+        wanted = (["float32"] if device.type == "cpu" else ["float32", "float16"]) if dtypes == "auto" else list(dtypes)
+        plan += [(device, dtype, size) for dtype in wanted for size in chosen_sizes]
+    timings = []
+    with tqdm(plan, desc="matmul_speed", disable=not progress, leave=False) as bar:
+        for device, dtype, size in bar:
+            bar.set_postfix_str(f"{device} {dtype} {size}")
+            a = torch.randn(size, size, device=device).to(_DTYPES[dtype])
+            b = torch.randn(size, size, device=device).to(_DTYPES[dtype])
+
+            def step(_: tuple[Any, Any], a: torch.Tensor = a, b: torch.Tensor = b) -> None:
+                torch.mm(a, b)
+
+            count, seconds = _time_steps(
+                step, [(None, None)], device, steps=timed_repeats, warmup=1 if device.type == "cpu" else 3
+            )
+            timings.append(MatmulTiming(str(device), _device_name(device), dtype, size, count, seconds))
+            del a, b
+    base = {t.size: t.tflops for t in timings if t.device == "cpu" and t.dtype == "float32"}
+    with_speedup = tuple(
+        dataclasses.replace(t, speedup=t.tflops / base[t.size] if t.size in base and base[t.size] > 0 else None)
+        for t in timings
+    )
+    return MatmulResult(with_speedup, tuple(notes))
+
+
+# -- lr_find ----------------------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class LRFinderResult:
+    """The learning-rate range test's curve and its suggestion (see :func:`lr_find`).
+
+    ``float(result)`` is the suggested learning rate.
+
+    Attributes:
+        lrs: Learning rate of each step.
+        losses: Smoothed (bias-corrected exponential moving average) loss of each step.
+        raw_losses: Loss of each step as computed.
+        suggestion: The suggested learning rate: where the smoothed loss falls fastest.
+        min_loss_lr: The learning rate where the smoothed loss was lowest (one tenth of it
+            is a common, more cautious choice).
+        diverged: Whether the sweep stopped early because the loss blew up.
+    """
+
+    lrs: tuple[float, ...]
+    losses: tuple[float, ...]
+    raw_losses: tuple[float, ...]
+    suggestion: float
+    min_loss_lr: float
+    diverged: bool
+
+    def __float__(self) -> float:
+        return self.suggestion
+
+    def __str__(self) -> str:
+        end = "stopped when the loss diverged" if self.diverged else "ran the full sweep"
+        return (
+            f"lr_find: suggested lr {self.suggestion:.2e} (steepest descent of the smoothed loss); "
+            f"lowest loss at lr {self.min_loss_lr:.2e}; {len(self.lrs)} steps, {end}"
+        )
+
+    def plot(self, *, ax: Axes | None = None, path: str | Path | None = None) -> Axes:
+        """Smoothed loss against learning rate (log scale), the suggestion marked.
+
+        Args:
+            ax: Axes to draw on; default: a new figure.
+            path: Also save the chart there.
+
+        Returns:
+            The matplotlib Axes.
+
+        Raises:
+            MissingDependencyError: matplotlib is not installed.
+        """
+        ax = _axes(ax, "LRFinderResult.plot()")
+        ax.plot(self.lrs, self.losses, label="smoothed loss")
+        ax.plot(self.lrs, self.raw_losses, alpha=0.3, label="raw loss")
+        index = min(range(len(self.lrs)), key=lambda i: abs(math.log(self.lrs[i]) - math.log(self.suggestion)))
+        ax.scatter(
+            [self.lrs[index]], [self.losses[index]], color="red", zorder=3, label=f"suggested {self.suggestion:.1e}"
+        )
+        ax.set_xscale("log")
+        ax.set_xlabel("learning rate")
+        ax.set_ylabel("loss")
+        ax.set_title("Learning-rate range test")
+        finite = [v for v in self.losses if math.isfinite(v)]
+        if finite:
+            # The divergent tail would squash the interesting part of the curve.
+            low, high = min(finite), min(max(finite), 2.5 * finite[0] if finite[0] > 0 else max(finite))
+            ax.set_ylim(low - 0.05 * (high - low + 1e-12), high + 0.05 * (high - low + 1e-12))
+        ax.legend()
+        _save(ax, path)
+        return ax
+
+
+def _suggest(lrs: Sequence[float], losses: Sequence[float]) -> tuple[float, float]:
+    """(steepest-descent lr, lowest-loss lr) of a smoothed curve."""
+    lowest = min(range(len(losses)), key=lambda i: losses[i])
+    min_loss_lr = lrs[lowest]
+    # The first points are dominated by the moving average warming up; the part after the
+    # minimum is divergence. The steepest fall lies in between.
+    start = max(1, len(losses) // 10)
+    if lowest - start < 2:
+        return min_loss_lr / 10, min_loss_lr
+    logs = [math.log10(lr) for lr in lrs]
+    slopes = [(losses[i + 1] - losses[i - 1]) / (logs[i + 1] - logs[i - 1]) for i in range(start, lowest)]
+    best = min(range(len(slopes)), key=lambda i: slopes[i])
+    return lrs[start + best], min_loss_lr
+
+
+def lr_find(
+    model: nn.Module,
+    data: Any,
+    *,
+    optimizer: torch.optim.Optimizer | Callable[..., torch.optim.Optimizer] | None = None,
+    loss_fn: LossFn | Literal["auto"] = "auto",
+    start_lr: float = 1e-7,
+    end_lr: float = 10.0,
+    steps: int = 100,
+    smoothing: float = 0.98,
+    diverge_factor: float = 4.0,
+    device: str | torch.device = "auto",
+    progress: bool = True,
+) -> LRFinderResult:
+    """The learning-rate range test: train briefly while the lr grows exponentially, watch the loss.
+
+    The lr goes from ``start_lr`` to ``end_lr`` over ``steps`` batches; the loss is
+    smoothed with a bias-corrected moving average, and the sweep stops once it exceeds
+    ``diverge_factor`` times its best value (or is not finite). Afterwards the model's
+    weights, buffers, train/eval mode and device, and the optimizer's state and learning
+    rates are exactly as before, so training can start right away.
+
+    Args:
+        model: The model.
+        data: A DataLoader (or iterable) of ``(inputs, targets)`` batches, a Dataset, or an
+            ``(inputs, targets)`` pair; it is cycled if shorter than ``steps``.
+        optimizer: The optimizer you will train with (its state is restored afterwards), a
+            factory as :func:`colabkit.fit` takes (``torch.optim.SGD``, a ``functools.partial``),
+            or None for AdamW, fit()'s default.
+        loss_fn: The loss; ``"auto"``: cross-entropy for class labels, MSE for float targets.
+        start_lr: First learning rate.
+        end_lr: Last learning rate.
+        steps: Batches in the sweep.
+        smoothing: Moving-average factor of the loss (0 = none, closer to 1 = smoother).
+        diverge_factor: Stop when the smoothed loss exceeds this multiple of the lowest one.
+        device: Where to run; ``"auto"``: where the model is if that is a GPU, else
+            :func:`colabkit.get_device`.
+        progress: Show a progress bar.
+
+    Returns:
+        An :class:`LRFinderResult`; ``.suggestion`` (or ``float(result)``) is the lr to use,
+        ``.plot()`` draws the curve.
+
+    Raises:
+        ArgumentError: An option is out of range or the data cannot be used.
+
+    Example:
+        >>> result = colabkit.lr_find(model, train_loader)  # doctest: +SKIP
+        >>> result.plot()  # doctest: +SKIP
+        >>> history = colabkit.fit(model, train_loader, lr=result.suggestion)  # doctest: +SKIP
+    """
+    from tqdm.auto import tqdm
+
+    if not (0 < start_lr < end_lr) or not math.isfinite(end_lr):
+        raise ArgumentError(f"start_lr={start_lr!r}, end_lr={end_lr!r}: need 0 < start_lr < end_lr, e.g. 1e-7 and 10")
+    steps = _positive_int("steps", steps)
+    if steps < 5:
+        raise ArgumentError(f"steps={steps!r} is too few for a curve; use at least 5 (100 is typical)")
+    if not 0 <= smoothing < 1:
+        raise ArgumentError(f"smoothing={smoothing!r} must be in [0, 1), e.g. 0.98")
+    if not diverge_factor > 1:
+        raise ArgumentError(f"diverge_factor={diverge_factor!r} must be above 1, e.g. 4")
+    criterion = _loss_fn(loss_fn)
+    first = next(iter(model.parameters()), None)
+    if first is None:
+        raise ArgumentError("model has no parameters, so there is no learning rate to find")
+    home = first.device
+    # "auto": a model already on an accelerator stays there; a CPU model goes to the best device.
+    if device != "auto":
+        target = _device.get_device(device)
+    elif home.type != "cpu":
+        target = home
+    else:
+        target = _device.get_device()
+    batches = _cycle(_iterate(data))
+    was_training = model.training
+    # Copies, not references: the sweep changes the tensors in place.
+    saved_model = copy.deepcopy(model.state_dict())
+    saved_opt: dict[str, Any] | None = None
+    if optimizer is None:
+        # fit()'s default, so the suggestion is the lr to pass to fit() as it is.
+        opt: torch.optim.Optimizer = torch.optim.AdamW(model.parameters(), lr=start_lr)
+    elif isinstance(optimizer, torch.optim.Optimizer):
+        opt = optimizer
+        saved_opt = copy.deepcopy(optimizer.state_dict())
+    elif callable(optimizer):
+        # Factories as fit() takes them: torch.optim.SGD, functools.partial(...), or a lambda of the params.
+        try:
+            opt = optimizer(model.parameters(), lr=start_lr)
+        except TypeError:
+            opt = optimizer(model.parameters())
+    else:
+        raise ArgumentError(f"optimizer={optimizer!r}: pass a torch optimizer, a function of the parameters, or None")
+
+    lrs: list[float] = []
+    raw: list[float] = []
+    smooth: list[float] = []
+    diverged = False
+    average = 0.0
+    best = math.inf
+    ratio = (end_lr / start_lr) ** (1 / (steps - 1))
+    try:
+        model.to(target)
+        if saved_opt is not None and target != home:
+            opt.load_state_dict(saved_opt)  # moves the optimizer's state to the parameters' new device
+        model.train()
+        for index in tqdm(range(steps), desc="lr_find", disable=not progress, leave=False):
+            lr = start_lr * ratio**index
+            for group in opt.param_groups:
+                group["lr"] = lr
+            inputs, targets = _device.to_device(_split_batch(next(batches)), target)
+            loss = criterion(model(inputs), targets)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            # One sync per step is the point here: each step's loss decides whether to go on.
+            value = float(loss.detach())
+            lrs.append(lr)
+            raw.append(value)
+            average = smoothing * average + (1 - smoothing) * value
+            smoothed = average / (1 - smoothing ** (index + 1))
+            smooth.append(smoothed)
+            if not math.isfinite(smoothed) or smoothed > diverge_factor * best:
+                diverged = True
+                break
+            best = min(best, smoothed)
+    finally:
+        opt.zero_grad(set_to_none=True)
+        model.to(home)
+        model.load_state_dict(saved_model)
+        model.train(was_training)
+        if saved_opt is not None:
+            opt.load_state_dict(saved_opt)  # also puts back each group's lr
+
+    finite = [(lr, s, r) for lr, s, r in zip(lrs, smooth, raw, strict=True) if math.isfinite(s)]
+    if len(finite) < 2:
+        raise ArgumentError(
+            f"the loss diverged at once (start_lr={start_lr!r}); start lower, e.g. start_lr={start_lr / 100:g}"
+        )
+    suggestion, min_loss_lr = _suggest([f[0] for f in finite], [f[1] for f in finite])
+    return LRFinderResult(
+        lrs=tuple(lrs),
+        losses=tuple(smooth),
+        raw_losses=tuple(raw),
+        suggestion=suggestion,
+        min_loss_lr=min_loss_lr,
+        diverged=diverged,
+    )

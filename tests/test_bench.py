@@ -1,0 +1,297 @@
+"""compare_devices, matmul_speed and lr_find on the CPU, with a virtual clock where timing is asserted."""
+
+from __future__ import annotations
+
+import math
+import sys
+from collections.abc import Iterator
+
+import pytest
+import torch
+from torch import nn
+
+from colabkit import bench
+from colabkit.errors import ArgumentError, MissingDependencyError
+
+
+@pytest.fixture(autouse=True)
+def _close_figures() -> Iterator[None]:
+    yield
+    plt = sys.modules.get("matplotlib.pyplot")
+    if plt is not None:
+        plt.close("all")
+
+
+@pytest.fixture
+def agg() -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+
+
+def _classification(n: int = 256, features: int = 8, classes: int = 3) -> tuple[torch.Tensor, torch.Tensor]:
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(n, features, generator=generator)
+    y = (x @ torch.randn(features, classes, generator=generator)).argmax(1)
+    return x, y
+
+
+class VirtualTime:
+    """A clock that advances only when the model runs a forward pass: one unit per call."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+        self.forwards = 0
+
+    def clock(self) -> float:
+        return self.now
+
+    def tick(self) -> None:
+        self.now += 1.0
+        self.forwards += 1
+
+    def attach(self, model: nn.Module) -> None:
+        # A plain function, not a bound method: deepcopy shares functions, so every replica ticks this clock.
+        def hook(*_: object) -> None:
+            self.tick()
+
+        model.register_forward_hook(hook)
+
+
+def _model() -> nn.Module:
+    return nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 3))
+
+
+# -- compare_devices --------------------------------------------------------------------------------
+def test_compare_devices_cpu_only_says_no_gpu_and_leaves_the_model_alone(capsys: pytest.CaptureFixture[str]) -> None:
+    model = _model()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+
+    result = bench.compare_devices(model, _classification(), steps=2, warmup=1, progress=False)
+
+    assert [(t.device, t.phase) for t in result.timings] == [("cpu", "train"), ("cpu", "inference")]
+    assert all(t.steps == 2 and t.batch_size == 64 and t.seconds > 0 for t in result.timings)
+    assert result.speedup("cpu", "train") == pytest.approx(1.0)
+    assert not result.gpu_found
+    assert any("no GPU was found" in note for note in result.notes)
+    assert "no GPU was found" in capsys.readouterr().out
+    text = str(result)
+    assert "samples/s" in text and "vs CPU" in text and "no GPU was found" in text
+    assert "<table>" in result._repr_html_()
+    # The timing ran on copies: the caller's weights are untouched.
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_compare_devices_times_only_the_timed_steps_between_synchronisations(monkeypatch: pytest.MonkeyPatch) -> None:
+    virtual = VirtualTime()
+    synced: list[tuple[str, float]] = []
+    monkeypatch.setattr(bench, "clock", virtual.clock)
+    monkeypatch.setattr(bench, "synchronize", lambda device: synced.append((str(device), virtual.now)))
+    model = _model()
+    virtual.attach(model)
+
+    result = bench.compare_devices(model, _classification(), steps=5, warmup=3, progress=False)
+
+    for timing in result.timings:
+        # One virtual second per forward: warm-up steps are not counted, timed ones all are.
+        assert timing.seconds == pytest.approx(5.0)
+        assert timing.samples_per_s == pytest.approx(64 * 5 / 5.0)
+    assert virtual.forwards == 2 * (3 + 5)
+    # Each warm-up and timed run is bracketed by a synchronisation of the timed device.
+    assert {device for device, _ in synced} == {"cpu"}
+    assert len(synced) == 2 * 2 * 2
+
+
+def test_compare_devices_auto_steps_fill_the_time_budget(monkeypatch: pytest.MonkeyPatch) -> None:
+    virtual = VirtualTime()
+    monkeypatch.setattr(bench, "clock", virtual.clock)
+    monkeypatch.setattr(bench, "_AUTO_BUDGET", 4.0)  # 4 virtual seconds = 4 steps of 1 s
+    model = _model()
+    virtual.attach(model)
+
+    result = bench.compare_devices(model, _classification(), phases=["inference"], progress=False)
+
+    assert result.get("cpu", "inference").steps == 4
+
+
+def test_compare_devices_rebatches_to_each_requested_size() -> None:
+    x, y = _classification(n=100)
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=10)
+
+    result = bench.compare_devices(_model(), loader, batch_sizes=[4, 32], steps=2, warmup=0, progress=False)
+
+    assert sorted({t.batch_size for t in result.timings}) == [4, 32]
+    assert result.get("cpu", "train", 32).samples_per_s > 0
+    assert len(result.to_rows()) == 4
+
+
+def test_compare_devices_can_time_mixed_precision() -> None:
+    result = bench.compare_devices(
+        _model(), _classification(), precision="bf16", steps=2, warmup=1, phases=["train"], progress=False
+    )
+    assert result.get("cpu", "train").precision == "bf16"
+    assert "bf16)" in str(result)
+    with pytest.raises(ArgumentError, match="precision='fp8' is unknown"):
+        bench.compare_devices(_model(), _classification(), precision="fp8", progress=False)
+
+
+def test_speedups_are_relative_to_the_cpu_for_the_same_phase_and_batch(agg: None, tmp_path: object) -> None:
+    timings = [
+        bench.PhaseTiming("cpu", "CPU", "train", 64, 10, 2.0),
+        bench.PhaseTiming("cpu", "CPU", "inference", 64, 10, 1.0),
+        bench.PhaseTiming("cuda:0", "Tesla T4", "train", 64, 10, 0.1),
+        bench.PhaseTiming("cuda:0", "Tesla T4", "inference", 64, 10, 0.25),
+    ]
+    result = bench.DeviceComparison(tuple(bench._with_speedups(timings)))
+
+    assert result.speedup("cuda:0", "train") == pytest.approx(20.0)
+    assert result.speedup("cuda:0", "inference") == pytest.approx(4.0)
+    assert result.gpu_found
+    assert "20.00x" in str(result)
+    from pathlib import Path
+
+    png = Path(str(tmp_path)) / "chart" / "devices.png"
+    ax = result.plot(path=png)
+    assert png.read_bytes().startswith(b"\x89PNG")
+    assert [text.get_text() for text in ax.get_xticklabels()] == ["train", "inference"]
+
+
+def test_compare_devices_rejects_unusable_devices_and_bad_options() -> None:
+    data = _classification()
+    if not torch.cuda.is_available():
+        with pytest.raises(ArgumentError, match="none of them can be used"):
+            bench.compare_devices(_model(), data, devices="cuda", progress=False)
+    with pytest.raises(ArgumentError, match="'tpu' is not a device"):
+        bench.compare_devices(_model(), data, devices=["tpu"], progress=False)
+    with pytest.raises(ArgumentError, match="steps=0"):
+        bench.compare_devices(_model(), data, steps=0, progress=False)
+    with pytest.raises(ArgumentError, match="phases="):
+        bench.compare_devices(_model(), data, phases=["eval"], progress=False)  # type: ignore[list-item]
+    with pytest.raises(ArgumentError, match="inputs but"):
+        bench.compare_devices(_model(), (data[0], data[1][:3]), progress=False)
+    with pytest.raises(ArgumentError, match="no batches"):
+        bench.compare_devices(_model(), [], progress=False)
+
+
+def test_plot_without_matplotlib_names_the_package(monkeypatch: pytest.MonkeyPatch) -> None:
+    result = bench.DeviceComparison((bench.PhaseTiming("cpu", "CPU", "train", 8, 1, 1.0, 1.0),))
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    monkeypatch.setitem(sys.modules, "matplotlib.pyplot", None)
+    with pytest.raises(MissingDependencyError, match="pip install matplotlib"):
+        result.plot()
+
+
+# -- matmul_speed -----------------------------------------------------------------------------------
+def test_matmul_speed_reports_tflops_per_dtype_and_size(agg: None, tmp_path: object) -> None:
+    result = bench.matmul_speed(sizes=[32, 64], dtypes=["float32", "bfloat16"], repeats=2, progress=False)
+
+    assert [(t.dtype, t.size) for t in result.timings] == [
+        ("float32", 32),
+        ("float32", 64),
+        ("bfloat16", 32),
+        ("bfloat16", 64),
+    ]
+    fp32 = result.get("cpu", "float32", 64)
+    assert fp32.tflops == pytest.approx(2 * 64**3 * 2 / fp32.seconds / 1e12)
+    assert fp32.speedup == pytest.approx(1.0)
+    assert result.best("cpu").tflops >= fp32.tflops
+    assert "TFLOP/s" in str(result) and "no GPU was found" in str(result)
+    from pathlib import Path
+
+    png = Path(str(tmp_path)) / "matmul.png"
+    result.plot(path=png)
+    assert png.stat().st_size > 0
+
+
+def test_matmul_speed_auto_uses_float32_on_the_cpu(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(bench, "_AUTO_BUDGET", 0.0)  # the minimum number of repeats
+    result = bench.matmul_speed(sizes=[16], progress=False)
+    assert [(t.device, t.dtype, t.repeats) for t in result.timings] == [("cpu", "float32", bench._AUTO_MIN_STEPS)]
+
+
+def test_matmul_speed_rejects_unknown_dtypes() -> None:
+    with pytest.raises(ArgumentError, match="dtypes=\\['float8'\\]"):
+        bench.matmul_speed(dtypes=["float8"], progress=False)
+    with pytest.raises(ArgumentError, match="sizes=-4"):
+        bench.matmul_speed(sizes=[-4], progress=False)
+
+
+# -- lr_find ----------------------------------------------------------------------------------------
+def test_suggestion_is_where_the_loss_falls_fastest() -> None:
+    lrs = [10 ** (-6 + 6 * i / 99) for i in range(100)]
+    # A smooth drop centred on lr = 1e-3, then a blow-up after lr = 1e-1.
+    losses = [
+        2.0 - 1.5 / (1 + math.exp(-4 * (math.log10(lr) + 3))) + (50 * (lr - 0.1) if lr > 0.1 else 0.0) for lr in lrs
+    ]
+    suggestion, min_loss_lr = bench._suggest(lrs, losses)
+    assert 10**-3.2 < suggestion < 10**-2.8
+    assert 0.05 < min_loss_lr < 0.2
+
+
+def test_lr_find_sweeps_until_divergence_and_restores_model_and_optimizer(agg: None) -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.BatchNorm1d(16), nn.ReLU(), nn.Linear(16, 3))
+    x, y = _classification()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    # One real step first, so the optimizer has momentum buffers that must survive.
+    nn.functional.cross_entropy(model(x[:32]), y[:32]).backward()
+    optimizer.step()
+    model.eval()
+    weights = {k: v.clone() for k, v in model.state_dict().items()}
+    momentum = {i: s["momentum_buffer"].clone() for i, s in enumerate(optimizer.state.values())}
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=32, shuffle=True)
+
+    result = bench.lr_find(model, loader, optimizer=optimizer, start_lr=1e-5, end_lr=1e3, steps=60, progress=False)
+
+    assert result.diverged and len(result.lrs) < 60
+    assert result.lrs[0] == pytest.approx(1e-5)
+    assert all(b > a for a, b in zip(result.lrs, result.lrs[1:], strict=False))
+    assert 1e-5 < result.suggestion <= result.min_loss_lr
+    assert float(result) == result.suggestion
+    assert "suggested lr" in str(result)
+    # Weights, BatchNorm statistics, mode, optimizer lr and momentum are all as before.
+    assert all(torch.equal(weights[k], v) for k, v in model.state_dict().items())
+    assert not model.training
+    assert optimizer.param_groups[0]["lr"] == 0.05
+    assert all(torch.equal(momentum[i], s["momentum_buffer"]) for i, s in enumerate(optimizer.state.values()))
+    ax = result.plot()
+    assert ax.get_xscale() == "log"
+
+
+def test_lr_find_restores_the_model_even_when_the_loss_function_fails() -> None:
+    model = _model()
+    model.train()
+    weights = {k: v.clone() for k, v in model.state_dict().items()}
+    calls = 0
+
+    def flaky_loss(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        nonlocal calls
+        calls += 1
+        if calls == 3:
+            raise RuntimeError("boom")
+        return nn.functional.cross_entropy(outputs, targets)
+
+    with pytest.raises(RuntimeError, match="boom"):
+        bench.lr_find(model, _classification(), loss_fn=flaky_loss, start_lr=1e-5, end_lr=1e-3, progress=False)
+    assert all(torch.equal(weights[k], v) for k, v in model.state_dict().items())
+    assert model.training
+
+
+def test_lr_find_accepts_optimizer_factories_like_fit() -> None:
+    import functools
+
+    model = _model()
+    weights = {k: v.clone() for k, v in model.state_dict().items()}
+    factory = functools.partial(torch.optim.SGD, momentum=0.5)  # gets lr= from the sweep
+    result = bench.lr_find(model, _classification(), optimizer=factory, steps=20, progress=False)
+    assert len(result.lrs) >= 5
+    assert all(torch.equal(weights[k], v) for k, v in model.state_dict().items())
+
+
+def test_lr_find_rejects_bad_ranges() -> None:
+    with pytest.raises(ArgumentError, match="0 < start_lr < end_lr"):
+        bench.lr_find(_model(), _classification(), start_lr=1.0, end_lr=0.1, progress=False)
+    with pytest.raises(ArgumentError, match="steps=2 is too few"):
+        bench.lr_find(_model(), _classification(), steps=2, progress=False)
+    with pytest.raises(ArgumentError, match="loss_fn='auto' cannot pick"):
+        bench.lr_find(_model(), (torch.randn(16, 8), torch.randn(16, 5)), progress=False)
