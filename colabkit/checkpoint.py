@@ -112,19 +112,6 @@ def _now_ns() -> int:
     return time.time_ns()
 
 
-def _pid_alive(pid: int) -> bool:
-    """Whether a process with this id runs on this machine."""
-    if pid == os.getpid():
-        return True
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def _is_drive_path(path: Path) -> bool:
     """Whether ``path`` lies on Google Drive (colabkit.drive decides; False without it)."""
     try:
@@ -795,8 +782,8 @@ class _Store:
                 base = name[1:].split(_io.TEMP_MARK, 1)[0]
                 if not (_DATA_RE.match(base) or _MANIFEST_RE.match(base)):
                     continue  # someone else's temporary: not ours to delete
-                pid_match = _TEMP_PID_RE.search(name)
-                owner_gone = pid_match is not None and not _pid_alive(int(pid_match.group(1)))
+                # Only a name whose writer is known to be dead goes at once; others wait until stale.
+                owner_gone = _TEMP_PID_RE.search(name) is not None and not _io.temp_owner_alive(name)
             elif _DATA_RE.match(name) and name not in referenced and name not in busy_names:
                 owner_gone = False
             else:
@@ -858,25 +845,42 @@ class _Lane:
     def submit(self, job: Callable[[], None]) -> None:
         with self._cond:
             self._jobs.append(job)
-            if self._thread is None:
-                self._thread = threading.Thread(target=self._run, name=self._name, daemon=True)
-                self._thread.start()
+            if self._thread is not None:
+                return  # the running thread picks it up
+            thread = threading.Thread(target=self._run, name=self._name, daemon=True)
+            self._thread = thread
+            try:
+                _start_thread(thread)
+                return
+            except RuntimeError:
+                # Python 3.12+ refuses new threads once the interpreter is shutting down
+                # (atexit flush): do the work in this thread instead of dropping it.
+                self._thread = threading.current_thread()
+        self._run(inline=True)
 
     def pending(self) -> int:
         with self._cond:
             return len(self._jobs) + (self._thread is not None)
 
-    def _run(self) -> None:
+    def _run(self, *, inline: bool = False) -> None:
         while True:
             with self._cond:
                 if not self._jobs:
-                    self._last, self._thread = self._thread, None
+                    # An inline runner is some caller's thread: nobody may join() it.
+                    self._last = None if inline else self._thread
+                    self._thread = None
                     self._cond.notify_all()
                     return
                 job = self._jobs.popleft()
             try:
                 job()
-            except BaseException:  # jobs report their own errors; never let the lane die silently
+            except BaseException as exc:  # jobs report their own errors; never let the lane die silently
+                if inline and not isinstance(exc, Exception):
+                    # Ctrl-C in the caller's own thread: give the lane back, then let it through.
+                    with self._cond:
+                        self._last = self._thread = None
+                        self._cond.notify_all()
+                    raise
                 _notify.logger.exception("colabkit: background checkpoint job failed")
 
     def join(self) -> None:
@@ -888,6 +892,11 @@ class _Lane:
             last = self._last
         if last is not None and last is not threading.current_thread():
             last.join()
+
+
+def _start_thread(thread: threading.Thread) -> None:
+    """Start a lane's thread (a seam: tests make it fail as at interpreter shutdown)."""
+    thread.start()
 
 
 class _Writer:
@@ -1097,7 +1106,9 @@ class CheckpointManager:
         if self._snapshot_fits(nbytes):
             buffers: dict[tuple[Any, ...], torch.Tensor] = {}
             box.append(_snapshot(payload, {}, buffers, self._buffers))
-            self._buffers = buffers  # free again once this commit is done (the next save joins it first)
+            # Kept after the commit for the next save to copy into (fresh pages cost as much as
+            # the copy): one state's worth of RAM, freed by close(). The next save joins this commit first.
+            self._buffers = buffers
         else:
             self._buffers = {}
             self._write(payload, tmp, step)
@@ -1231,6 +1242,8 @@ class CheckpointManager:
     def wait(self) -> None:
         """Block until every commit and mirror copy so far is done.
 
+        Mirror copies that failed are tried once more first.
+
         Raises:
             CheckpointError: A commit or mirror copy failed (each failure is also
                 warned about when it happens); the message names them.
@@ -1238,20 +1251,31 @@ class CheckpointManager:
         self._commit_lane.join()
         self._mirror_lane.join()
         self._commit_lane.join()
+        with self._lock:
+            retry = bool(self._mirror_errors) and bool(self._remotes)
+        if retry:  # one more pass before giving up: Drive may be back (or remounted) by now
+            self._queue_sync()
+            self._mirror_lane.join()
         problems = self._take_errors()
         if problems:
             raise CheckpointError(errno.EIO, "; ".join(problems))
 
     def close(self) -> None:
-        """Flush pending work (see :meth:`wait`) and stop accepting saves."""
-        if self._closed:
+        """Flush pending work (see :meth:`wait`) and stop accepting saves.
+
+        Interrupted (Ctrl-C while it waits), the manager stays registered so the
+        flush at interpreter exit, or another ``close()``, still waits for the copies.
+        """
+        if self._closed and self not in _LIVE:
             return
+        self._closed = True
+        self._buffers = {}
         try:
             self.wait()
-        finally:
-            self._closed = True
-            self._buffers = {}
-            _LIVE.discard(self)
+        except Exception:
+            _LIVE.discard(self)  # the failures are reported: nothing left to wait for
+            raise
+        _LIVE.discard(self)
 
     def __enter__(self) -> CheckpointManager:
         return self
@@ -1278,6 +1302,8 @@ class CheckpointManager:
         self._mirror_lane = _Lane("colabkit-checkpoint-mirror")
         self._lock = threading.RLock()
         self._buffers = {}
+        self._commit_errors = []
+        self._mirror_errors = {}  # the parent reports its own failures
         self._closed = True
 
     def _check_open(self) -> None:
@@ -1385,9 +1411,12 @@ class CheckpointManager:
                 with contextlib.suppress(OSError):
                     leftover.unlink()
             with self._lock:
-                message = f"checkpoint for step {step} was not saved ({type(exc).__name__}: {exc})"
+                message = (
+                    f"checkpoint for step {step} was not saved in {store.root} ({type(exc).__name__}: {exc}); "
+                    "the previous checkpoints are untouched. Fix the cause (free disk space, say) and save again"
+                )
                 self._commit_errors.append(message)
-            _notify.warn(f"{message}; the previous checkpoints are untouched")
+            _notify.warn(message)
             return
         self._after_commit(info, previous)
 
@@ -1446,10 +1475,12 @@ class CheckpointManager:
                 try:
                     copied = self._mirror_one(info, remote) or copied
                 except Exception as exc:
+                    if isinstance(exc, FileNotFoundError) and not info.path.exists():
+                        continue  # re-saved meanwhile (same step, new file): the next pass copies that
                     message = (
                         f"could not copy checkpoint step {info.step} to {remote.root} "
                         f"({type(exc).__name__}: {exc}); the local copy {info.path} is intact "
-                        "and the copy is retried after the next save"
+                        "and the copy is retried at the next save, wait() or close()"
                     )
                     with self._lock:
                         new = key not in self._mirror_errors

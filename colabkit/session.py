@@ -139,7 +139,12 @@ def _format_delta(delta: timedelta) -> str:
 def _thresholds(warn_at: Iterable[timedelta | float]) -> tuple[timedelta, ...]:
     out = []
     for value in warn_at:
-        delta = value if isinstance(value, timedelta) else timedelta(minutes=float(value))
+        try:
+            delta = value if isinstance(value, timedelta) else timedelta(minutes=float(value))
+        except (TypeError, ValueError):
+            raise ArgumentError(
+                f"warn_at={value!r}: give thresholds as timedeltas or minutes, e.g. warn_at=(30, 10)"
+            ) from None
         if delta <= timedelta(0):
             raise ArgumentError(f"warn_at={value!r}: thresholds must be positive (timedelta or minutes)")
         out.append(delta)
@@ -273,7 +278,9 @@ class Keepalive:
         with _running_lock:
             if _running is not None and _running.running:
                 return _running
-            self._stop.clear()
+            # A fresh Event per run: a thread that outlived stop() (stuck in a display
+            # call) must not be revived by a restart.
+            self._stop = threading.Event()
             self._started_at = self._clock()
             self._watch = SessionWatch(self._warn_at, clock=self._clock)
             self._warnings = []
@@ -286,7 +293,7 @@ class Keepalive:
             except Exception:
                 _notify.logger.exception("colabkit keepalive: cannot display the heartbeat; logging it instead")
                 self._handle = None
-            self._thread = threading.Thread(target=self._run, name=THREAD_NAME, daemon=True)
+            self._thread = threading.Thread(target=self._run, args=(self._stop,), name=THREAD_NAME, daemon=True)
             _running = self
             self._thread.start()
         return self
@@ -319,9 +326,9 @@ class Keepalive:
         self.stop()
 
     # -- the thread -------------------------------------------------------------------------------
-    def _run(self) -> None:
+    def _run(self, stop: threading.Event) -> None:
         # Event.wait, not sleep: stop() is answered at once.
-        while not self._stop.wait(self.interval):
+        while not stop.wait(self.interval):
             self.beat()
 
     def beat(self) -> None:
@@ -435,6 +442,7 @@ def register_waiter(fn: Callable[[], None]) -> None:
             return fn
 
     with _waiters_lock:
+        _waiters[:] = [r for r in _waiters if r() is not None]  # forget dropped managers
         _waiters.append(ref)
 
 
@@ -493,6 +501,15 @@ def end_session(*, flush: bool = True, unassign: bool = False) -> None:
         done.append(
             f"waited for {len(waiters)} pending save(s)" + (f", {failures} failed (see log)" if failures else "")
         )
+    if unassign and failures and rt.kind == "colab":
+        # Releasing the runtime now would delete the only good copy (the local one).
+        unassign = False
+        _notify.warn(
+            f"end_session(unassign=True): not releasing the runtime because {failures} pending save(s) failed "
+            "(see the log above); the local copies are still here. Fix the cause (e.g. free space on Drive), then "
+            "call end_session(unassign=True) again: failed copies are retried"
+        )
+        skipped.append("releasing the runtime (a save failed; its local copy would be lost)")
     if flush:
         with contextlib.suppress(OSError):
             os.sync()

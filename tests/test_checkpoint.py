@@ -281,6 +281,35 @@ def test_rng_states_round_trip_through_weights_only(tmp_path: Path) -> None:
         restore_rng_state([1, 2])  # type: ignore[arg-type]
 
 
+def test_rng_states_of_every_cuda_device_round_trip(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # No GPU here: fake two initialised CUDA devices with distinct generator states.
+    devices = [torch.arange(16, dtype=torch.uint8), torch.arange(16, 32, dtype=torch.uint8)]
+    restored: dict[int, torch.Tensor] = {}
+
+    def fake_cuda(count: int) -> None:
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+        monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)
+        monkeypatch.setattr(torch.cuda, "device_count", lambda: count)
+        monkeypatch.setattr(torch.cuda, "get_rng_state_all", lambda: [d.clone() for d in devices])
+        monkeypatch.setattr(torch.cuda, "set_rng_state", lambda state, device: restored.__setitem__(device, state))
+
+    fake_cuda(2)
+    state = capture_rng_state()
+    monkeypatch.undo()  # saving and loading see the real (GPU-less) torch
+    with CheckpointManager(tmp_path) as ckpt:
+        ckpt.save({"rng": state}, step=1)
+        loaded = ckpt.load()  # weights_only=True
+    fake_cuda(2)
+    restore_rng_state(loaded["rng"])
+    assert sorted(restored) == [0, 1]
+    assert torch.equal(restored[0], devices[0]) and torch.equal(restored[1], devices[1])
+    fake_cuda(1)
+    restored.clear()
+    with pytest.warns(ColabkitWarning, match="RNG states for 2 CUDA devices but 1 are visible"):
+        restore_rng_state(loaded["rng"])
+    assert sorted(restored) == [0]
+
+
 def test_save_refuses_what_weights_only_cannot_read(tmp_path: Path) -> None:
     with CheckpointManager(tmp_path) as ckpt:
         with pytest.raises(ArgumentError, match=r"state\['extra'\]\['table'\] is a numpy.ndarray.*torch.from_numpy"):
@@ -810,3 +839,123 @@ def test_end_session_waits_for_pending_mirror_copies(tmp_path: Path) -> None:
     mirrored = CheckpointManager(tmp_path / "mirror").latest()
     assert mirrored is not None
     manager.close()
+
+
+# --------------------------------------------------------------------------- shutdown and interruption
+
+EXIT_SCRIPT = r"""
+import atexit, sys, time
+import torch
+from colabkit import checkpoint
+from colabkit.checkpoint import CheckpointManager
+
+ckpt = CheckpointManager(sys.argv[1] + "/local", mirror=sys.argv[1] + "/mirror")
+ckpt.wait()  # the mirror lane's thread is gone: the copy below needs a new one
+original = ckpt._commit
+ckpt._commit = lambda *a: (time.sleep(0.3), original(*a))
+ckpt.save({"model_state_dict": {"w": torch.ones(4)}, "epoch": 1}, step=1)
+
+
+def forbid_threads(thread):
+    raise RuntimeError("can't create new thread at interpreter shutdown")
+
+
+# Registered last, so it runs first: from here on threads cannot start, as on Python 3.12+.
+atexit.register(lambda: setattr(checkpoint, "_start_thread", forbid_threads))
+"""
+
+
+def test_exit_flush_copies_even_when_no_thread_may_start(tmp_path: Path, subprocess_env: dict[str, str]) -> None:
+    # The script never calls close(): the atexit flush must commit and mirror without new threads.
+    done = subprocess.run(
+        [sys.executable, "-c", EXIT_SCRIPT, str(tmp_path)],
+        capture_output=True,
+        text=True,
+        env=subprocess_env,
+        timeout=60,  # before the fix, exit hung forever joining a thread that never started
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    assert "background checkpoint job failed" not in done.stderr
+    assert sorted(manifests(tmp_path / "local")) == sorted(manifests(tmp_path / "mirror")) == [1]
+    assert_clean(tmp_path / "mirror")
+
+
+def test_lanes_run_inline_when_threads_cannot_start(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    def forbid(thread: threading.Thread) -> None:
+        raise RuntimeError("can't create new thread at interpreter shutdown")
+
+    monkeypatch.setattr(checkpoint, "_start_thread", forbid)
+    with CheckpointManager(tmp_path / "local", mirror=tmp_path / "mirror") as ckpt:
+        path = ckpt.save(tiny_state(1), step=1)
+        assert path.exists()  # done in this thread
+        ckpt.save(tiny_state(2), step=2)
+    assert sorted(manifests(tmp_path / "mirror")) == [1, 2]
+    assert not [t for t in threading.enumerate() if t.name.startswith("colabkit-checkpoint")]
+
+
+def test_interrupted_close_still_flushes_later(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    ckpt = CheckpointManager(tmp_path / "local", mirror=tmp_path / "mirror")
+    ckpt.save(tiny_state(1), step=1)
+    real_wait = ckpt.wait
+
+    def interrupted() -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(ckpt, "wait", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        ckpt.close()  # Ctrl-C while closing
+    with pytest.raises(CheckpointError, match="is closed"):
+        ckpt.save(tiny_state(2), step=2)
+    assert ckpt in checkpoint._LIVE, "the exit flush would skip a manager whose close() was interrupted"
+    monkeypatch.setattr(ckpt, "wait", real_wait)
+    ckpt.close()
+    assert ckpt not in checkpoint._LIVE
+    assert sorted(manifests(tmp_path / "mirror")) == [1]
+
+
+def test_wait_retries_a_failed_mirror_copy_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, no_retry_sleep: None, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # ENOSPC is not transient, so the copy's own retries give up; wait() tries the pass once more.
+    faulty = FaultyOps("copy_chunk", 1, errno.ENOSPC)
+    assert _save_second(tmp_path, monkeypatch, faulty) is None
+    assert faulty.fired
+    assert "could not copy checkpoint step 2" in capsys.readouterr().out  # the failure was still loud
+    assert sorted(manifests(tmp_path / "mirror")) == [1, 2]
+
+
+def test_a_copy_superseded_by_a_resave_is_not_an_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    ckpt = CheckpointManager(tmp_path / "local", mirror=tmp_path / "mirror")
+    original = ckpt._mirror_one
+    calls: list[int] = []
+
+    def resaved_meanwhile(info: checkpoint.CheckpointInfo, remote: Any) -> bool:
+        calls.append(info.step)
+        if len(calls) == 1:
+            info.path.unlink()  # what committing a re-save of this step does to the old file
+        return original(info, remote)
+
+    monkeypatch.setattr(ckpt, "_mirror_one", resaved_meanwhile)
+    ckpt.save(tiny_state(1), step=1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        ckpt.wait()
+    assert calls[0] == 1
+    ckpt.close()
+
+
+def test_a_background_commit_failure_surfaces_at_the_next_save(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    ckpt = CheckpointManager(tmp_path)
+    monkeypatch.setattr(_io, "ops", FaultyOps("fsync", 1, errno.ENOSPC))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        ckpt.save(tiny_state(1), step=1)  # returns before the (failing) background commit
+        with pytest.raises(CheckpointError, match=r"step 1 was not saved in .*ENOSPC.*free disk space"):
+            ckpt.save(tiny_state(2), step=2)
+    assert any("step 1 was not saved" in str(w.message) for w in caught), "the failure was not warned about"
+    assert manifests(tmp_path) == {}
+    ckpt.save(tiny_state(2), step=2, blocking=True)  # reported once; saving goes on
+    ckpt.close()
+    assert sorted(manifests(tmp_path)) == [2]
+    assert_clean(tmp_path)

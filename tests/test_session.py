@@ -123,6 +123,8 @@ def test_session_watch_warns_once_per_threshold() -> None:
     assert SessionWatch(deadline=None, clock=clock).check() == []
     with pytest.raises(ValueError, match=r"warn_at=0"):
         SessionWatch([0], deadline=deadline)
+    with pytest.raises(ValueError, match=r"warn_at='half an hour'.*warn_at=\(30, 10\)"):
+        SessionWatch(["half an hour"], deadline=deadline)
 
 
 # -- keepalive --------------------------------------------------------------------------------------
@@ -194,6 +196,30 @@ def test_only_one_heartbeat_runs_and_a_second_handle_cannot_stop_it() -> None:
         assert len(_keepalive_threads()) == 1
         assert len(display.shown) == 1
     assert not first.running
+
+
+def test_a_restart_does_not_revive_a_thread_stuck_past_stop(monkeypatch: pytest.MonkeyPatch) -> None:
+    release = threading.Event()
+    entered = threading.Event()
+
+    class StuckHandle:
+        def update(self, obj: Any) -> None:
+            if threading.current_thread().name == session.THREAD_NAME and not release.is_set():
+                entered.set()
+                release.wait(10)  # a display call that hangs (no browser attached, say)
+
+    monkeypatch.setattr(session, "_JOIN_TIMEOUT", 0.05)
+    beat = keepalive(0.01, display=lambda obj: StuckHandle(), clock=Clock()).start()
+    assert entered.wait(10)
+    (stuck,) = _keepalive_threads()
+    beat.stop()  # gives up waiting for the stuck thread
+    assert stuck.is_alive()
+    beat.start()
+    release.set()
+    stuck.join(10)
+    assert not stuck.is_alive(), "the stuck thread kept beating after stop()"
+    assert len(_keepalive_threads()) == 1
+    beat.stop()
 
 
 def test_errors_in_the_thread_are_logged_and_it_keeps_going(caplog: pytest.LogCaptureFixture) -> None:
@@ -293,6 +319,21 @@ def test_end_session_survives_a_failing_waiter_and_skips_unmounted_drive(
     assert "Drive flush (Drive is not mounted)" in out
 
 
+def test_end_session_keeps_the_runtime_when_a_save_failed(capsys: pytest.CaptureFixture[str]) -> None:
+    def broken() -> None:
+        raise OSError("could not copy checkpoint step 9 to Drive")
+
+    with fake_colab() as colab:
+        mount_drive()
+        register_waiter(broken)
+        with pytest.warns(UserWarning, match=r"not releasing the runtime because 1 pending save\(s\) failed"):
+            end_session(unassign=True)
+        assert not colab.unassigned  # the local copy is the only good one
+        assert colab.calls_to("drive.flush_and_unmount")
+        assert drive.drive_mounted()  # remounted, since the session goes on
+    assert "skipped releasing the runtime (a save failed" in capsys.readouterr().out
+
+
 def test_waiters_hold_bound_methods_weakly_and_can_be_removed() -> None:
     class Mirror:
         def __init__(self) -> None:
@@ -313,6 +354,7 @@ def test_waiters_hold_bound_methods_weakly_and_can_be_removed() -> None:
 
     register_waiter(fn)
     unregister_waiter(fn)
+    assert len(session._waiters) == 1  # the dropped one was pruned when fn registered
     with fake_kaggle():
         end_session(flush=False)
     assert kept.waited == 1
