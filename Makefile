@@ -16,7 +16,7 @@ $(STAMP): pyproject.toml
 venv: $(STAMP)
 
 demo: venv
-	$(PY) -m colabkit info
+	$(PY) examples/demo.py
 
 test: lint typecheck pytest
 

@@ -46,6 +46,14 @@ _LAZY: dict[str, str] = {
     "load_for_inference": "colabkit.inference",
     "predict_images": "colabkit.inference",
     "export": "colabkit.inference",
+    "fit": "colabkit.train.loop",
+    "evaluate": "colabkit.train.loop",
+    "predict": "colabkit.train.loop",
+    "History": "colabkit.train.history",
+    "Callback": "colabkit.train.callbacks",
+    "EarlyStopping": "colabkit.train.callbacks",
+    "CSVLogger": "colabkit.train.callbacks",
+    "launch": "colabkit.train.distributed",
 }
 
 __all__ = sorted(_LAZY)
@@ -61,6 +69,10 @@ if TYPE_CHECKING:
     from colabkit.errors import ColabkitError
     from colabkit.inference import export, load_for_inference, predict_images
     from colabkit.session import download, end_session, keepalive, session_time_left
+    from colabkit.train.callbacks import Callback, CSVLogger, EarlyStopping
+    from colabkit.train.distributed import launch
+    from colabkit.train.history import History
+    from colabkit.train.loop import evaluate, fit, predict
 
 
 def __getattr__(name: str) -> Any:
