@@ -298,37 +298,50 @@ def _gpus(gpu: str | GpuInfo | None, count: int) -> tuple[GpuInfo, ...]:
     return (gpu,) * count
 
 
+@dataclasses.dataclass(frozen=True)
+class _Common:
+    """The options every fake takes."""
+
+    root: str | os.PathLike[str] | None
+    environ: Mapping[str, str] | None
+    gpus: tuple[GpuInfo, ...]
+    session_start: datetime | None
+    now: Callable[[], datetime] | None
+
+
 @contextlib.contextmanager
 def _fake(
     kind: str,
     *,
-    root: str | os.PathLike[str] | None,
     env: dict[str, str],
-    environ: Mapping[str, str] | None,
-    gpus: tuple[GpuInfo, ...],
     shell: object | None,
-    session_start: datetime | None,
-    now: Callable[[], datetime] | None,
     markers: tuple[str, ...],
+    folders: tuple[str, ...],
+    common: _Common,
     enterprise: bool = False,
 ) -> Iterator[FakePlatform]:
+    root = common.root
     made_root = root is None
     base = Path(tempfile.mkdtemp(prefix=f"colabkit-fake-{kind}-")) if root is None else Path(root)
     base.mkdir(parents=True, exist_ok=True)
-    fake = FakePlatform(kind=kind, root=base.resolve(), environ=_clean_environ(env, environ), enterprise=enterprise)
+    fake = FakePlatform(
+        kind=kind, root=base.resolve(), environ=_clean_environ(env, common.environ), enterprise=enterprise
+    )
     for marker in markers:
         target = fake.path(marker)
         target.parent.mkdir(parents=True, exist_ok=True)
         target.touch()
-    clock = now or (lambda: datetime.now(timezone.utc))
-    start = session_start or clock() - timedelta(minutes=5)
+    for folder in folders:
+        fake.path(folder).mkdir(parents=True, exist_ok=True)
+    clock = common.now or (lambda: datetime.now(timezone.utc))
+    start = common.session_start or clock() - timedelta(minutes=5)
     probe = Probe(
         environ=fake.environ,
         exists=os.path.exists,
         ipython=lambda: shell,
         now=clock,
         session_start=lambda: start,
-        gpus=lambda: gpus,
+        gpus=lambda: common.gpus,
         mps=lambda: False,
         root=fake.root,
     )
@@ -380,20 +393,15 @@ def fake_colab(
     }
     if enterprise:
         env["VERTEX_PRODUCT"] = "COLAB_ENTERPRISE"
-    shell = _shell("google.colab._shell", "Shell") if notebook else None
     with _fake(
         "colab",
-        root=root,
         env=env,
-        environ=environ,
-        gpus=_gpus(gpu, gpu_count),
-        shell=shell,
-        session_start=session_start,
-        now=now,
+        shell=_shell("google.colab._shell", "Shell") if notebook else None,
         markers=() if enterprise else ("/var/colab/hostname",),
+        folders=("/content",),
         enterprise=enterprise,
+        common=_Common(root, environ, _gpus(gpu, gpu_count), session_start, now),
     ) as fake:
-        fake.path("/content").mkdir(parents=True, exist_ok=True)
         yield fake
 
 
@@ -438,18 +446,12 @@ def fake_kaggle(
     }
     if tpu:
         env["TPU_ACCELERATOR_TYPE"] = "v3-8"
-    shell = _shell("ipykernel.zmqshell", "ZMQInteractiveShell") if notebook else None
     with _fake(
         "kaggle",
-        root=root,
         env=env,
-        environ=environ,
-        gpus=_gpus(gpu, gpu_count),
-        shell=shell,
-        session_start=session_start,
-        now=now,
+        shell=_shell("ipykernel.zmqshell", "ZMQInteractiveShell") if notebook else None,
         markers=(),
+        folders=("/kaggle/input", "/kaggle/working"),
+        common=_Common(root, environ, _gpus(gpu, gpu_count), session_start, now),
     ) as fake:
-        for folder in ("/kaggle/input", "/kaggle/working"):
-            fake.path(folder).mkdir(parents=True, exist_ok=True)
         yield fake
