@@ -5,7 +5,9 @@ every usable device (CPU first, as the baseline), :func:`matmul_speed`
 measures raw matrix-multiply TFLOP/s per device and dtype, and :func:`lr_find`
 runs the learning-rate range test. Each returns a small result object that
 prints as a table, renders as HTML in notebooks and draws a chart with
-``.plot()``.
+``.plot()``, which returns the matplotlib Figure, the same convention as
+:meth:`colabkit.History.plot` (shown once as a notebook cell's result; saved with
+``path=``).
 
 Timing is honest about asynchronous devices: every measurement starts and
 ends with a device synchronisation (CUDA kernels are queued, so a clock read
@@ -22,6 +24,7 @@ import copy
 import dataclasses
 import html
 import math
+import sys
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
@@ -36,6 +39,7 @@ from colabkit.errors import ArgumentError, missing_dependency
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
+    from matplotlib.figure import Figure
 
 __all__ = [
     "DeviceComparison",
@@ -56,6 +60,8 @@ LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 #: Seconds each timed measurement aims for when ``steps="auto"``.
 _AUTO_BUDGET = 1.0
 _AUTO_MIN_STEPS, _AUTO_MAX_STEPS = 3, 200
+#: DeviceComparison.plot() switches to a log axis beyond this fastest/slowest ratio.
+_LOG_SPREAD = 30.0
 #: Distinct batches kept in memory per batch size; timing cycles through them.
 _POOL_BATCHES = 4
 
@@ -86,14 +92,8 @@ def _resolve_devices(
     """The devices to time and notes about the ones skipped."""
     notes: list[str] = []
     if isinstance(devices, str) and devices == "all":
-        found = [torch.device("cpu")]
-        if _device.backend.cuda_available():
-            for index in range(_device.backend.cuda_count()):
-                problem = _device._cuda_problem(index)
-                if problem is None:
-                    found.append(torch.device("cuda", index))
-                else:
-                    notes.append(f"cuda:{index} skipped: {problem}")
+        # A GPU that fails colabkit's check is left out; usable_cuda_devices() warns why.
+        found = [torch.device("cpu"), *_device.usable_cuda_devices()]
         if _device.backend.mps_available():
             found.append(torch.device("mps"))
         return found, notes
@@ -111,9 +111,10 @@ def _resolve_devices(
         if parsed.type == "cuda":
             if parsed.index is None:
                 parsed = torch.device("cuda", 0)
-            problem = _device._usable_cuda(parsed)
-            if problem is not None:
-                notes.append(f"{parsed} skipped: {problem}")
+            usable = _device.usable_cuda_devices()
+            if parsed not in usable:
+                listed = ", ".join(map(str, usable)) or "none"
+                notes.append(f"{parsed} skipped: it is not a usable GPU here (usable GPUs: {listed})")
                 continue
         elif parsed.type == "mps":
             if not _device.backend.mps_available():
@@ -133,7 +134,7 @@ def _device_name(device: torch.device) -> str:
         return str(torch.cuda.get_device_name(device))
     if device.type == "mps":
         return "Apple GPU (MPS)"
-    return f"CPU ({torch.get_num_threads()} threads)"
+    return f"CPU, {torch.get_num_threads()} threads"
 
 
 def _split_batch(batch: Any) -> tuple[Any, Any]:
@@ -259,21 +260,39 @@ def _pyplot(purpose: str) -> Any:
     return plt
 
 
-def _axes(ax: Axes | None, purpose: str, figsize: tuple[float, float] = (7.0, 4.0)) -> Axes:
+def _in_notebook() -> bool:
+    """Whether an IPython kernel runs this code (Colab, Kaggle, Jupyter): the display seam."""
+    ipython = sys.modules.get("IPython")
+    shell = ipython.get_ipython() if ipython is not None else None
+    return shell is not None and getattr(shell, "kernel", None) is not None
+
+
+def _axes(ax: Axes | None, purpose: str, figsize: tuple[float, float] = (7.0, 4.0)) -> tuple[Axes, bool]:
+    """The Axes to draw on, and whether this call created its figure."""
     if ax is not None:
-        return ax
+        return ax, False
     _, new = _pyplot(purpose).subplots(figsize=figsize)
-    return new
+    return new, True
 
 
-def _save(ax: Axes, path: str | Path | None) -> None:
+def _finish(ax: Axes, path: str | Path | None, *, created: bool) -> Figure:
+    """Lay out, save to ``path`` if given, and return the figure, as History.plot() does.
+
+    A figure this call created is closed in a notebook: the returned Figure is then shown
+    once, as the cell's result, not a second time by the inline backend at the cell's end.
+    A figure the caller passed an Axes of is left open: it is theirs.
+    """
+    figure: Any = ax.figure
+    figure = getattr(figure, "figure", figure)  # the root Figure, also when ax sits in a SubFigure
+    if created or path is not None:
+        figure.tight_layout()
     if path is not None:
         target = Path(path)
         target.parent.mkdir(parents=True, exist_ok=True)
-        figure: Any = ax.figure
-        figure = getattr(figure, "figure", figure)  # the root Figure, also when ax sits in a SubFigure
-        figure.tight_layout()
         figure.savefig(target, dpi=120)
+    if created and _in_notebook():
+        _pyplot("plot()").close(figure)
+    return figure
 
 
 # -- compare_devices --------------------------------------------------------------------------------
@@ -395,20 +414,28 @@ class DeviceComparison:
         headers, rows = self._cells()
         return _html_table(headers, rows, self.notes)
 
-    def plot(self, *, ax: Axes | None = None, path: str | Path | None = None) -> Axes:
-        """Bar chart of samples per second, grouped by phase, one bar per device (log scale).
+    def plot(self, *, ax: Axes | None = None, path: str | Path | None = None) -> Figure:
+        """Bar chart of samples per second, grouped by phase, one bar per device.
+
+        Each bar is labelled with its samples per second and, for an accelerator, its speed-up
+        over the CPU. The axis is linear, so bar heights compare directly, unless the fastest
+        bar is over 30 times the slowest (a GPU against a CPU, often): then it is logarithmic,
+        so the CPU's bars stay visible.
 
         Args:
             ax: Axes to draw on; default: a new figure.
             path: Also save the chart there (PNG, SVG, PDF by suffix).
 
         Returns:
-            The matplotlib Axes.
+            The matplotlib Figure, as :meth:`colabkit.History.plot` returns. In a notebook it is
+            shown once, as the cell's result (so end the cell with this call, without ``;``);
+            in a script call ``plt.show()`` or pass ``path=``. With ``ax=`` it is that Axes'
+            figure, left open for you to finish.
 
         Raises:
             MissingDependencyError: matplotlib is not installed.
         """
-        ax = _axes(ax, "DeviceComparison.plot()")
+        ax, created = _axes(ax, "DeviceComparison.plot()")
         groups = list(dict.fromkeys((t.phase, t.batch_size) for t in self.timings))
         devices = self.devices
         width = 0.8 / max(len(devices), 1)
@@ -419,18 +446,25 @@ class DeviceComparison:
                     timing = self.get(device, phase, batch_size)
                     xs.append(g_index + (d_index - (len(devices) - 1) / 2) * width)
                     heights.append(timing.samples_per_s)
-                    labels.append("" if timing.speedup is None else f"{timing.speedup:.1f}x")
+                    label = f"{timing.samples_per_s:,.0f}/s"
+                    if device != "cpu" and timing.speedup is not None:
+                        label += f"\n{timing.speedup:.1f}x CPU"
+                    labels.append(label)
             bars = ax.bar(xs, heights, width=width, label=device)
             ax.bar_label(bars, labels=labels, fontsize=8)
         several_sizes = len({b for _, b in groups}) > 1
         ax.set_xticks(range(len(groups)))
         ax.set_xticklabels([f"{p}\nbatch {b}" if several_sizes else p for p, b in groups])
         ax.set_ylabel("samples / second")
-        ax.set_yscale("log")
+        rates = [t.samples_per_s for t in self.timings if 0 < t.samples_per_s < math.inf]
+        if rates and max(rates) > _LOG_SPREAD * min(rates):
+            ax.set_yscale("log")
+            ax.set_ylim(min(rates) / 2, max(rates) * 4)  # room for the two-line labels on top
+        else:
+            ax.margins(y=0.15)  # room for the labels above the tallest bar
         ax.set_title("Training and inference throughput by device" + ("" if self.gpu_found else " (no GPU found)"))
         ax.legend()
-        _save(ax, path)
-        return ax
+        return _finish(ax, path, created=created)
 
 
 def _pool(data: Any, batch_sizes: Sequence[int] | None) -> dict[int, list[tuple[Any, Any]]]:
@@ -758,7 +792,7 @@ class MatmulResult:
         headers, rows = self._cells()
         return _html_table(headers, rows, self.notes)
 
-    def plot(self, *, ax: Axes | None = None, path: str | Path | None = None) -> Axes:
+    def plot(self, *, ax: Axes | None = None, path: str | Path | None = None) -> Figure:
         """Bar chart of TFLOP/s by matrix size, one bar per device and dtype.
 
         Args:
@@ -766,12 +800,15 @@ class MatmulResult:
             path: Also save the chart there.
 
         Returns:
-            The matplotlib Axes.
+            The matplotlib Figure, as :meth:`colabkit.History.plot` returns. In a notebook it is
+            shown once, as the cell's result (so end the cell with this call, without ``;``);
+            in a script call ``plt.show()`` or pass ``path=``. With ``ax=`` it is that Axes'
+            figure, left open for you to finish.
 
         Raises:
             MissingDependencyError: matplotlib is not installed.
         """
-        ax = _axes(ax, "MatmulResult.plot()")
+        ax, created = _axes(ax, "MatmulResult.plot()")
         sizes = sorted({t.size for t in self.timings})
         series = list(dict.fromkeys((t.device, t.dtype) for t in self.timings))
         width = 0.8 / max(len(series), 1)
@@ -788,8 +825,7 @@ class MatmulResult:
         ax.set_yscale("log")
         ax.set_title("Matrix multiply throughput")
         ax.legend(fontsize=8)
-        _save(ax, path)
-        return ax
+        return _finish(ax, path, created=created)
 
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -906,7 +942,7 @@ class LRFinderResult:
             f"lowest loss at lr {self.min_loss_lr:.2e}; {len(self.lrs)} steps, {end}"
         )
 
-    def plot(self, *, ax: Axes | None = None, path: str | Path | None = None) -> Axes:
+    def plot(self, *, ax: Axes | None = None, path: str | Path | None = None) -> Figure:
         """Smoothed loss against learning rate (log scale), the suggestion marked.
 
         Args:
@@ -914,12 +950,15 @@ class LRFinderResult:
             path: Also save the chart there.
 
         Returns:
-            The matplotlib Axes.
+            The matplotlib Figure, as :meth:`colabkit.History.plot` returns. In a notebook it is
+            shown once, as the cell's result (so end the cell with this call, without ``;``);
+            in a script call ``plt.show()`` or pass ``path=``. With ``ax=`` it is that Axes'
+            figure, left open for you to finish.
 
         Raises:
             MissingDependencyError: matplotlib is not installed.
         """
-        ax = _axes(ax, "LRFinderResult.plot()")
+        ax, created = _axes(ax, "LRFinderResult.plot()")
         ax.plot(self.lrs, self.losses, label="smoothed loss")
         ax.plot(self.lrs, self.raw_losses, alpha=0.3, label="raw loss")
         index = min(range(len(self.lrs)), key=lambda i: abs(math.log(self.lrs[i]) - math.log(self.suggestion)))
@@ -936,8 +975,7 @@ class LRFinderResult:
             low, high = min(finite), min(max(finite), 2.5 * finite[0] if finite[0] > 0 else max(finite))
             ax.set_ylim(low - 0.05 * (high - low + 1e-12), high + 0.05 * (high - low + 1e-12))
         ax.legend()
-        _save(ax, path)
-        return ax
+        return _finish(ax, path, created=created)
 
 
 def _suggest(lrs: Sequence[float], losses: Sequence[float]) -> tuple[float, float]:

@@ -30,6 +30,7 @@ __all__ = [
     "memory_summary",
     "seed_everything",
     "to_device",
+    "usable_cuda_devices",
 ]
 
 T = TypeVar("T")
@@ -153,6 +154,32 @@ def _usable_cuda(device: torch.device) -> str | None:
     if index >= count:
         return f"cuda:{index} does not exist ({count} GPU(s) visible)"
     return _cuda_problem(index)
+
+
+def usable_cuda_devices() -> list[torch.device]:
+    """Every visible CUDA device that really computes, in index order.
+
+    Each GPU passes the same checks as in :func:`get_device` (its compute capability
+    is in this torch build, and a tiny kernel runs on it; checked once per process).
+    A GPU that fails is left out with one warning saying why.
+
+    Returns:
+        ``[cuda:0, cuda:1, ...]``; empty without a usable GPU.
+
+    Example:
+        >>> import colabkit.device
+        >>> devices = colabkit.device.usable_cuda_devices()  # [] on a CPU-only machine
+    """
+    if not backend.cuda_available():
+        return []
+    usable = []
+    for index in range(backend.cuda_count()):
+        problem = _cuda_problem(index)
+        if problem is None:
+            usable.append(torch.device("cuda", index))
+        else:
+            _notify.warn_once(f"unusable:cuda:{index}", f"cuda:{index} is left out: {problem}")
+    return usable
 
 
 def get_device(prefer: str | torch.device | None = None) -> torch.device:

@@ -103,9 +103,10 @@ def quickstart() -> NotebookNode:
             ),
             md(
                 """
-                `project_dirs` mounts Google Drive and creates `models/`, `checkpoints/`, `results/` and
-                `data/` for this project. `stage` downloads the zip once, verifies it, unpacks it on the
-                runtime's local disk and returns the folder (rerunning the cell costs nothing).
+                `project_dirs` mounts Google Drive (Colab asks you to allow it once) and creates `models/`,
+                `checkpoints/`, `results/` and `data/` for this project there. `stage` downloads the zip
+                to the runtime's fast local disk, unpacks it and returns the folder; running the cell again
+                reuses it (pass `sha256=` to have the download verified).
                 """
             ),
             code(
@@ -132,14 +133,16 @@ def quickstart() -> NotebookNode:
             md(
                 """
                 **Resume.** If the runtime disconnects, run every cell again: `fit` finds the last checkpoint
-                on Drive and continues from there (mid-epoch included). Calling `fit` again with the same
-                `checkpoint_dir` continues this run too; here it asks for one more epoch:
+                on Drive and continues from there (here the end of the last finished epoch; with
+                `save_every=200` it also saves every 200 steps and resumes mid-epoch). `epochs` is the
+                total, so calling `fit` again with the same `checkpoint_dir` and `epochs=3` trains one more
+                epoch, then plots all three:
                 """
             ),
             code(
                 """
                 history = colabkit.fit(model, train, val, epochs=3, lr=1e-4, checkpoint_dir=dirs.checkpoints)
-                history.plot();
+                history.plot()
                 """
             ),
         ]
@@ -274,7 +277,7 @@ def cifar10_resnet() -> NotebookNode:
                     checkpoint_dir=dirs.checkpoints,
                     monitor="val_accuracy",
                 )
-                history.plot();
+                history.plot()
                 """
             ),
             md("Evaluate the best checkpoint (highest validation accuracy), loaded for inference."),
@@ -323,6 +326,17 @@ MAKE_CNN = """
 """
 
 
+DATA_NOTE = """
+    Fashion-MNIST: 60,000 training and 10,000 test images of clothing, 28x28 grey, 10 classes.
+    torchvision downloads it once per session to the runtime's fast local disk
+    (`colabkit.runtime().data_dir`); only checkpoints need to outlive the session.
+"""
+MODEL_NOTE = """
+    The model: two convolution + pooling blocks, then two linear layers with dropout
+    (0.8 M parameters). A function builds it, so each experiment starts from fresh weights.
+"""
+
+
 def fashion_mnist_cpu_vs_gpu() -> NotebookNode:
     name = "fashion_mnist_cpu_vs_gpu"
     return notebook(
@@ -351,6 +365,7 @@ def fashion_mnist_cpu_vs_gpu() -> NotebookNode:
                 colabkit.info()
                 """
             ),
+            md(DATA_NOTE),
             code(
                 """
                 data_dir = colabkit.runtime().data_dir / "fashion-mnist"
@@ -359,6 +374,7 @@ def fashion_mnist_cpu_vs_gpu() -> NotebookNode:
                 test_set = datasets.FashionMNIST(data_dir, train=False, download=True, transform=to_tensor)
                 """
             ),
+            md(MODEL_NOTE),
             code(MAKE_CNN),
             md(
                 """
@@ -375,7 +391,7 @@ def fashion_mnist_cpu_vs_gpu() -> NotebookNode:
                 loader = torch.utils.data.DataLoader(train_set, batch_size=256, shuffle=True)
                 timing = colabkit.compare_devices(make_cnn(), loader)
                 print(timing)
-                timing.plot();
+                timing.plot()
                 """
             ),
             md("Raw matrix-multiply speed, per device and precision (float16 uses the T4's tensor cores):"),
@@ -383,7 +399,7 @@ def fashion_mnist_cpu_vs_gpu() -> NotebookNode:
                 """
                 matmul = colabkit.matmul_speed()
                 print(matmul)
-                matmul.plot();
+                matmul.plot()
                 """
             ),
             md("## Train on the fastest device"),
@@ -394,7 +410,7 @@ def fashion_mnist_cpu_vs_gpu() -> NotebookNode:
                 history = colabkit.fit(model, train_set, test_set, epochs=EPOCHS, batch_size=256,
                                        checkpoint_dir=dirs.checkpoints)
                 print(colabkit.evaluate(model, test_set, batch_size=512))
-                history.plot();
+                history.plot()
                 """
             ),
         ]
@@ -434,6 +450,7 @@ def kaggle_two_gpus() -> NotebookNode:
                 dirs = colabkit.project_dirs("fashion-mnist-ddp")  # under /kaggle/working: kept as output
                 """
             ),
+            md(DATA_NOTE),
             code(
                 """
                 data_dir = colabkit.runtime().data_dir / "fashion-mnist"
@@ -442,6 +459,7 @@ def kaggle_two_gpus() -> NotebookNode:
                 test_set = datasets.FashionMNIST(data_dir, train=False, download=True, transform=to_tensor)
                 """
             ),
+            md(MODEL_NOTE),
             code(MAKE_CNN),
             md(
                 """
@@ -458,7 +476,7 @@ def kaggle_two_gpus() -> NotebookNode:
                                         checkpoint_dir=dirs.checkpoints)
 
                 history = colabkit.launch(train, nprocs="auto")  # one process per visible GPU
-                history.plot();
+                history.plot()
                 """
             ),
             md("Evaluate the best checkpoint on one device:"),

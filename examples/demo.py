@@ -14,7 +14,8 @@ What it does, in the order a Colab user would:
    progress bars; ``stage()`` copies the zip to fast local disk and unpacks it.
 4. Kills that process with SIGKILL in the middle of an epoch, the way a runtime
    disconnect does.
-5. Runs the very same training call again: it resumes from the last checkpoint.
+5. Runs the very same training call again: it resumes from the last checkpoint and ends
+   with the same weights an uninterrupted run would have (the run is seeded).
 6. Loads the best checkpoint (lowest validation loss) for inference, reports its test
    accuracy (it must reach 95%), and writes the training curves and
    a CPU-vs-device timing chart as PNG files into the project's results folder.
@@ -116,6 +117,7 @@ class PauseAt:
 def train(dirs: Any, *, epochs: int) -> tuple[nn.Module, Any, dict[str, Any]]:
     """The training call itself: identical in the killed run and in the resumed one."""
     splits = load_splits(dirs)
+    colabkit.seed_everything(0)  # the same initial weights every run (fit's seed= covers the rest)
     model = make_model()
     history = colabkit.fit(
         model,

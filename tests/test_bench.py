@@ -151,9 +151,17 @@ def test_speedups_are_relative_to_the_cpu_for_the_same_phase_and_batch(agg: None
     from pathlib import Path
 
     png = Path(str(tmp_path)) / "chart" / "devices.png"
-    ax = result.plot(path=png)
+    figure = result.plot(path=png)
     assert png.read_bytes().startswith(b"\x89PNG")
+    (ax,) = figure.axes
     assert [text.get_text() for text in ax.get_xticklabels()] == ["train", "inference"]
+    # Bars carry their throughput, the GPU's also its speed-up; a 20x spread stays on a linear axis.
+    labels = [text.get_text() for text in ax.texts]
+    assert labels == ["320/s", "640/s", "6,400/s\n20.0x CPU", "2,560/s\n4.0x CPU"]
+    assert ax.get_yscale() == "linear"
+    faster = bench.PhaseTiming("cuda:0", "A100", "train", 64, 10, 0.01)
+    wide = bench.DeviceComparison(tuple(bench._with_speedups([timings[0], faster])))
+    assert wide.plot().axes[0].get_yscale() == "log"  # 200x: the CPU bar stays visible
 
 
 def test_compare_devices_rejects_unusable_devices_and_bad_options() -> None:
@@ -179,6 +187,49 @@ def test_plot_without_matplotlib_names_the_package(monkeypatch: pytest.MonkeyPat
     monkeypatch.setitem(sys.modules, "matplotlib.pyplot", None)
     with pytest.raises(MissingDependencyError, match="pip install matplotlib"):
         result.plot()
+
+
+def test_all_devices_are_the_cpu_then_each_usable_gpu(monkeypatch: pytest.MonkeyPatch) -> None:
+    from colabkit import device
+
+    gpus = [torch.device("cuda", 0), torch.device("cuda", 2)]  # cuda:1 failed device.py's check
+    monkeypatch.setattr(device, "usable_cuda_devices", lambda: list(gpus))
+    monkeypatch.setattr(device.backend, "mps_available", lambda: False)
+
+    assert bench._resolve_devices("all") == ([torch.device("cpu"), *gpus], [])
+    chosen, notes = bench._resolve_devices(["cpu", "cuda", "cuda:1"])
+    assert chosen == [torch.device("cpu"), torch.device("cuda", 0)]  # bare "cuda" is the first GPU
+    assert notes == ["cuda:1 skipped: it is not a usable GPU here (usable GPUs: cuda:0, cuda:2)"]
+    monkeypatch.setattr(device, "usable_cuda_devices", lambda: [])
+    with pytest.raises(ArgumentError, match=r"none of them can be used here \(cuda:0 skipped.*none\)"):
+        bench._resolve_devices("cuda")
+
+
+def test_plots_return_the_figure_as_history_plot_does(agg: None, monkeypatch: pytest.MonkeyPatch) -> None:
+    import matplotlib.pyplot as plt
+
+    from colabkit.train.history import History
+
+    results = [
+        bench.DeviceComparison((bench.PhaseTiming("cpu", "CPU", "train", 8, 1, 1.0, 1.0),)),
+        bench.MatmulResult((bench.MatmulTiming("cpu", "CPU", "float32", 64, 2, 0.5, 1.0),)),
+        bench.LRFinderResult((1e-3, 1e-2, 1e-1), (2.0, 1.0, 3.0), (2.0, 1.0, 3.0), 1e-2, 1e-2, False),
+    ]
+    history_figure = History([{"epoch": 0, "loss": 1.0}]).plot()
+    for result in results:
+        figure = result.plot()
+        assert type(figure) is type(history_figure) and len(figure.axes) == 1
+        assert plt.fignum_exists(figure.number)  # a script keeps it open for plt.show()
+        # Drawn into the caller's Axes: their figure comes back, still open.
+        mine, ax = plt.subplots()
+        assert result.plot(ax=ax) is mine and plt.fignum_exists(mine.number)
+    # In a notebook the returned figure is the one display: closed for the inline backend.
+    monkeypatch.setattr(bench, "_in_notebook", lambda: True)
+    for result in results:
+        figure = result.plot()
+        assert not plt.fignum_exists(figure.number) and len(figure.axes) == 1
+    _, ax = plt.subplots()
+    assert plt.fignum_exists(results[0].plot(ax=ax).number)
 
 
 # -- matmul_speed -----------------------------------------------------------------------------------
@@ -254,7 +305,7 @@ def test_lr_find_sweeps_until_divergence_and_restores_model_and_optimizer(agg: N
     assert not model.training
     assert optimizer.param_groups[0]["lr"] == 0.05
     assert all(torch.equal(momentum[i], s["momentum_buffer"]) for i, s in enumerate(optimizer.state.values()))
-    ax = result.plot()
+    (ax,) = result.plot().axes
     assert ax.get_xscale() == "log"
 
 

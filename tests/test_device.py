@@ -219,3 +219,29 @@ def test_memory_summary_on_cpu() -> None:
     assert summary["cpu"]["total"] > 0
     assert 0 < summary["cpu"]["available"] <= summary["cpu"]["total"]
     dev.free_memory()
+
+
+def test_usable_cuda_devices_lists_only_gpus_that_compute(fake_backend, monkeypatch: pytest.MonkeyPatch) -> None:  # type: ignore[no-untyped-def]
+    fake_backend()
+    assert dev.usable_cuda_devices() == []
+    backend = fake_backend(cuda=3)
+
+    def smoke(device: torch.device) -> None:
+        backend.smoke_tested.append(str(device))
+        if device.index == 1:
+            raise RuntimeError("CUDA error: busy")
+
+    monkeypatch.setattr(backend, "smoke_test", smoke)
+    with pytest.warns(ColabkitWarning, match=r"cuda:1 is left out: .*busy") as record:
+        assert dev.usable_cuda_devices() == [torch.device("cuda", 0), torch.device("cuda", 2)]
+    assert len(record) == 1
+    assert backend.smoke_tested == ["cuda:0", "cuda:1", "cuda:2"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert dev.usable_cuda_devices() == [torch.device("cuda", 0), torch.device("cuda", 2)]
+    assert backend.smoke_tested == ["cuda:0", "cuda:1", "cuda:2"]  # checked once per process
+    # A build without the GPU's architecture: no kernel is even tried.
+    dev._checked.clear()
+    fake_backend(cuda=1, capability=(6, 0), arch=("sm_70",))
+    with pytest.warns(ColabkitWarning, match=r"P100.*6\.0"):
+        assert dev.usable_cuda_devices() == []

@@ -73,6 +73,7 @@ def test_each_notebook_opens_in_colab_and_installs_colabkit_first(path: Path) ->
     nb = nbformat.read(path, as_version=4)
     badge = f"https://colab.research.google.com/github/colabkit/colabkit/blob/main/examples/{path.name}"
     assert nb.cells[0].cell_type == "markdown" and badge in nb.cells[0].source
+    assert f"({badge})" in (ROOT / "README.md").read_text(), f"README.md lacks the Open in Colab badge of {path.name}"
     install = nb.cells[1]
     assert install.cell_type == "code"
     assert "!pip install -q git+https://github.com/colabkit/colabkit" in install.source
@@ -106,6 +107,12 @@ def test_notebook_runs_top_to_bottom(
 
     out = _outputs(nb)
     assert "[offline stand-in] offline mode" in out
+    # Each .plot() ending a cell shows its figure exactly once (History and bench plots close
+    # the figure they return, so a trailing ";" would hide it and a stray draw would double it).
+    for cell in nb.cells:
+        if cell.cell_type == "code" and ".plot()" in cell.source:
+            images = [o for o in cell.outputs if "image/png" in o.get("data", {})]
+            assert len(images) == 1, (cell.source, [o.get("output_type") for o in cell.outputs])
     drive = root / "platform" / "content" / "drive" / "MyDrive"
     if path.stem == "quickstart":
         assert "resuming from" in out  # the second fit() call continued the first
