@@ -16,7 +16,7 @@ from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 from colabkit import device as colabkit_device
 from colabkit.errors import ArgumentError, CheckpointMismatchError, NonFiniteLossError
-from colabkit.train import loop
+from colabkit.train import loop, options
 from colabkit.train.callbacks import Callback, FitContext
 from colabkit.train.loop import evaluate, fit, parse_duration, predict
 from colabkit.train.precision import resolve_precision
@@ -203,6 +203,32 @@ def test_bad_model_and_data() -> None:
         fit(mlp(), TensorDataset(torch.zeros(0, 4), torch.zeros(0, dtype=torch.long)), progress=False)
     with pytest.raises(ArgumentError, match="pass a torch Dataset or DataLoader"):
         fit(mlp(), 42, progress=False)
+    empty_loader = DataLoader(TensorDataset(torch.zeros(0, 4), torch.zeros(0, dtype=torch.long)))
+    with pytest.raises(ArgumentError, match="empty"):
+        fit(mlp(), empty_loader, progress=False)
+
+
+class Batches(torch.utils.data.IterableDataset):  # type: ignore[type-arg]
+    """An iterable dataset of ``count`` batches, readable ``reads`` times."""
+
+    def __init__(self, count: int, reads: int = 1000) -> None:
+        self.count, self.reads = count, reads
+
+    def __iter__(self) -> Any:
+        self.reads -= 1
+        if self.reads < 0:
+            return iter(())
+        return iter([(torch.randn(4), torch.tensor(1))] * self.count)
+
+
+def test_an_iterable_without_batches_is_an_error(tmp_path: Path) -> None:
+    model = mlp()
+    before = params(model)
+    with pytest.raises(ArgumentError, match="no batches in epoch 1; check that the dataset yields"):
+        fit(model, Batches(0), checkpoint_dir=tmp_path, progress=False)
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True))
+    with pytest.raises(ArgumentError, match=r"no batches in epoch 2 .*read only once"):
+        fit(mlp(), Batches(3, reads=1), epochs=2, batch_size=2, num_workers=0, progress=False)
 
 
 @pytest.mark.parametrize(
@@ -368,10 +394,10 @@ def test_time_limit_session(monkeypatch: pytest.MonkeyPatch) -> None:
     from colabkit import session
 
     monkeypatch.setattr(session, "session_time_left", lambda: timedelta(minutes=10, seconds=30))
-    assert loop._parse_time_limit("session") == pytest.approx(30.0)
+    assert options.parse_time_limit("session") == pytest.approx(30.0)
     monkeypatch.setattr(session, "session_time_left", lambda: None)
     with pytest.warns(UserWarning, match="no effect here"):
-        assert loop._parse_time_limit("session") is None
+        assert options.parse_time_limit("session") is None
 
 
 @pytest.mark.parametrize(
@@ -427,3 +453,156 @@ def test_no_value_is_read_back_per_step(monkeypatch: pytest.MonkeyPatch) -> None
         monkeypatch.setattr(torch.Tensor, name, counted(getattr(torch.Tensor, name)))
     fit(mlp(), blobs(n=256), epochs=1, batch_size=4, progress=False)  # 64 steps
     assert next(reads) < 8
+
+
+# -- clean ends: closing the checkpoint manager, time limits that include the whole save
+
+
+def test_an_error_while_closing_does_not_hide_the_training_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from colabkit.checkpoint import CheckpointManager
+    from colabkit.errors import CheckpointError, ColabkitWarning
+
+    def failing_wait(self: CheckpointManager) -> None:
+        raise CheckpointError(5, "copy to Drive failed")
+
+    monkeypatch.setattr(CheckpointManager, "wait", failing_wait)
+    x = torch.randn(64, 4)
+    x[37] = float("nan")
+    loader = DataLoader(TensorDataset(x, torch.zeros(64, dtype=torch.long)), batch_size=8)
+    with (
+        pytest.raises(NonFiniteLossError, match="optimizer step 5"),
+        pytest.warns(ColabkitWarning, match=r"while closing after an error: .*copy to Drive failed"),
+    ):
+        fit(mlp(), loader, checkpoint_dir=tmp_path, save_every=3, progress=False)
+
+
+def test_the_manager_is_closed_when_resuming_fails(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from colabkit.checkpoint import CheckpointManager
+
+    fit(mlp(), blobs(), epochs=1, batch_size=16, checkpoint_dir=tmp_path, progress=False)
+    closed: list[CheckpointManager] = []
+    original = CheckpointManager.close
+
+    def close(self: CheckpointManager) -> None:
+        closed.append(self)
+        original(self)
+
+    monkeypatch.setattr(CheckpointManager, "close", close)
+    with pytest.raises(CheckpointMismatchError, match="another model"):
+        fit(mlp(outputs=3), blobs(), epochs=2, checkpoint_dir=tmp_path, progress=False)
+    assert len(closed) == 1
+    assert closed[0]._closed
+
+
+class OnStep(Callback):
+    def __init__(self, fn: Any) -> None:
+        self.fn = fn
+
+    def on_step_end(self, ctx: FitContext) -> None:
+        self.fn(ctx)
+
+
+class SlowCommits:
+    """A fake clock (seconds) where each step takes 1 s and a checkpoint is committed ``commit`` s after save()."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch, commit: float) -> None:
+        from colabkit.checkpoint import CheckpointManager
+
+        self.now = 0.0
+        self.done_at = 0.0  # when the newest commit finishes
+        monkeypatch.setattr(loop, "_clock", lambda: self.now)
+        save, wait = CheckpointManager.save, CheckpointManager.wait
+
+        def slow_save(manager: CheckpointManager, *args: Any, **kwargs: Any) -> Any:
+            self.now = max(self.now, self.done_at)  # save() waits for the previous commit
+            path = save(manager, *args, **kwargs)
+            self.done_at = self.now + commit
+            return path
+
+        def slow_wait(manager: CheckpointManager) -> None:
+            wait(manager)
+            self.now = max(self.now, self.done_at)
+
+        monkeypatch.setattr(CheckpointManager, "save", slow_save)
+        monkeypatch.setattr(CheckpointManager, "wait", slow_wait)
+
+    def step(self, ctx: FitContext) -> None:
+        self.now += 1.0
+
+
+def test_time_limit_leaves_room_for_the_commit_and_copy(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    clock = SlowCommits(monkeypatch, commit=10.0)
+    history = fit(
+        mlp(),
+        blobs(),
+        epochs=20,
+        batch_size=8,
+        checkpoint_dir=tmp_path,
+        save_every=30,
+        time_limit=100,
+        callbacks=[OnStep(clock.step)],
+        progress=False,
+    )
+    assert history.stop_reason == "time_limit"
+    assert clock.now <= 100  # the last checkpoint is committed before the limit, close() included
+    from colabkit.checkpoint import CheckpointManager
+
+    assert CheckpointManager(tmp_path).load()["fit"]["position"]["step"] > 30
+
+
+class WallAndMonotonic:
+    """One fake time for the session clock (datetime) and fit's clock (seconds)."""
+
+    def __init__(self) -> None:
+        from datetime import datetime, timezone
+
+        self.base = datetime(2026, 1, 1, tzinfo=timezone.utc)
+        self.seconds = 0.0
+
+    def wall(self) -> Any:
+        return self.base + timedelta(seconds=self.seconds)
+
+    def on_step_end(self, ctx: FitContext) -> None:
+        self.seconds += 30.0
+
+
+@pytest.mark.filterwarnings("ignore:no GPU in this Colab runtime")
+@pytest.mark.parametrize(
+    ("left", "warning"), [(timedelta(minutes=31), "under 30 min"), (timedelta(minutes=10.5), "under 10 min")]
+)
+def test_time_limit_session_warns_before_the_end(
+    monkeypatch: pytest.MonkeyPatch, left: timedelta, warning: str
+) -> None:
+    from colabkit.errors import ColabkitWarning
+    from colabkit.testing import fake_colab
+
+    clock = WallAndMonotonic()
+    monkeypatch.setattr(loop, "_clock", lambda: clock.seconds)
+    start = clock.base - timedelta(hours=12) + left
+    with fake_colab(now=clock.wall, session_start=start), pytest.warns(ColabkitWarning, match=warning):
+        fit(
+            mlp(),
+            blobs(),
+            epochs=1,
+            batch_size=8,
+            time_limit="session",
+            callbacks=[OnStep(clock.on_step_end)],
+            progress=False,
+        )
+
+
+def test_fp16_steps_skipped_by_the_grad_scaler_are_not_errors() -> None:
+    model = mlp()
+    first = next(model.parameters())
+    calls = []
+
+    def overflow_once(grad: torch.Tensor) -> torch.Tensor:
+        calls.append(1)
+        return grad * float("inf") if len(calls) == 1 else grad
+
+    first.register_hook(overflow_once)
+    history = fit(model, blobs(), batch_size=8, precision="fp16", progress=False)
+    assert history.stop_reason == "completed" and len(calls) == 8
+    assert all(torch.isfinite(p).all() for p in model.parameters())  # the overflowing step was skipped

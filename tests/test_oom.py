@@ -81,6 +81,9 @@ def test_micro_batch_size_is_saved_and_restored(tmp_path: Path) -> None:
     model = OomAbove(limit=4)
     fit(model, data(), epochs=1, batch_size=16, checkpoint_dir=tmp_path, max_steps=2, progress=False)
     assert model.ooms == 2
+    from colabkit.checkpoint import CheckpointManager
+
+    assert CheckpointManager(tmp_path).load()["fit"]["chunks"] == 4  # 16 -> 8 -> 4, recorded
     again = OomAbove(limit=4)
     history = fit(again, data(), epochs=1, batch_size=16, checkpoint_dir=tmp_path, progress=False)
     assert again.ooms == 0 and history.stop_reason == "completed"
@@ -111,3 +114,26 @@ def test_detection_and_splitting() -> None:
     backoff = Backoff()
     backoff.handle(16, step=1, quiet=True)
     assert backoff.chunks == 2 and backoff.micro_batch(16) == 8
+
+
+class OomOnce(OomAbove):
+    """Runs out of memory once, on the second forward pass (inside a grad_accum group)."""
+
+    calls = 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.calls += 1
+        if self.calls == 2:
+            self.ooms += 1
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return self.fc(x)
+
+
+def test_a_retried_step_counts_its_metrics_once() -> None:
+    options = {"epochs": 1, "batch_size": 16, "grad_accum": 2, "lr": 0.1, "seed": 0, "progress": False}
+    plain = fit(OomAbove(limit=1000), data(), **options)
+    model = OomOnce(limit=1000)
+    retried = fit(model, data(), **options)
+    assert model.ooms == 1
+    assert retried[0]["accuracy"] == pytest.approx(plain[0]["accuracy"])
+    assert retried[0]["loss"] == pytest.approx(plain[0]["loss"], rel=1e-5)

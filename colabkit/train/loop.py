@@ -17,14 +17,20 @@ state. The data order of an epoch depends only on ``(seed, epoch)`` (see
 :mod:`colabkit.train.state`), so the loader skips the finished batches
 without loading them; the RNG states are restored after that, right before
 the first new batch.
+
+Ending: the checkpoint manager is closed however the run ends; an error on
+its way out (a NaN loss, another model's checkpoints) wins over a failure
+while closing (a Drive copy), which is warned about. ``time_limit`` keeps
+room for two more steps, a validation and a whole save: RAM copy, commit and
+copies, as timed at the first save of the run (estimated from the model's
+size before that).
 """
 
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import math
-import re
+import sys
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from datetime import timedelta
@@ -32,21 +38,35 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 from colabkit import _notify
 from colabkit import device as _device
 from colabkit.errors import (
     ArgumentError,
+    CheckpointError,
     CheckpointMismatchError,
     ColabkitError,
     NonFiniteLossError,
 )
 from colabkit.train import distributed as _dist
+from colabkit.train.batches import (
+    call_model,
+    concat,
+    describe,
+    detach_to_cpu,
+    inputs_and_targets,
+    inputs_only,
+    safe_len,
+    to_channels_last,
+)
 from colabkit.train.callbacks import Callback, EarlyStopping, FitContext
 from colabkit.train.history import History, metric_mode
+from colabkit.train.metrics import LossFn, Totals, resolve_metrics
 from colabkit.train.oom import Backoff, batch_length, is_out_of_memory, split_batch
+from colabkit.train.optim import make_optimizer, make_scheduler
+from colabkit.train.options import FitOptions, check_loss_fn, check_model, is_int, parse_duration
 from colabkit.train.precision import Precision, resolve_precision
+from colabkit.train.progress import REFRESH_SECONDS, Bars
 from colabkit.train.state import TrainPosition, default_workers, make_resumable
 
 __all__ = ["evaluate", "fit", "parse_duration", "predict"]
@@ -54,18 +74,15 @@ __all__ = ["evaluate", "fit", "parse_duration", "predict"]
 #: The clock every time decision reads (progress, time_limit, time-based saves): the seam tests replace.
 _clock: Callable[[], float] = time.monotonic
 
-#: Progress and log reads happen at most this often (each read waits for the GPU once).
-REFRESH_SECONDS = 0.5
 #: Without a progress bar, losses are still checked for NaN this often.
 QUIET_CHECK_SECONDS = 2.0
 #: Buffered per-step values before they are summed on the device (bounds memory, no read).
 MAX_BUFFER = 512
 #: With DDP, ranks agree on signals / time limits every this many optimizer steps.
 AGREE_EVERY = 8
-#: time_limit="session" stops this long before the platform's estimated end of session.
-SESSION_MARGIN = timedelta(minutes=10)
+#: Write speed assumed for a checkpoint (Drive) until a save has been timed.
+SLOW_WRITE_BYTES_PER_SECOND = 20e6
 
-_TARGET_KEYS = ("labels", "label", "targets", "target", "y")
 _CHECKPOINT_VERSION = 1
 
 
@@ -143,7 +160,8 @@ def fit(
         early_stopping: Patience in epochs, or an :class:`EarlyStopping`.
         time_limit: Stop cleanly, with a checkpoint, before this much time passes in this call:
             ``"2h30m"``, seconds, a timedelta, or ``"session"`` (the runtime's remaining
-            session time minus 10 minutes).
+            session time minus 10 minutes; warns when 30 and 10 minutes are left). The
+            stop leaves room for the final save, Drive copy included.
         callbacks: :class:`Callback` objects (or anything with some of its methods).
         progress: Show tqdm progress bars and notices; False prints nothing.
         seed: Seed for python, numpy and torch, data order and augmentation; saved in the
@@ -165,7 +183,7 @@ def fit(
         ...                        checkpoint_dir="/content/drive/MyDrive/run1")  # doctest: +SKIP
         >>> history.plot()  # doctest: +SKIP
     """
-    options = _Options.check(
+    options = FitOptions.check(
         model=model,
         epochs=epochs,
         max_steps=max_steps,
@@ -235,16 +253,10 @@ def evaluate(
         >>> colabkit.evaluate(model, test_set)  # doctest: +SKIP
         {'loss': 0.31, 'accuracy': 0.91}
     """
-    model = _check_model(model)
-    metric_fns = _resolve_metrics(metrics)
-    if loss_fn is not None and not callable(loss_fn):
-        raise ArgumentError(f"loss_fn={loss_fn!r} must be callable, e.g. loss_fn=torch.nn.CrossEntropyLoss()")
-    where = _model_device(model, device)
-    policy = resolve_precision(precision, where)
-    model.to(where)
-    loader = _eval_loader(data, batch_size=batch_size, num_workers=num_workers, argument="data", where=where)
-    losses = _LossFn(loss_fn)
-    with _eval_mode(model), _Bars(progress) as bars:
+    metric_fns = resolve_metrics(metrics)
+    losses = LossFn(check_loss_fn(loss_fn))
+    model, where, policy, loader = _prepare_eval(model, data, device, precision, batch_size, num_workers)
+    with _eval_mode(model), Bars(progress) as bars:
         totals = _run_eval(model, loader, where, policy, losses, metric_fns, bars, "evaluate")
     assert totals is not None  # no stop condition given
     return totals.means("")
@@ -280,446 +292,35 @@ def predict(
         >>> logits = colabkit.predict(model, test_set)  # doctest: +SKIP
         >>> labels = logits.argmax(1)  # doctest: +SKIP
     """
-    model = _check_model(model)
-    where = _model_device(model, device)
-    policy = resolve_precision(precision, where)
-    model.to(where)
     if isinstance(data, torch.Tensor):
         data = torch.utils.data.TensorDataset(data)
-    loader = _eval_loader(data, batch_size=batch_size, num_workers=num_workers, argument="data", where=where)
+    model, where, policy, loader = _prepare_eval(model, data, device, precision, batch_size, num_workers)
     outputs: list[Any] = []
-    with _eval_mode(model), torch.no_grad(), _Bars(progress) as bars:
-        bars.start_eval("predict", _safe_len(loader))
+    with _eval_mode(model), torch.no_grad(), Bars(progress) as bars:
+        bars.start_eval("predict", safe_len(loader))
         for batch in loader:
             batch = _device.to_device(batch, where) if where.type != "cpu" else batch
-            inputs = _inputs_only(batch)
+            inputs = inputs_only(batch)
             with policy.autocast():
-                out = _call(model, inputs)
-            outputs.append(_detach_to_cpu(out))
+                out = call_model(model, inputs)
+            outputs.append(detach_to_cpu(out))
             bars.eval_step()
         bars.end_eval()
     if not outputs:
         raise ArgumentError("data is empty (0 batches); nothing to predict")
-    return _concat(outputs)
-
-
-def parse_duration(value: str | float | timedelta, *, argument: str) -> float:
-    """Seconds in ``"2h30m"``, ``"90min"``, ``"45s"``, ``"1.5h"``, a number of seconds or a timedelta.
-
-    Raises:
-        ArgumentError: The value is not a positive duration.
-    """
-    if isinstance(value, timedelta):
-        seconds = value.total_seconds()
-    elif isinstance(value, (int, float)) and not isinstance(value, bool):
-        seconds = float(value)
-    elif isinstance(value, str):
-        text = value.strip().lower().replace(" ", "")
-        if re.fullmatch(r"\d+(\.\d+)?", text):
-            seconds = float(text)
-        else:
-            parts = re.findall(r"(\d+(?:\.\d+)?)(d|h|m|s)[a-z]*", text)
-            rebuilt = "".join(re.findall(r"\d+(?:\.\d+)?(?:d|h|m|s)[a-z]*", text))
-            units = {"d": 86400.0, "h": 3600.0, "m": 60.0, "s": 1.0}
-            if not parts or rebuilt != text or not _valid_units(text):
-                raise ArgumentError(
-                    f"{argument}={value!r} is not a duration; use e.g. '2h30m', '90min', '45s' or a number of seconds"
-                )
-            seconds = sum(float(number) * units[unit] for number, unit in parts)
-    else:
-        raise ArgumentError(f"{argument}={value!r} is not a duration; use e.g. '2h30m' or a number of seconds")
-    if not seconds > 0 or math.isinf(seconds):
-        raise ArgumentError(f"{argument}={value!r} must be a positive duration, e.g. '2h30m'")
-    return seconds
-
-
-_UNIT_WORDS = {"d", "day", "days", "h", "hr", "hrs", "hour", "hours", "m", "min", "mins", "minute", "minutes"}
-_UNIT_WORDS |= {"s", "sec", "secs", "second", "seconds"}
-
-
-def _valid_units(text: str) -> bool:
-    return all(word in _UNIT_WORDS for word in re.findall(r"[a-z]+", text))
-
-
-# --------------------------------------------------------------------------- options
-
-
-@dataclasses.dataclass
-class _Options:
-    """fit()'s arguments after checking: nothing here has touched the model, the data or the disk."""
-
-    model: torch.nn.Module
-    epochs: int
-    max_steps: int | None
-    lr: float
-    loss_fn: Callable[..., torch.Tensor] | None
-    metrics: list[tuple[str, Callable[..., Any]]]
-    grad_accum: int
-    clip_grad_norm: float | None
-    checkpoint_dir: Path | None
-    resume: bool
-    save_steps: int | None
-    save_seconds: float | None
-    save_epoch: bool
-    keep_last: int
-    monitor: str
-    callbacks: list[Any]
-    time_limit: float | None
-    progress: bool
-    seed: int | None
-    compile: bool
-    channels_last: bool
-
-    @classmethod
-    def check(
-        cls,
-        *,
-        model: Any,
-        epochs: Any,
-        max_steps: Any,
-        lr: Any,
-        loss_fn: Any,
-        metrics: Any,
-        grad_accum: Any,
-        clip_grad_norm: Any,
-        checkpoint_dir: Any,
-        resume: Any,
-        save_every: Any,
-        keep_last: Any,
-        monitor: Any,
-        early_stopping: Any,
-        time_limit: Any,
-        callbacks: Any,
-        progress: Any,
-        seed: Any,
-        compile: Any,
-        channels_last: Any,
-        has_val: bool,
-    ) -> _Options:
-        model = _check_model(model)
-        if not _is_int(epochs) or epochs < 1:
-            raise ArgumentError(f"epochs={epochs!r} must be an integer >= 1, e.g. epochs=10")
-        if max_steps is not None and (not _is_int(max_steps) or max_steps < 1):
-            raise ArgumentError(f"max_steps={max_steps!r} must be None or an integer >= 1")
-        if not isinstance(lr, (int, float)) or isinstance(lr, bool) or not lr > 0:
-            raise ArgumentError(f"lr={lr!r} must be a positive number, e.g. lr=1e-3")
-        if loss_fn is not None and not callable(loss_fn):
-            raise ArgumentError(f"loss_fn={loss_fn!r} must be callable, e.g. loss_fn=torch.nn.CrossEntropyLoss()")
-        if not _is_int(grad_accum) or grad_accum < 1:
-            raise ArgumentError(
-                f"grad_accum={grad_accum!r} must be an integer >= 1 (1 = step after every batch), e.g. grad_accum=4"
-            )
-        if clip_grad_norm is not None and (
-            not isinstance(clip_grad_norm, (int, float)) or isinstance(clip_grad_norm, bool) or not clip_grad_norm > 0
-        ):
-            raise ArgumentError(f"clip_grad_norm={clip_grad_norm!r} must be None or a positive number, e.g. 1.0")
-        save_steps, save_seconds, save_epoch = _parse_save_every(save_every)
-        if not _is_int(keep_last) or keep_last < 1:
-            raise ArgumentError(f"keep_last={keep_last!r} must be an integer >= 1")
-        if not isinstance(monitor, str) or not monitor:
-            raise ArgumentError(f"monitor={monitor!r} must be a record column such as 'val_loss'")
-        if seed is not None and (not _is_int(seed) or not 0 <= seed < 2**32):
-            raise ArgumentError(f"seed={seed!r} must be None or an integer between 0 and 2**32 - 1, e.g. seed=42")
-        metric_fns = _resolve_metrics(metrics)
-        if not has_val and monitor.startswith("val_"):
-            monitor = monitor[4:]  # no validation set: rank by the training value
-        the_callbacks = list(callbacks) if callbacks is not None else []
-        for callback in the_callbacks:
-            if isinstance(callback, type):
-                raise ArgumentError(
-                    f"callbacks holds the class {callback.__name__}; pass an instance: {callback.__name__}()"
-                )
-        if early_stopping is not None:
-            if isinstance(early_stopping, EarlyStopping):
-                the_callbacks.append(early_stopping)
-            elif _is_int(early_stopping) and early_stopping >= 1:
-                the_callbacks.append(EarlyStopping(monitor, patience=early_stopping))
-            else:
-                raise ArgumentError(
-                    f"early_stopping={early_stopping!r} must be a patience (int >= 1) or EarlyStopping(...)"
-                )
-        return cls(
-            model=model,
-            epochs=int(epochs),
-            max_steps=max_steps,
-            lr=float(lr),
-            loss_fn=loss_fn,
-            metrics=metric_fns,
-            grad_accum=int(grad_accum),
-            clip_grad_norm=None if clip_grad_norm is None else float(clip_grad_norm),
-            checkpoint_dir=None if checkpoint_dir is None else Path(checkpoint_dir).expanduser(),
-            resume=bool(resume),
-            save_steps=save_steps,
-            save_seconds=save_seconds,
-            save_epoch=save_epoch,
-            keep_last=int(keep_last),
-            monitor=monitor,
-            callbacks=the_callbacks,
-            time_limit=_parse_time_limit(time_limit),
-            progress=bool(progress),
-            seed=seed,
-            compile=bool(compile),
-            channels_last=bool(channels_last),
-        )
-
-
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _check_model(model: Any) -> torch.nn.Module:
-    if not isinstance(model, torch.nn.Module):
-        raise ArgumentError(
-            f"model is a {type(model).__name__}, not a torch.nn.Module; pass the network itself, "
-            "e.g. model=torch.nn.Sequential(...)"
-        )
-    return model
-
-
-def _parse_save_every(value: Any) -> tuple[int | None, float | None, bool]:
-    if value == "epoch":
-        return None, None, True
-    if _is_int(value):
-        if value < 1:
-            raise ArgumentError(f"save_every={value!r} must be >= 1 optimizer steps")
-        return int(value), None, False
-    if isinstance(value, (str, timedelta)):
-        return None, parse_duration(value, argument="save_every"), False
-    raise ArgumentError(
-        f"save_every={value!r} must be 'epoch', a number of optimizer steps (e.g. 500) or a duration (e.g. '10min')"
-    )
-
-
-def _parse_time_limit(value: Any) -> float | None:
-    if value is None:
-        return None
-    if value == "session":
-        from colabkit.session import session_time_left
-
-        left = session_time_left()
-        if left is None:
-            _notify.warn_once(
-                "time-limit-session",
-                "time_limit='session' has no effect here: this is neither Colab nor Kaggle "
-                "(set COLABKIT_SESSION_HOURS to give the session a length)",
-            )
-            return None
-        return max((left - SESSION_MARGIN).total_seconds(), 0.0)
-    return parse_duration(value, argument="time_limit")
-
-
-# --------------------------------------------------------------------------- losses and metrics
-
-
-class _LossFn:
-    """The user's loss, or cross-entropy chosen on the first batch, with the first-batch checks."""
-
-    def __init__(self, fn: Callable[..., torch.Tensor] | None) -> None:
-        self.fn = fn
-        self.checked = False
-
-    def __call__(self, output: Any, target: Any) -> torch.Tensor:
-        if self.fn is not None:
-            return self.fn(output, target)
-        return F.cross_entropy(output, target.long() if target.dtype != torch.long else target)
-
-    def check(self, output: Any, target: Any) -> None:
-        """Explain bad labels / losses in words before they turn into an opaque error or a silent bug."""
-        if self.fn is None:
-            _check_cross_entropy_inputs(output, target)
-        try:
-            loss = self(output, target)
-        except (RuntimeError, ValueError, IndexError, TypeError) as exc:
-            name = "loss_fn" if self.fn is not None else "the default cross-entropy loss"
-            raise ArgumentError(
-                f"{name} failed on the first batch (outputs {_describe(output)}, targets {_describe(target)}): "
-                f"{str(exc).strip()[:300]} -- check the labels' dtype and shape, or pass a matching loss_fn"
-            ) from exc
-        if not isinstance(loss, torch.Tensor) or loss.dim() != 0:
-            raise ArgumentError(f"loss_fn returned {_describe(loss)}, not a scalar; reduce it, e.g. return loss.mean()")
-        if not loss.requires_grad and torch.is_grad_enabled():
-            raise ArgumentError(
-                "the loss does not depend on any trainable parameter (requires_grad=False); "
-                "check that loss_fn uses the model's outputs and that the parameters are not frozen"
-            )
-        self.checked = True
-
-
-def _check_cross_entropy_inputs(output: Any, target: Any) -> None:
-    if not isinstance(output, torch.Tensor) or not isinstance(target, torch.Tensor):
-        raise ArgumentError(
-            f"the default cross-entropy loss needs tensor outputs and labels, got {_describe(output)} and "
-            f"{_describe(target)}; pass loss_fn=..."
-        )
-    if target.is_floating_point():
-        raise ArgumentError(
-            f"labels are {_describe(target)} but loss_fn=None means cross-entropy, which needs integer class "
-            "indices (torch.long); convert the labels with .long(), or for regression pass "
-            "loss_fn=torch.nn.MSELoss() (binary / multi-label: torch.nn.BCEWithLogitsLoss())"
-        )
-    if output.dim() < 2 or target.dim() != output.dim() - 1 or target.shape[0] != output.shape[0]:
-        raise ArgumentError(
-            f"labels {_describe(target)} do not fit outputs {_describe(output)} for cross-entropy: expected one "
-            "class index per sample (labels of shape [batch] for outputs [batch, classes]); "
-            "pass a matching loss_fn or fix the dataset's labels"
-        )
-    low, high = (int(v) for v in torch.stack([target.min(), target.max()]).tolist())
-    classes = output.shape[1]
-    if low < 0 or high >= classes:
-        raise ArgumentError(
-            f"labels range from {low} to {high} but the model outputs {classes} classes "
-            f"(valid labels: 0..{classes - 1}); make the last layer's size the number of classes, or relabel"
-        )
-
-
-def _describe(value: Any) -> str:
-    if isinstance(value, torch.Tensor):
-        return f"a {str(value.dtype).replace('torch.', '')} tensor of shape {list(value.shape)}"
-    return f"a {type(value).__name__}"
-
-
-def _accuracy(output: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, int]:
-    # One score per class, or one logit per sample (binary).
-    predicted = output.argmax(-1) if output.dim() == target.dim() + 1 else (output > 0).to(target.dtype)
-    return (predicted == target).sum(), target.numel()
-
-
-def _top5(output: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, int]:
-    top = output.topk(min(5, output.shape[-1]), dim=-1).indices
-    return (top == target.unsqueeze(-1)).any(-1).sum(), target.numel()
-
-
-def _mae(output: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, int]:
-    return (output.float() - target.float()).abs().sum(), target.numel()
-
-
-def _mse(output: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, int]:
-    return (output.float() - target.float()).square().sum(), target.numel()
-
-
-_METRICS: dict[str, Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, int]]] = {
-    "accuracy": _accuracy,
-    "acc": _accuracy,
-    "top5_accuracy": _top5,
-    "top5": _top5,
-    "mae": _mae,
-    "mse": _mse,
-}
-
-
-class _UserMetric:
-    """A user metric ``f(outputs, targets) -> batch mean``, turned into (sum, count)."""
-
-    def __init__(self, fn: Callable[..., Any]) -> None:
-        self.fn = fn
-
-    def __call__(self, output: Any, target: Any) -> tuple[Any, int]:
-        count = batch_length(target) or 1
-        value = self.fn(output, target)
-        if isinstance(value, torch.Tensor):
-            return value.detach().float() * count, count
-        return torch.tensor(float(value) * count), count
-
-
-def _resolve_metrics(metrics: Any) -> list[tuple[str, Callable[..., Any]]]:
-    if metrics is None:
-        return []
-    if isinstance(metrics, str) or callable(metrics):
-        metrics = [metrics]
-    resolved = []
-    for metric in metrics:
-        if isinstance(metric, str):
-            fn = _METRICS.get(metric.lower())
-            if fn is None:
-                raise ArgumentError(
-                    f"metrics: {metric!r} is unknown; use {', '.join(sorted(set(_METRICS) - {'acc', 'top5'}))} "
-                    "or a function f(outputs, targets) -> batch mean"
-                )
-            name = {"acc": "accuracy", "top5": "top5_accuracy"}.get(metric.lower(), metric.lower())
-            resolved.append((name, fn))
-        elif callable(metric):
-            resolved.append((getattr(metric, "__name__", "metric"), _UserMetric(metric)))
-        else:
-            raise ArgumentError(f"metrics: {metric!r} is neither a metric name nor a function")
-    names = [name for name, _ in resolved]
-    if len(set(names)) != len(names):
-        raise ArgumentError(f"metrics={names!r} names a metric twice")
-    return resolved
-
-
-# --------------------------------------------------------------------------- batches
-
-
-def _split(batch: Any) -> tuple[Any, Any]:
-    """(inputs, targets) of a training batch."""
-    if isinstance(batch, (tuple, list)) and len(batch) >= 2:
-        return (batch[0] if len(batch) == 2 else tuple(batch[:-1])), batch[-1]
-    if isinstance(batch, Mapping):
-        for key in _TARGET_KEYS:
-            if key in batch:
-                return {k: v for k, v in batch.items() if k != key}, batch[key]
-        raise ArgumentError(
-            f"a batch is a dict with keys {sorted(batch)} but none of {', '.join(_TARGET_KEYS)} holds the targets; "
-            "name the label key 'labels' or pass a dataset of (inputs, targets)"
-        )
-    raise ArgumentError(
-        f"a batch is {_describe(batch)}; training and evaluation need (inputs, targets) pairs "
-        "(or dicts with a 'labels' key)"
-    )
-
-
-def _inputs_only(batch: Any) -> Any:
-    if isinstance(batch, (tuple, list)):
-        if len(batch) == 1:
-            return batch[0]
-        return _split(batch)[0]
-    if isinstance(batch, Mapping):
-        return {k: v for k, v in batch.items() if k not in _TARGET_KEYS}
-    return batch
-
-
-def _call(model: Any, inputs: Any) -> Any:
-    if isinstance(inputs, tuple):
-        return model(*inputs)
-    if isinstance(inputs, Mapping):
-        return model(**inputs)
-    return model(inputs)
-
-
-def _channels_last(inputs: Any) -> Any:
-    if isinstance(inputs, torch.Tensor) and inputs.dim() == 4:
-        return inputs.contiguous(memory_format=torch.channels_last)
-    if isinstance(inputs, tuple):
-        return tuple(_channels_last(x) for x in inputs)
-    return inputs
-
-
-def _detach_to_cpu(out: Any) -> Any:
-    if isinstance(out, torch.Tensor):
-        return out.detach().to("cpu")
-    if isinstance(out, Mapping):
-        return {k: _detach_to_cpu(v) for k, v in out.items()}
-    if isinstance(out, (tuple, list)):
-        return type(out)(_detach_to_cpu(v) for v in out)
-    return out
-
-
-def _concat(outputs: list[Any]) -> Any:
-    first = outputs[0]
-    if isinstance(first, torch.Tensor):
-        return torch.cat(outputs)
-    if isinstance(first, Mapping):
-        return {k: _concat([o[k] for o in outputs]) for k in first}
-    if isinstance(first, (tuple, list)):
-        return type(first)(_concat([o[i] for o in outputs]) for i in range(len(first)))
-    return outputs
-
-
-def _safe_len(loader: Any) -> int | None:
-    try:
-        return len(loader)
-    except TypeError:
-        return None
+    return concat(outputs)
+
+
+def _prepare_eval(
+    model: Any, data: Any, device: str | torch.device, precision: str, batch_size: int | None, num_workers: int | str
+) -> tuple[torch.nn.Module, torch.device, Precision, Any]:
+    """evaluate() and predict(): the checked model on its device, the precision policy and the loader."""
+    model = check_model(model)
+    where = _model_device(model, device)
+    policy = resolve_precision(precision, where)
+    loader = _eval_loader(data, batch_size=batch_size, num_workers=num_workers, argument="data", where=where)
+    model.to(where)
+    return model, where, policy, loader
 
 
 def _model_device(model: torch.nn.Module, device: str | torch.device) -> torch.device:
@@ -743,11 +344,11 @@ def _eval_loader(
     if map_style and len(data) == 0:
         raise ArgumentError(f"{argument} is empty (0 samples); check the dataset's path or filtering")
     size = 32 if batch_size is None else batch_size
-    if not _is_int(size) or size < 1:
+    if not is_int(size) or size < 1:
         raise ArgumentError(f"batch_size={batch_size!r} must be a positive integer")
     if num_workers == "auto":
         workers = default_workers(data)
-    elif _is_int(num_workers) and num_workers >= 0:  # type: ignore[operator]
+    elif is_int(num_workers) and num_workers >= 0:  # type: ignore[operator]
         workers = int(num_workers)
     else:
         raise ArgumentError(f"num_workers={num_workers!r} must be 'auto' or an integer >= 0")
@@ -771,202 +372,32 @@ def _eval_mode(model: torch.nn.Module) -> Iterator[None]:
         model.train(was_training)
 
 
-# --------------------------------------------------------------------------- running sums
-
-
-class _Totals:
-    """Sums of one epoch (or one evaluation), read from the device only when drained."""
-
-    def __init__(self, metric_names: Sequence[str]) -> None:
-        self.names = list(metric_names)
-        self.loss_sum = 0.0
-        self.samples = 0
-        self.metric_sums = [0.0] * len(self.names)
-        self.metric_counts = [0] * len(self.names)
-        # Per micro-batch, not yet read: loss tensors, their sample counts, (step, epoch, batch) for errors.
-        self.losses: list[torch.Tensor] = []
-        self.weights: list[int] = []
-        self.where: list[tuple[int, int, int]] = []
-        self.metric_terms: list[list[Any]] = [[] for _ in self.names]
-        self.pending_counts = [0] * len(self.names)
-
-    def add(self, loss: torch.Tensor, samples: int, where: tuple[int, int, int]) -> None:
-        self.losses.append(loss)
-        self.weights.append(samples)
-        self.where.append(where)
-
-    def mark(self) -> tuple[int, list[int]]:
-        return len(self.losses), [len(t) for t in self.metric_terms]
-
-    def rollback(self, mark: tuple[int, list[int]]) -> None:
-        """Forget values added after ``mark`` (a failed, retried step)."""
-        size, metric_sizes = mark
-        del self.losses[size:], self.weights[size:], self.where[size:]
-        for terms, keep in zip(self.metric_terms, metric_sizes, strict=True):
-            del terms[keep:]
-
-    def drain(self, *, read: bool = True) -> tuple[int, int, int] | None:
-        """Fold buffered values into the sums (one device read); returns where a non-finite loss first showed."""
-        if not self.losses:
-            return None
-        parts = [torch.stack(self.losses).detach().float().flatten()]
-        counts = []
-        for index, terms in enumerate(self.metric_terms):
-            if terms:
-                parts.append(
-                    torch.stack([t if isinstance(t, torch.Tensor) else torch.tensor(t) for t in terms])
-                    .float()
-                    .sum()
-                    .reshape(1)
-                    .to(parts[0].device)
-                )
-            counts.append(index if terms else -1)
-        values = torch.cat(parts).tolist()
-        n_losses = len(self.losses)
-        losses, rest = values[:n_losses], values[n_losses:]
-        bad = None
-        for value, weight, where in zip(losses, self.weights, self.where, strict=True):
-            if bad is None and not math.isfinite(value):
-                bad = where
-            self.loss_sum += value * weight  # a NaN stays visible in the mean
-            self.samples += weight
-        position = 0
-        for index in counts:
-            if index >= 0:
-                self.metric_sums[index] += rest[position]
-                self.metric_counts[index] += self.pending_counts[index]
-                self.pending_counts[index] = 0
-                position += 1
-        self.losses.clear()
-        self.weights.clear()
-        self.where.clear()
-        for terms in self.metric_terms:
-            terms.clear()
-        return bad
-
-    def add_metric(self, index: int, value: Any, count: int) -> None:
-        self.metric_terms[index].append(value)
-        self.pending_counts[index] += count
-
-    def means(self, prefix: str) -> dict[str, float]:
-        out = {f"{prefix}loss": self.loss_sum / self.samples if self.samples else float("nan")}
-        for name, total, count in zip(self.names, self.metric_sums, self.metric_counts, strict=True):
-            out[f"{prefix}{name}"] = total / count if count else float("nan")
-        return out
-
-    def state_dict(self) -> dict[str, Any]:
-        return {
-            "loss_sum": self.loss_sum,
-            "samples": self.samples,
-            "metric_sums": list(self.metric_sums),
-            "metric_counts": list(self.metric_counts),
-        }
-
-    def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        self.loss_sum = float(state["loss_sum"])
-        self.samples = int(state["samples"])
-        if len(state["metric_sums"]) == len(self.names):
-            self.metric_sums = [float(v) for v in state["metric_sums"]]
-            self.metric_counts = [int(v) for v in state["metric_counts"]]
-
-
-# --------------------------------------------------------------------------- progress
-
-
-class _Bars:
-    """tqdm.auto bars for epochs and steps, updated only when the loop reads values (throttled)."""
-
-    def __init__(self, enabled: bool) -> None:
-        self.enabled = enabled
-        self.epoch_bar: Any = None
-        self.step_bar: Any = None
-        self.eval_bar: Any = None
-        self._shown = 0
-
-    def __enter__(self) -> _Bars:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-    def _tqdm(self, **kwargs: Any) -> Any:
-        from tqdm.auto import tqdm
-
-        kwargs.setdefault("mininterval", 0)  # the loop itself throttles step updates
-        return tqdm(dynamic_ncols=True, **kwargs)
-
-    def start_fit(self, epochs: int, done: int) -> None:
-        if self.enabled:
-            self.epoch_bar = self._tqdm(total=epochs, initial=done, desc="epochs", unit="epoch")
-
-    def start_epoch(self, epoch: int, epochs: int, total: int | None, done: int) -> None:
-        if self.enabled:
-            self.step_bar = self._tqdm(
-                total=total, initial=done, desc=f"epoch {epoch + 1}/{epochs}", unit="step", leave=False
-            )
-            self._shown = done
-
-    def steps(self, done: int, postfix: Mapping[str, float]) -> None:
-        if self.step_bar is not None:
-            self.step_bar.set_postfix({k: f"{v:.4g}" for k, v in postfix.items()}, refresh=False)
-            self.step_bar.update(done - self._shown)
-            self._shown = done
-
-    def end_epoch(self, record: Mapping[str, Any]) -> None:
-        if self.step_bar is not None:
-            self.step_bar.close()
-            self.step_bar = None
-        if self.epoch_bar is not None:
-            shown = {k: f"{v:.4g}" for k, v in record.items() if k not in ("epoch", "time") and isinstance(v, float)}
-            self.epoch_bar.set_postfix(shown, refresh=False)
-            self.epoch_bar.update(1)
-
-    def start_eval(self, desc: str, total: int | None) -> None:
-        if self.enabled:
-            self.eval_bar = self._tqdm(total=total, desc=desc, unit="batch", leave=False, mininterval=REFRESH_SECONDS)
-
-    def eval_step(self) -> None:
-        if self.eval_bar is not None:
-            self.eval_bar.update(1)
-
-    def end_eval(self) -> None:
-        if self.eval_bar is not None:
-            self.eval_bar.close()
-            self.eval_bar = None
-
-    def close(self) -> None:
-        for bar in (self.eval_bar, self.step_bar, self.epoch_bar):
-            if bar is not None:
-                bar.close()
-        self.eval_bar = self.step_bar = self.epoch_bar = None
-
-
 def _run_eval(
     model: Any,
     loader: Any,
     where: torch.device,
     policy: Precision,
-    loss_fn: _LossFn,
+    loss_fn: LossFn,
     metrics: Sequence[tuple[str, Callable[..., Any]]],
-    bars: _Bars,
+    bars: Bars,
     desc: str,
     stop: Callable[[], bool] | None = None,
-) -> _Totals | None:
+) -> Totals | None:
     """Loss and metric sums over ``loader`` without gradients (shared by evaluate() and fit()'s validation).
 
     Returns None when ``stop()`` turned true before the end (an interrupt during validation).
     """
-    totals = _Totals([name for name, _ in metrics])
-    bars.start_eval(desc, _safe_len(loader))
+    totals = Totals([name for name, _ in metrics])
+    bars.start_eval(desc, safe_len(loader))
     with torch.no_grad():
         for batch in loader:
             if stop is not None and stop():
                 bars.end_eval()
                 return None
             batch = _device.to_device(batch, where) if where.type != "cpu" else batch
-            inputs, target = _split(batch)
+            inputs, target = inputs_and_targets(batch)
             with policy.autocast():
-                output = _call(model, inputs)
+                output = call_model(model, inputs)
                 if not loss_fn.checked:
                     loss_fn.check(output, target)
                 loss = loss_fn(output, target)
@@ -991,7 +422,7 @@ class _Trainer:
 
     def __init__(
         self,
-        options: _Options,
+        options: FitOptions,
         *,
         model: torch.nn.Module,
         train: Any,
@@ -1010,30 +441,20 @@ class _Trainer:
         self.is_main = self.dist.is_main
         self.policy = resolve_precision(precision, self.device)
         self.quiet = not (options.progress and self.is_main)
-        self.loss_fn = _LossFn(options.loss_fn)
+        self.loss_fn = LossFn(options.loss_fn)
         self.metric_fns = options.metrics
         self.metric_names = [name for name, _ in options.metrics]
         self.history = History()
         self.pos = TrainPosition()
         self.backoff = Backoff()
-        self.totals = _Totals(self.metric_names)
+        self.totals = Totals(self.metric_names)
         self.manager: Any = None
         self._saved_step = -1
         self._epoch_rng: Any = None
 
         # 1. Data first, so a bad dataset fails before anything is created, loaded or moved.
         #    The run seed is only known after looking for a checkpoint; it is filled in at step 4.
-        self.train = make_resumable(
-            train,
-            argument="train",
-            batch_size=batch_size,
-            shuffle=True,
-            num_workers=num_workers,
-            pin_memory=self.device.type == "cuda",
-            seed=0,
-            rank=self.dist.rank,
-            world_size=self.dist.world_size,
-        )
+        self.train = self._resumable(train, "train", batch_size, num_workers, shuffle=True)
         self.val = None if val is None else self._val_loader(val, batch_size, num_workers)
         self.epoch_length = len(self.train) if self.train.has_length() else None
         if self.epoch_length == 0:
@@ -1043,10 +464,22 @@ class _Trainer:
         model.to(self.device)
         if options.channels_last:
             model.to(memory_format=torch.channels_last)
-        self.optimizer = self._make_optimizer(optimizer)
-        self.scheduler, self.per_step_scheduler = self._make_scheduler(scheduler)
+        self.optimizer = make_optimizer(optimizer, model, options.lr)
+        self.scheduler, self.per_step_scheduler = make_scheduler(scheduler, self.optimizer)
         self.scaler = self.policy.make_scaler()
 
+        # 3.-5. From here a CheckpointManager may be open: an error (e.g. another model's
+        #    checkpoints) closes it before propagating, so nothing is left waiting.
+        try:
+            self._setup_run(options, model)
+        except BaseException:
+            if self.manager is not None:
+                self.manager.__exit__(*sys.exc_info())
+                self.manager = None
+            raise
+
+    def _setup_run(self, options: FitOptions, model: torch.nn.Module) -> None:
+        """Resume (steps 3-4), wrap the model (5) and restore callback states."""
         # 3. The newest valid checkpoint (rank 0 looks, every rank reads it): checked, then restored.
         checkpoint = self._find_checkpoint()
         fit_state = checkpoint.get("fit", {}) if checkpoint else {}
@@ -1081,6 +514,8 @@ class _Trainer:
             monitored=self._monitored(),
         )
         self.step_callbacks = [cb for cb in options.callbacks if _overrides(cb, "on_step_end")]
+        self._ddp = self.dist.enabled
+        self._on_accelerator = self.device.type != "cpu"
         if fit_state:
             for callback, state in zip(options.callbacks, fit_state.get("callbacks", []), strict=False):
                 loader = getattr(callback, "load_state_dict", None)
@@ -1149,59 +584,6 @@ class _Trainer:
                 "start over (old checkpoints there are then rotated away)"
             )
 
-    def _make_optimizer(self, optimizer: Any) -> torch.optim.Optimizer:
-        params = [p for p in self.model.parameters() if p.requires_grad]
-        if not params:
-            raise ArgumentError("model has no trainable parameters (all requires_grad=False); nothing to fit")
-        if optimizer is None:
-            return torch.optim.AdamW(params, lr=self.o.lr)
-        if isinstance(optimizer, torch.optim.Optimizer):
-            own = {id(p) for p in self.model.parameters()}
-            theirs = [p for group in optimizer.param_groups for p in group["params"]]
-            if not any(id(p) in own for p in theirs):
-                raise ArgumentError(
-                    "optimizer holds none of model's parameters; create it after the model: "
-                    "optimizer=torch.optim.AdamW(model.parameters())"
-                )
-            return optimizer
-        if callable(optimizer):
-            try:
-                made = optimizer(params, lr=self.o.lr)
-            except TypeError:
-                made = optimizer(params)
-            if not isinstance(made, torch.optim.Optimizer):
-                raise ArgumentError(f"optimizer factory returned {type(made).__name__}, not a torch optimizer")
-            return made
-        raise ArgumentError(
-            f"optimizer={optimizer!r} must be a torch optimizer, a factory such as torch.optim.SGD, or None (AdamW)"
-        )
-
-    def _make_scheduler(self, scheduler: Any) -> tuple[Any, bool]:
-        if scheduler is None:
-            return None, False
-        interval: str | None = None
-        if isinstance(scheduler, tuple):
-            if len(scheduler) != 2 or scheduler[1] not in ("step", "epoch"):
-                raise ArgumentError(f"scheduler={scheduler!r}: the tuple form is (scheduler, 'step' | 'epoch')")
-            scheduler, interval = scheduler
-        if not hasattr(scheduler, "step") and callable(scheduler):
-            scheduler = scheduler(self.optimizer)
-        if not hasattr(scheduler, "step") or not hasattr(scheduler, "state_dict"):
-            raise ArgumentError(f"scheduler={scheduler!r} is not an LR scheduler (no step() / state_dict())")
-        if getattr(scheduler, "optimizer", self.optimizer) is not self.optimizer:
-            raise ArgumentError(
-                "scheduler was made for another optimizer; pass a factory instead, e.g. "
-                "scheduler=lambda opt: torch.optim.lr_scheduler.StepLR(opt, 10)"
-            )
-        if interval is None:
-            per_step = (
-                torch.optim.lr_scheduler.OneCycleLR,
-                torch.optim.lr_scheduler.CyclicLR,
-                torch.optim.lr_scheduler.LambdaLR,
-            )
-            interval = "step" if isinstance(scheduler, per_step) else "epoch"
-        return scheduler, interval == "step"
-
     def _restore(self, checkpoint: dict[str, Any], fit_state: Mapping[str, Any]) -> None:
         from colabkit.checkpoint import restore_state
 
@@ -1247,20 +629,26 @@ class _Trainer:
         if self.backoff.chunks > 1:
             self._say(f"resuming with {self.backoff.chunks} micro-batches per batch (after an earlier out-of-memory)")
 
+    def _resumable(
+        self, data: Any, argument: str, batch_size: int | None, num_workers: int | str, *, shuffle: bool
+    ) -> Any:
+        # The seed is filled in once the checkpoint is known (validation order is fixed anyway).
+        return make_resumable(
+            data,
+            argument=argument,
+            batch_size=batch_size,
+            shuffle=shuffle,
+            num_workers=num_workers,
+            pin_memory=self.device.type == "cuda",
+            seed=0,
+            rank=self.dist.rank,
+            world_size=self.dist.world_size,
+        )
+
     def _val_loader(self, val: Any, batch_size: int | None, num_workers: int | str) -> Any:
         if self.dist.enabled and not isinstance(val, torch.utils.data.DataLoader):
             # Each rank validates its share; the sums are added up across ranks.
-            return make_resumable(
-                val,
-                argument="val",
-                batch_size=batch_size,
-                shuffle=False,
-                num_workers=num_workers,
-                pin_memory=self.device.type == "cuda",
-                seed=0,  # validation order is fixed; only worker augmentation uses it
-                rank=self.dist.rank,
-                world_size=self.dist.world_size,
-            ).loader
+            return self._resumable(val, "val", batch_size, num_workers, shuffle=False).loader
         return _eval_loader(val, batch_size=batch_size, num_workers=num_workers, argument="val", where=self.device)
 
     def _monitored(self) -> tuple[str, ...]:
@@ -1281,12 +669,29 @@ class _Trainer:
         self._start = _clock()
         self._deadline = None if o.time_limit is None else self._start + o.time_limit
         self._last_save_time = self._start
-        self._save_cost = 5.0 if o.checkpoint_dir is not None else 0.0  # seconds; measured at each save
+        # Seconds a save costs until close() is done with it; measured at each save (see _save).
+        self._save_cost = self._guess_save_cost() if o.checkpoint_dir is not None else 0.0
         self._step_cost = 0.0
         self._val_cost = 0.0
+        # Whether some stop or save condition must be looked at after every step (else only
+        # at an epoch's end, a signal or a callback's request): keeps the usual step cheap.
+        self._check_every_step = (
+            self._deadline is not None
+            or o.save_seconds is not None
+            or o.save_steps is not None
+            or o.max_steps is not None
+            or self.dist.enabled
+        )
+        self._flush_cost: float | None = None  # commit + copies after a save, measured once (time_limit only)
+        self._watch = self._session_watch()
         stop_reason = ""
-        try:
-            with save_on_signal() as signal_flag, _Bars(not self.quiet) as bars:
+        # The manager as a context: an error already propagating (a NaN loss, an interrupt) wins
+        # over a failure while closing (a Drive copy that failed), which is then only warned about.
+        with contextlib.ExitStack() as cleanup:
+            cleanup.callback(_dist.barrier)
+            if self.manager is not None:
+                cleanup.enter_context(self.manager)
+            with save_on_signal() as signal_flag, Bars(not self.quiet) as bars:
                 self.signal_flag = signal_flag
                 self.bars = bars
                 if self._finished():
@@ -1311,11 +716,28 @@ class _Trainer:
                     )
                 elif stop_reason == "time_limit":
                     self._say(f"time_limit reached at step {self.pos.step}; checkpoint saved, rerun to continue")
-        finally:
-            if self.manager is not None:
-                self.manager.close()
-            _dist.barrier()
+                self._check_session()
         return self.history
+
+    def _guess_save_cost(self) -> float:
+        """Before the first save is timed: a few seconds plus writing model and optimizer state slowly."""
+        model_bytes = sum(
+            t.numel() * t.element_size() for t in self.model.state_dict().values() if isinstance(t, torch.Tensor)
+        )
+        return 5.0 + 3 * model_bytes / SLOW_WRITE_BYTES_PER_SECOND
+
+    def _session_watch(self) -> Any:
+        """time_limit="session": the 30- and 10-minute warnings (rank 0 only)."""
+        if not (self.o.session_time and self.is_main):
+            return None
+        from colabkit.session import SessionWatch
+
+        return SessionWatch()
+
+    def _check_session(self) -> None:
+        if self._watch is not None:
+            for message in self._watch.check():
+                _notify.warn(message, stacklevel=2)
 
     def _finished(self) -> bool:
         done_epochs = self.pos.epoch >= self.o.epochs
@@ -1344,7 +766,7 @@ class _Trainer:
             restore_rng_state(self._pending_rng)  # after skipping, right before the first new batch
             self._pending_rng = None
         if not resumed_inside:
-            self.totals = _Totals(self.metric_names)
+            self.totals = Totals(self.metric_names)
             self._elapsed_before = 0.0
         self._epoch_start = self._last_step_end = _clock()
         self._next_read = self._epoch_start + (REFRESH_SECONDS if not self.quiet else QUIET_CHECK_SECONDS)
@@ -1370,6 +792,17 @@ class _Trainer:
             if group:  # a loader without len() ended inside a group
                 self._optimizer_step(group)
                 stop_reason = self._after_step(epoch_ends=True)
+        if pos.batch == 0:
+            raise ArgumentError(
+                f"train gave no batches in epoch {epoch + 1}"
+                + (
+                    ""
+                    if epoch == 0
+                    else " although earlier epochs had some: pass a Dataset or a DataLoader, not a generator or "
+                    "iterator that can be read only once"
+                )
+                + "; check that the dataset yields (inputs, targets) batches"
+            )
         if stop_reason and pos.batch != length:
             self._save()
             return stop_reason
@@ -1413,43 +846,62 @@ class _Trainer:
 
     def _accumulate(self, group: list[Any]) -> int:
         """Forward and backward of every batch in ``group``; returns the number of samples."""
-        model, totals, pos = self.forward_model, self.totals, self.pos
+        if len(group) == 1 and self.backoff.chunks == 1 and not self._ddp:
+            return self._single_batch(group[0])
+        model, pos = self.forward_model, self.pos
         total = 0
         chunks = self.backoff.chunks
         scale_group = 1.0 / len(group)
         where = (pos.step + 1, pos.epoch, pos.batch)
         last = len(group) - 1
         for index, batch in enumerate(group):
-            if self.device.type != "cpu":
-                batch = _device.to_device(batch, self.device)
-            inputs, target = _split(batch)
-            if self.o.channels_last:
-                inputs = _channels_last(inputs)
-            samples = batch_length(target) or batch_length(inputs) or 1
+            inputs, target, samples = self._prepare(batch)
             pieces = [((inputs, target), samples)] if chunks == 1 else split_batch((inputs, target), chunks, samples)
             for number, ((piece_inputs, piece_target), size) in enumerate(pieces):
                 weight = scale_group * size / samples
-                if self.dist.enabled and not (index == last and number == len(pieces) - 1):
+                if self._ddp and not (index == last and number == len(pieces) - 1):
                     with model.no_sync():  # gradients are all-reduced once, with the group's last backward
                         output, loss = self._forward_backward(model, piece_inputs, piece_target, weight)
                 else:
                     output, loss = self._forward_backward(model, piece_inputs, piece_target, weight)
-                totals.add(loss.detach(), size, where)
-                if self.metric_fns:
-                    detached = output.detach()
-                    for metric_index, (_, fn) in enumerate(self.metric_fns):
-                        value, count = fn(detached, piece_target)
-                        totals.add_metric(metric_index, value, count)
+                self._record(output, loss, piece_target, size, where)
             total += samples
         return total
+
+    def _single_batch(self, batch: Any) -> int:
+        """The usual step (one batch, no back-off, one process): :meth:`_accumulate` without the splitting."""
+        inputs, target, samples = self._prepare(batch)
+        output, loss = self._forward_backward(self.forward_model, inputs, target, 1.0)
+        pos = self.pos
+        self._record(output, loss, target, samples, (pos.step + 1, pos.epoch, pos.batch))
+        return samples
+
+    def _prepare(self, batch: Any) -> tuple[Any, Any, int]:
+        """(inputs, targets, samples) of a batch, on the device and in the model's memory format."""
+        if self._on_accelerator:
+            batch = _device.to_device(batch, self.device)
+        inputs, target = inputs_and_targets(batch)
+        if self.o.channels_last:
+            inputs = to_channels_last(inputs)
+        return inputs, target, batch_length(target) or batch_length(inputs) or 1
+
+    def _record(self, output: Any, loss: torch.Tensor, target: Any, samples: int, where: tuple[int, int, int]) -> None:
+        """Keep the micro-batch's loss and metric terms on the device (read later, in one go)."""
+        totals = self.totals
+        totals.add(loss.detach(), samples, where)
+        if self.metric_fns:
+            detached = output.detach()
+            for index, (_, fn) in enumerate(self.metric_fns):
+                value, count = fn(detached, target)
+                totals.add_metric(index, value, count)
 
     def _forward_backward(self, model: Any, inputs: Any, target: Any, weight: float) -> tuple[Any, torch.Tensor]:
         """Forward and loss under autocast (fp16/bf16), then backward of ``loss * weight``."""
         if self.policy.dtype is None:
-            output = _call(model, inputs)
+            output = call_model(model, inputs)
         else:
             with self.policy.autocast():
-                output = _call(model, inputs)
+                output = call_model(model, inputs)
         if not self.loss_fn.checked:
             self._first_batch_checks(output, target)
         if self.policy.dtype is None:
@@ -1471,8 +923,8 @@ class _Trainer:
                     fn(output.detach(), target)
                 except Exception as exc:
                     raise ArgumentError(
-                        f"metric {name!r} cannot be computed for outputs {_describe(output)} and targets "
-                        f"{_describe(target)} ({str(exc).strip()[:200]}); choose metrics that fit the task, "
+                        f"metric {name!r} cannot be computed for outputs {describe(output)} and targets "
+                        f"{describe(target)} ({str(exc).strip()[:200]}); choose metrics that fit the task, "
                         "e.g. metrics=() or metrics=('mae',) for regression"
                     ) from exc
         except ColabkitError:
@@ -1483,7 +935,7 @@ class _Trainer:
 
     def _after_step(self, *, epoch_ends: bool) -> str:
         """Callbacks, progress, stop and save decisions after an optimizer step. Returns a stop reason."""
-        o, pos = self.o, self.pos
+        pos = self.pos
         now = _clock()
         if self.step_callbacks:
             self.ctx.step, self.ctx.batch, self.ctx.loss = pos.step, pos.batch, self.totals.losses[-1]
@@ -1491,7 +943,13 @@ class _Trainer:
                 callback.on_step_end(self.ctx)
         if now >= self._next_read or len(self.totals.losses) >= MAX_BUFFER:
             self._read(now)
+        if not (epoch_ends or self._check_every_step or self.signal_flag.requested or self.ctx.stop_requested):
+            return ""  # the usual step: nothing to decide
+        return self._decide(now, epoch_ends=epoch_ends)
 
+    def _decide(self, now: float, *, epoch_ends: bool) -> str:
+        """Stop and save decisions at a step boundary. Returns a stop reason, or ""."""
+        o, pos = self.o, self.pos
         # Local wishes first; with DDP all ranks must agree, so they vote every few steps.
         reason = ""
         if self.signal_flag.requested:
@@ -1534,6 +992,8 @@ class _Trainer:
         bad = self.totals.drain()
         if bad is not None:
             self._non_finite(bad)
+        if self._watch is not None:
+            self._check_session()
         interval = REFRESH_SECONDS if not self.quiet else QUIET_CHECK_SECONDS
         self._next_read = now + interval
         if not self.quiet:
@@ -1564,18 +1024,7 @@ class _Trainer:
         bad = self.totals.drain()
         if bad is not None:
             self._non_finite(bad)
-        train_totals = self.totals
-        sums = [
-            train_totals.loss_sum,
-            float(train_totals.samples),
-            *train_totals.metric_sums,
-            *map(float, train_totals.metric_counts),
-        ]
-        sums = _dist.all_sum(sums, self.device)
-        train_totals = _Totals(self.metric_names)
-        k = len(self.metric_names)
-        train_totals.loss_sum, train_totals.samples = sums[0], int(sums[1])
-        train_totals.metric_sums, train_totals.metric_counts = sums[2 : 2 + k], [int(c) for c in sums[2 + k :]]
+        train_totals = self.totals.summed(self._all_sum)  # this rank's sums stay as they are (saved)
         record: dict[str, Any] = {"epoch": pos.epoch, **train_totals.means("")}
         seconds = self._elapsed_before + _clock() - self._epoch_start
         if self.val is not None:
@@ -1608,10 +1057,11 @@ class _Trainer:
             reason = (reason or "callback") if _dist.any_flags([bool(reason)], self.device)[0] else ""
         if self.is_main and o.checkpoint_dir is not None:
             self.history.to_csv(o.checkpoint_dir / "history.csv")
+        self._check_session()
         if o.save_epoch or self._save_after_epoch or reason or pos.epoch >= o.epochs:
             self._save(metrics=record)
         self._stop_after_epoch, self._save_after_epoch = "", False
-        self.totals = _Totals(self.metric_names)
+        self.totals = Totals(self.metric_names)
         self._elapsed_before = 0.0
         return reason
 
@@ -1633,14 +1083,10 @@ class _Trainer:
             )
         if totals is None:
             return None
-        k = len(self.metric_names)
-        sums = _dist.all_sum(
-            [totals.loss_sum, float(totals.samples), *totals.metric_sums, *map(float, totals.metric_counts)],
-            self.device,
-        )
-        totals.loss_sum, totals.samples = sums[0], int(sums[1])
-        totals.metric_sums, totals.metric_counts = sums[2 : 2 + k], [int(c) for c in sums[2 + k :]]
-        return totals.means("val_")
+        return totals.summed(self._all_sum).means("val_")
+
+    def _all_sum(self, values: list[float]) -> list[float]:
+        return _dist.all_sum(values, self.device)
 
     # -- saving
 
@@ -1664,6 +1110,14 @@ class _Trainer:
         self._saved_step = self.pos.step
         self._last_save_time = _clock()
         self._save_cost = self._last_save_time - started
+        if self._deadline is not None and self.manager is not None and self._flush_cost is None:
+            # The run's end waits for the commit and the copies (Drive) as well: time them once,
+            # so time_limit stops early enough for the whole save to finish before the limit.
+            with contextlib.suppress(CheckpointError):  # each failure was warned about when it happened
+                self.manager.wait()
+            self._flush_cost = _clock() - self._last_save_time
+        if self._flush_cost is not None:
+            self._save_cost += self._flush_cost
 
     def _state(self, rngs: list[Any]) -> dict[str, Any]:
         seconds = self._elapsed_before + (_clock() - self._epoch_start if self.pos.batch else 0.0)
