@@ -34,6 +34,8 @@ Accelerator = Literal["cuda", "mps", "tpu", "cpu"]
 
 SESSION_LIMITS = {"colab": timedelta(hours=12), "kaggle": timedelta(hours=12)}
 KAGGLE_TPU_LIMIT = timedelta(hours=9)
+#: First components of the platform paths a fake relocates (/content/..., /kaggle/...).
+PLATFORM_TOPS = (("content",), ("kaggle",))
 _TPU_ENV = ("TPU_NAME", "TPU_ACCELERATOR_TYPE", "COLAB_TPU_ADDR", "XRT_TPU_CONFIG", "TPU_WORKER_ID")
 
 
@@ -120,15 +122,13 @@ class Runtime:
     def host_path(self, path: str | os.PathLike[str]) -> Path:
         """Map a platform path such as ``/content/drive`` onto this runtime's root.
 
-        Identity on a real machine; under a fake it lands inside the fake's folder,
-        so code written for Colab paths runs unchanged in tests.
+        Identity on a real machine; under a fake, paths below ``/content`` and
+        ``/kaggle`` land inside the fake's folder, so code written for Colab paths
+        runs unchanged in tests. Other paths (``/tmp/x``, the fake's own folder) are kept.
         """
         p = Path(path)
-        if self.root == Path("/") or not p.is_absolute():
-            return p
-        with contextlib.suppress(ValueError):
-            p.relative_to(self.root)
-            return p  # already mapped
+        if self.root == Path("/") or not p.is_absolute() or p.parts[1:2] not in PLATFORM_TOPS:
+            return p  # a real machine, or an ordinary path such as /tmp/x
         return self.root.joinpath(*p.parts[1:])
 
 

@@ -37,6 +37,22 @@ def test_launch_one_process_runs_here() -> None:
 
 
 @pytest.mark.slow
+def test_launch_puts_the_callers_signal_handlers_back(tmp_path: Path) -> None:
+    import signal
+
+    def mine(signum: int, frame: object) -> None:
+        pass
+
+    previous = signal.signal(signal.SIGTERM, mine)
+    try:
+        interrupt = signal.getsignal(signal.SIGINT)
+        launch(fit_worker.ddp_train, str(tmp_path / "d"), str(tmp_path / "d.pt"), nprocs=2)
+        assert signal.getsignal(signal.SIGTERM) is mine
+        assert signal.getsignal(signal.SIGINT) is interrupt  # Ctrl-C in the notebook still interrupts
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def test_two_processes_resume_exactly_under_launch_and_torchrun(tmp_path: Path, subprocess_env: dict[str, str]) -> None:
     environment = dict(os.environ)
     reference = launch(fit_worker.ddp_train, str(tmp_path / "a"), str(tmp_path / "a.pt"), nprocs=2)

@@ -147,6 +147,8 @@ def test_use_probe_nests_and_restores(tmp_path: Path) -> None:
 def test_host_path_maps_platform_paths(tmp_path: Path) -> None:
     rt = runtime(probe=probe(tmp_path))
     assert rt.host_path("/content/drive") == tmp_path / "content" / "drive"
+    assert rt.host_path("/kaggle/working/x") == tmp_path / "kaggle" / "working" / "x"
+    assert rt.host_path("/tmp/dataset.zip") == Path("/tmp/dataset.zip")  # ordinary paths are kept
     assert rt.host_path(tmp_path / "x") == tmp_path / "x"
     assert rt.host_path("relative/p") == Path("relative/p")
     real = Runtime(

@@ -535,3 +535,20 @@ def test_staging_into_drive_warns(tmp_path: Path) -> None:
         src = write_zip(tmp_path / "flowers.zip")
         with pytest.warns(UserWarning, match="slow for many small files"):
             stage(src, mydrive / "data", progress=False)
+
+
+def test_colab_paths_work_unchanged_under_fake_colab(tmp_path: Path) -> None:
+    import zipfile
+
+    import colabkit
+    from colabkit.testing import fake_colab
+
+    with fake_colab() as colab:
+        mydrive = colabkit.mount_drive()
+        with zipfile.ZipFile(mydrive / "digits.zip", "w") as archive:
+            archive.writestr("digits/0/a.txt", "zero")
+        staged = colabkit.stage("/content/drive/MyDrive/digits.zip", progress=False)
+        assert staged == colab.path("/content/data/digits/digits")
+        assert (staged / "0" / "a.txt").read_text() == "zero"
+        other = colabkit.stage("/content/drive/MyDrive/digits.zip", "/content/elsewhere", progress=False)
+        assert other.is_relative_to(colab.path("/content/elsewhere"))

@@ -40,6 +40,7 @@ from typing import IO, Any, Literal, Protocol, TypeVar
 from colabkit import _io
 from colabkit.data.archive import _progress_bar
 from colabkit.errors import ArgumentError, ColabkitIOError, DownloadError, missing_dependency
+from colabkit.runtime import runtime
 
 __all__ = [
     "Fetched",
@@ -724,7 +725,8 @@ def resolve(source: str | os.PathLike[str]) -> Source:
 
 
 def _path_source(text: str) -> PathSource:
-    path = Path(os.path.abspath(os.path.expanduser(text)))
+    # Platform paths (/content/drive/...) land inside a colabkit.testing fake's root; identity elsewhere.
+    path = Path(os.path.abspath(runtime().host_path(os.path.expanduser(text))))
     try:
         exists = _retry(lambda: path.exists(), 2)
     except OSError as exc:

@@ -30,6 +30,7 @@ from colabkit import _io, _notify
 from colabkit.data import sources as _sources
 from colabkit.data.archive import ArchiveLimits, archive_format, extract_archive, extracted_size, remove_path
 from colabkit.errors import ArgumentError, ChecksumError, ColabkitError, InsufficientSpaceError
+from colabkit.runtime import runtime
 
 __all__ = ["MARKER", "cli_stage", "stage"]
 
@@ -103,7 +104,7 @@ def stage(
     """
     _check_options(sha256, md5, extract, retries, workers)
     src = _sources.resolve(source)
-    base = Path(os.path.abspath(os.path.expanduser(dest))) if dest is not None else _default_dest()
+    base = Path(os.path.abspath(runtime().host_path(os.path.expanduser(dest)))) if dest is not None else _default_dest()
     folder_name = _check_name(name if name is not None else src.default_name(), name is not None)
     target = base / folder_name
     if isinstance(src, _sources.PathSource) and (src.path == target or src.path in target.parents):
@@ -396,8 +397,6 @@ def _locked(path: Path) -> Iterator[None]:
 
 
 def _default_dest() -> Path:
-    from colabkit.runtime import runtime
-
     return runtime().data_dir
 
 

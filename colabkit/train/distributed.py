@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import signal
 import socket
+import threading
 import uuid
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -222,6 +224,9 @@ def launch(
         start_method=method,
     )
     before = set(os.environ)
+    # The launcher installs its own SIGINT/SIGTERM handlers in this process and leaves them:
+    # afterwards Ctrl-C in the notebook would raise its SignalException, not KeyboardInterrupt.
+    handlers = _signal_handlers()
     try:
         results = elastic_launch(config, _entry)(fn, kwargs, method == "fork", *args)
     finally:
@@ -229,4 +234,25 @@ def launch(
         for key in set(os.environ) - before:
             if key.startswith("TORCHELASTIC_"):
                 del os.environ[key]
+        _restore_signal_handlers(handlers)
     return results.get(0) if isinstance(results, dict) else results
+
+
+_LAUNCHER_SIGNALS = ("SIGINT", "SIGTERM", "SIGHUP", "SIGQUIT")
+
+
+def _signal_handlers() -> dict[int, Any]:
+    if threading.current_thread() is not threading.main_thread():
+        return {}  # handlers can only be set (and so only changed) on the main thread
+    found = {}
+    for name in _LAUNCHER_SIGNALS:
+        number = getattr(signal, name, None)
+        if number is not None:
+            found[int(number)] = signal.getsignal(number)
+    return found
+
+
+def _restore_signal_handlers(handlers: dict[int, Any]) -> None:
+    for number, handler in handlers.items():
+        if handler is not None:
+            signal.signal(number, handler)
