@@ -26,7 +26,7 @@ from colabkit import bench
 
 
 def small_cnn() -> nn.Module:
-    """The AlexNet-style Fashion-MNIST network of the examples (about 0.4 M parameters)."""
+    """A half-width variant of the examples' Fashion-MNIST CNN (128 hidden units, no dropout; 0.4 M parameters)."""
     return nn.Sequential(
         nn.Conv2d(1, 32, 3, padding=1),
         nn.ReLU(),

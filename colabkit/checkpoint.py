@@ -113,22 +113,17 @@ def _now_ns() -> int:
 
 
 def _is_drive_path(path: Path) -> bool:
-    """Whether ``path`` lies on Google Drive (colabkit.drive decides; False without it)."""
-    try:
-        from colabkit.drive import is_drive_path
-    except ImportError:
-        return False
-    return bool(is_drive_path(path))
+    """Whether ``path`` lies on Google Drive (colabkit.drive decides)."""
+    from colabkit.drive import is_drive_path
+
+    return is_drive_path(path)
 
 
 def _mirror_retry(fn: Callable[[], T]) -> T:
     """Run one mirror step with Drive's retry policy (remount on errno 107 when available)."""
-    try:
-        from colabkit.drive import drive_retry
-    except ImportError:
-        return _io.retry(fn, retries=3)
-    result: T = drive_retry(fn, retries=3)
-    return result
+    from colabkit.drive import drive_retry
+
+    return drive_retry(fn, retries=3)
 
 
 def _auto_staging(directory: Path) -> Path:
@@ -1512,17 +1507,10 @@ class CheckpointManager:
             remote.root.mkdir(parents=True, exist_ok=True)
             tmp = _io.temp_name(target)
             try:
-                digest = hashlib.sha256()
-                with open(info.path, "rb") as source, _io.ops.open(tmp, "wb") as out:
-                    while block := _io.ops.copy_chunk(source, _io.CHUNK):
-                        _io.ops.write(out, block)
-                    out.flush()
-                    _io.ops.fsync(out.fileno())
-                # Re-read what landed: FUSE mounts can acknowledge writes they later lose.
-                with open(tmp, "rb") as back:
-                    while block := back.read(_io.CHUNK):
-                        digest.update(block)
-                if digest.hexdigest() != info.sha256:
+                _io.copy_file(info.path, tmp)
+                # Re-read what landed before it takes its final name: FUSE mounts can
+                # acknowledge writes they later lose.
+                if _io.hash_file(tmp) != info.sha256:
                     raise OSError(errno.EIO, f"copy of {info.path.name} read back with a different sha256")
                 _io.ops.replace(tmp, target)
             except BaseException:

@@ -80,7 +80,7 @@ def _colab_drive() -> ModuleType:
 def _mount_table() -> str | None:
     """The text of ``/proc/mounts``, or None where it cannot be read."""
     try:
-        return Path("/proc/mounts").read_text()
+        return Path("/proc/mounts").read_text(errors="replace")  # odd bytes in a path must not break this
     except OSError:
         return None
 

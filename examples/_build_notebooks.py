@@ -331,6 +331,12 @@ DATA_NOTE = """
     torchvision downloads it once per session to the runtime's fast local disk
     (`colabkit.runtime().data_dir`); only checkpoints need to outlive the session.
 """
+LOAD_DATA = """
+    data_dir = colabkit.runtime().data_dir / "fashion-mnist"
+    to_tensor = transforms.ToTensor()
+    train_set = datasets.FashionMNIST(data_dir, train=True, download=True, transform=to_tensor)
+    test_set = datasets.FashionMNIST(data_dir, train=False, download=True, transform=to_tensor)
+"""
 MODEL_NOTE = """
     The model: two convolution + pooling blocks, then two linear layers with dropout
     (0.8 M parameters). A function builds it, so each experiment starts from fresh weights.
@@ -366,14 +372,7 @@ def fashion_mnist_cpu_vs_gpu() -> NotebookNode:
                 """
             ),
             md(DATA_NOTE),
-            code(
-                """
-                data_dir = colabkit.runtime().data_dir / "fashion-mnist"
-                to_tensor = transforms.ToTensor()
-                train_set = datasets.FashionMNIST(data_dir, train=True, download=True, transform=to_tensor)
-                test_set = datasets.FashionMNIST(data_dir, train=False, download=True, transform=to_tensor)
-                """
-            ),
+            code(LOAD_DATA),
             md(MODEL_NOTE),
             code(MAKE_CNN),
             md(
@@ -451,14 +450,7 @@ def kaggle_two_gpus() -> NotebookNode:
                 """
             ),
             md(DATA_NOTE),
-            code(
-                """
-                data_dir = colabkit.runtime().data_dir / "fashion-mnist"
-                to_tensor = transforms.ToTensor()
-                train_set = datasets.FashionMNIST(data_dir, train=True, download=True, transform=to_tensor)
-                test_set = datasets.FashionMNIST(data_dir, train=False, download=True, transform=to_tensor)
-                """
-            ),
+            code(LOAD_DATA),
             md(MODEL_NOTE),
             code(MAKE_CNN),
             md(

@@ -676,6 +676,34 @@ def test_persistent_mirror_failure_is_loud_then_heals(
     assert_clean(mirror)
 
 
+def test_a_mirror_copy_that_reads_back_wrong_is_not_committed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, no_retry_sleep: None
+) -> None:
+    mirror = tmp_path / "drive"
+
+    class LossyDrive(_io.FileOps):
+        # A FUSE mount that acknowledges writes but stores other bytes.
+        def write(self, handle: Any, data: bytes) -> None:
+            if str(mirror) in str(getattr(handle, "name", "")) and data:
+                data = bytes([data[0] ^ 0xFF]) + data[1:]
+            super().write(handle, data)
+
+    ckpt = CheckpointManager(tmp_path / "local", mirror=mirror)
+    monkeypatch.setattr(_io, "ops", LossyDrive())
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ColabkitWarning)
+        ckpt.save(tiny_state(1), step=1)
+        with pytest.raises(CheckpointError, match="read back with a different sha256"):
+            ckpt.wait()
+    assert manifests(mirror) == {}
+    assert list(mirror.iterdir()) == []  # the bad copy is gone, not left unreferenced
+    monkeypatch.setattr(_io, "ops", _io.FileOps())
+    ckpt.save(tiny_state(2), step=2)
+    ckpt.close()  # the next pass copies step 1 too
+    assert sorted(manifests(mirror)) == [1, 2]
+    assert_clean(mirror)
+
+
 # --------------------------------------------------------------------------- mirror / Drive
 
 

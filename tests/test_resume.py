@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+from fit_worker import make_model
 from torch.utils.data import BatchSampler, DataLoader, Dataset, RandomSampler
 
 from colabkit.train.loop import fit
@@ -37,11 +38,6 @@ class Augmented(Dataset):  # type: ignore[type-arg]
         self.loads += 1
         noise = 0.2 * torch.randn(6) + 0.05 * random.random() + 0.05 * float(np.random.rand())
         return self.x[index] + noise, self.y[index]
-
-
-def make_model() -> torch.nn.Module:
-    torch.manual_seed(0)
-    return torch.nn.Sequential(torch.nn.Linear(6, 12), torch.nn.ReLU(), torch.nn.Dropout(0.3), torch.nn.Linear(12, 2))
 
 
 def run(directory: Path | None, data: Any, **options: Any) -> tuple[torch.nn.Module, torch.optim.Optimizer, Any]:

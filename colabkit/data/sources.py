@@ -108,10 +108,8 @@ def sleep(seconds: float) -> None:
 
 def _retry(fn: Callable[[], T], retries: int) -> T:
     """Retry ``fn`` on Drive's transient errors (errno 5, 107), remounting Drive on 107."""
-    try:
-        from colabkit.drive import drive_retry
-    except ImportError:  # pragma: no cover - drive.py ships with the package
-        return _io.retry(fn, retries=retries, sleep=sleep)
+    from colabkit.drive import drive_retry
+
     return drive_retry(fn, retries=retries, sleep=sleep)
 
 
@@ -120,15 +118,17 @@ _DRIVE_HINTS = frozenset({"drive", "MyDrive", "My Drive", "colabkit_drive", "Sha
 
 def _fuse_mount(path: Path) -> bool:
     """Whether ``path`` lies on a FUSE filesystem (Drive, gcsfuse...): reads are remote there."""
-    try:
-        with open("/proc/self/mounts", encoding="utf-8", errors="replace") as handle:
-            mounts = [line.split()[1:3] for line in handle if len(line.split()) >= 3]
-    except OSError:
+    from colabkit.drive import _mount_table, _unescape_mount_field
+
+    text = _mount_table()
+    if text is None:
         return False
     real = os.path.realpath(path)
     best, fstype = "", ""
-    for point, kind in mounts:
-        point = point.replace("\\040", " ")
+    for fields in (line.split() for line in text.splitlines()):
+        if len(fields) < 3:
+            continue
+        point, kind = _unescape_mount_field(fields[1]), fields[2]
         if (real == point or real.startswith(point.rstrip("/") + "/")) and len(point) >= len(best):
             best, fstype = point, kind
     return fstype.startswith("fuse")
@@ -148,10 +148,8 @@ def _is_drive_path(path: Path) -> bool:
     )
     if not looks_like_drive:
         return False
-    try:
-        from colabkit.drive import is_drive_path
-    except ImportError:  # pragma: no cover - drive.py ships with the package
-        return False
+    from colabkit.drive import is_drive_path
+
     try:
         return bool(is_drive_path(path))
     except OSError:
@@ -480,6 +478,15 @@ def _gdown_error_types(gdown: ModuleType) -> tuple[type[BaseException], ...]:
 _RETRY_STATUS = frozenset({408, 425, 429, 500, 502, 503, 504})
 
 
+def _network_transient(exc: BaseException) -> bool:
+    """Whether a download attempt may be repeated: network and I/O errors, not a full disk or a final answer."""
+    if isinstance(exc, DownloadError):
+        return False
+    if isinstance(exc, OSError):
+        return exc.errno != errno.ENOSPC
+    return isinstance(exc, http.client.HTTPException)
+
+
 @dataclasses.dataclass
 class HttpSource:
     """An ``http://`` or ``https://`` URL, downloaded with resume (HTTP Range requests)."""
@@ -508,24 +515,21 @@ class HttpSource:
         key = hashlib.sha1(self.url.encode()).hexdigest()[:16]  # noqa: S324 - a cache key
         part = ctx.scratch / f"url-{key}.part"
         meta_path = ctx.scratch / f"url-{key}.json"
-        name = self._basename() or "download"
-        attempt = 0
-        while True:
-            try:
-                name = self._download_once(part, meta_path, ctx) or name
-                break
-            except DownloadError:
+        try:
+            found = _io.retry(
+                lambda: self._download_once(part, meta_path, ctx),
+                retries=ctx.retries,
+                sleep=lambda seconds: sleep(min(30.0, seconds)),
+                should_retry=_network_transient,
+            )
+        except Exception as exc:
+            if not _network_transient(exc):
                 raise
-            except (OSError, http.client.HTTPException) as exc:
-                if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
-                    raise
-                attempt += 1
-                if attempt > ctx.retries:
-                    raise DownloadError(
-                        f"downloading {self.url} failed after {attempt} attempts ({type(exc).__name__}: {exc}); "
-                        "the partial file is kept and the next stage() resumes it. Check the network and retry"
-                    ) from exc
-                sleep(min(30.0, 0.5 * 2 ** (attempt - 1)))
+            raise DownloadError(
+                f"downloading {self.url} failed after {ctx.retries + 1} attempts ({type(exc).__name__}: {exc}); "
+                "the partial file is kept and the next stage() resumes it. Check the network and retry"
+            ) from exc
+        name = found or self._basename() or "download"
         hashes = {}
         if ctx.hash_names:
             for algorithm in ctx.hash_names:

@@ -67,7 +67,7 @@ from colabkit.train.optim import make_optimizer, make_scheduler
 from colabkit.train.options import FitOptions, check_loss_fn, check_model, is_int, parse_duration
 from colabkit.train.precision import Precision, resolve_precision
 from colabkit.train.progress import REFRESH_SECONDS, Bars
-from colabkit.train.state import TrainPosition, default_workers, make_resumable
+from colabkit.train.state import TrainPosition, make_resumable, resolve_workers
 
 __all__ = ["evaluate", "fit", "parse_duration", "predict"]
 
@@ -346,17 +346,11 @@ def _eval_loader(
     size = 32 if batch_size is None else batch_size
     if not is_int(size) or size < 1:
         raise ArgumentError(f"batch_size={batch_size!r} must be a positive integer")
-    if num_workers == "auto":
-        workers = default_workers(data)
-    elif is_int(num_workers) and num_workers >= 0:  # type: ignore[operator]
-        workers = int(num_workers)
-    else:
-        raise ArgumentError(f"num_workers={num_workers!r} must be 'auto' or an integer >= 0")
     return torch.utils.data.DataLoader(
         data,
         batch_size=size,
         shuffle=False,
-        num_workers=workers,
+        num_workers=resolve_workers(num_workers, data),
         pin_memory=where.type == "cuda",
         generator=torch.Generator().manual_seed(0),  # do not draw worker seeds from the global RNG
     )

@@ -428,7 +428,7 @@ def make_resumable(
         batch_size = 32
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ArgumentError(f"batch_size={batch_size!r} must be a positive integer, e.g. batch_size=64")
-    workers = _workers(num_workers, data)
+    workers = resolve_workers(num_workers, data)
     if isinstance(data, IterableDataset):
         loader = DataLoader(data, batch_size=batch_size, num_workers=workers, pin_memory=pin_memory)
         return ResumableLoader(loader, None, seed=seed, exact=workers == 0, needs_epoch_rng=False)
@@ -446,7 +446,8 @@ def make_resumable(
     return ResumableLoader(loader, sampler, seed=seed, exact=True, needs_epoch_rng=False)
 
 
-def _workers(num_workers: int | str, dataset: Any) -> int:
+def resolve_workers(num_workers: int | str, dataset: Any) -> int:
+    """The number of DataLoader workers for ``num_workers`` ("auto" or an integer >= 0)."""
     if num_workers == "auto":
         return default_workers(dataset)
     if isinstance(num_workers, bool) or not isinstance(num_workers, int) or num_workers < 0:
