@@ -608,6 +608,7 @@ class _LossState:
         self.generation = 0  # bumped by every mount that (re)connected Drive
         self.lost = False
         self.tried = False  # the main thread tried to remount during this loss
+        self.failed = False  # and that failed: no remount comes until someone mounts by hand
         self.told = False  # the fix was shown for this loss
 
 
@@ -622,7 +623,7 @@ def drive_lost() -> bool:
 def _connected() -> None:
     with _loss.cond:
         _loss.generation += 1
-        _loss.lost = _loss.tried = _loss.told = False
+        _loss.lost = _loss.tried = _loss.failed = _loss.told = False
         _loss.cond.notify_all()
 
 
@@ -631,7 +632,7 @@ def _mark_lost() -> None:
         if _loss.lost:
             return
         _loss.lost = True
-        _loss.tried = _loss.told = False
+        _loss.tried = _loss.failed = _loss.told = False
     _notify.logger.warning(
         "Google Drive's connection was lost (errno 107) in thread %r; it is remounted on the main thread",
         threading.current_thread().name,
@@ -685,6 +686,9 @@ def _remount(seen: int) -> bool:
         mount_drive(options.mountpoint, force_remount=True, timeout=options.timeout, readonly=options.readonly)
     except Exception as exc:
         _notify.logger.exception("remounting Drive after errno 107 failed")
+        with _loss.cond:
+            _loss.failed = True
+            _loss.cond.notify_all()  # the waiters need not wait for a remount that will not come
         _tell_lost(rt, f"remounting it failed ({exc})", again=True)
         return False
     return True
@@ -739,7 +743,7 @@ def _wait_for_remount(seen: int, wait: float, rt: Runtime, exc: BaseException) -
             if _loss.generation != seen:
                 return
             left = deadline - time.monotonic()
-            if left <= 0:
+            if left <= 0 or _loss.failed:
                 break
             _loss.cond.wait(min(left, _POLL) if poll else left)
             if _loss.generation != seen:
@@ -747,11 +751,14 @@ def _wait_for_remount(seen: int, wait: float, rt: Runtime, exc: BaseException) -
         if poll and _mount_state(host, rt) == "mounted":
             _connected()
             return
-    _tell_lost(rt, f"nothing on the main thread remounted it within {wait:g} s")
+    if _loss.failed:
+        why = "remounting it on the main thread failed"
+    else:
+        why = f"nothing on the main thread remounted it within {wait:g} s"
+        _tell_lost(rt, why)
     raise DriveLostError(
         errno.ENOTCONN,
-        f"Google Drive is not connected (errno 107) and was not remounted within {wait:g} s; the operation was "
-        f"left for later. Run {_fix_call(rt)}",
+        f"Google Drive is not connected (errno 107) and {why}; the operation was left for later. Run {_fix_call(rt)}",
     ) from exc
 
 

@@ -358,7 +358,7 @@ def test_a_failed_main_thread_remount_is_tried_once_and_names_the_fix() -> None:
     with fake_colab() as colab:
         mount_drive()
         colab.kill_drive()
-        read = _flaky(colab.path("/content/drive/MyDrive/x"), [errno.ENOTCONN])
+        read = _flaky(colab.path("/content/drive/MyDrive/x"), [errno.ENOTCONN] * 9)
         threads, _, _ = _in_threads(lambda: drive_retry(read, lost_wait=0.2, sleep=lambda _: None), 1)  # type: ignore[arg-type]
         threads[0].join(30)
         assert drive.drive_lost()
@@ -367,6 +367,11 @@ def test_a_failed_main_thread_remount_is_tried_once_and_names_the_fix() -> None:
             assert drive.recover_if_lost() is False
         assert drive.recover_if_lost() is False  # no second pop-up for the same loss
         assert len(colab.calls_to("drive.mount")) == 2
+        # A worker that loses Drive now gives up at once: no remount is coming.
+        threads, _, errors = _in_threads(lambda: drive_retry(read, lost_wait=60, sleep=lambda _: None), 1)  # type: ignore[arg-type]
+        threads[0].join(20)
+        assert not threads[0].is_alive()
+        assert isinstance(errors[0], DriveLostError) and "remounting it on the main thread failed" in str(errors[0])
         colab.mount_error = None
         assert mount_drive(force_remount=True).is_dir()  # the named fix works, and ends the loss
         assert not drive.drive_lost()
