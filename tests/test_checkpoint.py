@@ -987,3 +987,31 @@ def test_a_background_commit_failure_surfaces_at_the_next_save(tmp_path: Path, m
     ckpt.close()
     assert sorted(manifests(tmp_path)) == [2]
     assert_clean(tmp_path)
+
+
+OLD_FOLDER = Path(__file__).parent / "data" / "old_checkpoint"
+
+
+def test_checkpoints_written_by_the_old_single_module_still_load(tmp_path: Path) -> None:
+    """tests/data/old_checkpoint was written by colabkit/checkpoint.py before it became a package."""
+    import shutil
+
+    folder = tmp_path / "old"
+    shutil.copytree(OLD_FOLDER, folder)
+    torch.manual_seed(0)
+    expected = torch.nn.Linear(3, 2).state_dict()  # the weights saved at step 5 (doubled at step 9)
+    with CheckpointManager(folder, keep_last=2, monitor="val_loss", staging_dir=None) as ckpt:
+        assert [info.step for info in ckpt.checkpoints()] == [5, 9]
+        latest, best = ckpt.latest(), ckpt.best()
+        assert latest is not None and latest.name.startswith("step-000000009-")
+        assert best is not None and best.name.startswith("step-000000005-")
+        model = torch.nn.Linear(3, 2)
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
+        rest = ckpt.restore(model, optimizer, path=best)
+    assert rest["epoch"] == 1 and rest["metrics"] == {"val_loss": 0.5}
+    assert optimizer.param_groups[0]["lr"] == 0.1
+    for key, value in expected.items():
+        assert torch.equal(model.state_dict()[key], value)
+    newest = load_checkpoint(folder)
+    assert torch.equal(newest["model_state_dict"]["bias"], expected["bias"] * 2)
+    assert sorted(p.name for p in folder.iterdir()) == sorted(p.name for p in OLD_FOLDER.iterdir())
