@@ -20,14 +20,11 @@ import numpy as np
 import pytest
 import torch
 
-from colabkit import _io, checkpoint
-from colabkit.checkpoint import (
-    CheckpointManager,
-    capture_rng_state,
-    load_checkpoint,
-    restore_rng_state,
-    unwrap_model,
-)
+from colabkit import _io, _notify
+from colabkit.checkpoint import CheckpointInfo, CheckpointManager, load_checkpoint, registry, unwrap_model
+from colabkit.checkpoint import manager as manager_module
+from colabkit.checkpoint import mirror as mirror_module
+from colabkit.checkpoint import store as store_module
 from colabkit.errors import (
     ArgumentError,
     CheckpointError,
@@ -35,6 +32,7 @@ from colabkit.errors import (
     CheckpointNotFoundError,
     ColabkitWarning,
 )
+from colabkit.train.state import capture_rng_state, restore_rng_state
 
 WORKER = Path(__file__).with_name("_ckpt_worker.py")
 
@@ -65,7 +63,7 @@ def assert_clean(folder: Path) -> None:
 
 @pytest.fixture
 def no_retry_sleep(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(checkpoint, "_mirror_retry", lambda fn: _io.retry(fn, retries=3, sleep=lambda _s: None))
+    monkeypatch.setattr(mirror_module, "_mirror_retry", lambda fn: _io.retry(fn, retries=3, sleep=lambda _s: None))
 
 
 # --------------------------------------------------------------------------- basics
@@ -131,7 +129,7 @@ def test_consecutive_saves_keep_their_own_values(tmp_path: Path) -> None:
 
 
 def test_large_states_are_written_before_save_returns(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(checkpoint, "SNAPSHOT_MAX_BYTES", 0)
+    monkeypatch.setattr(manager_module, "SNAPSHOT_MAX_BYTES", 0)
     gate = threading.Event()
     with CheckpointManager(tmp_path) as ckpt:
         original = ckpt._commit
@@ -346,11 +344,11 @@ def test_bad_options_are_rejected(tmp_path: Path) -> None:
 
 
 def test_old_torch_warns_about_the_cve(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(checkpoint, "_torch_version", lambda: "2.9.1+cu121")
+    monkeypatch.setattr(store_module, "_torch_version", lambda: "2.9.1+cu121")
     with pytest.warns(ColabkitWarning, match="CVE-2026-24747"):
         CheckpointManager(tmp_path).close()
-    monkeypatch.setattr(checkpoint, "_torch_version", lambda: "2.10.0")
-    checkpoint._notify.reset_once()
+    monkeypatch.setattr(store_module, "_torch_version", lambda: "2.10.0")
+    _notify.reset_once()
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         CheckpointManager(tmp_path).close()
@@ -862,7 +860,7 @@ def test_end_session_waits_for_pending_mirror_copies(tmp_path: Path) -> None:
 
     manager = CheckpointManager(tmp_path / "local", mirror=tmp_path / "mirror")
     manager.save({"model_state_dict": {"w": torch.ones(3)}, "epoch": 1}, step=1)
-    assert manager.wait in session._pending_waiters()
+    assert manager in registry.live_managers()
     session.end_session(flush=False)
     mirrored = CheckpointManager(tmp_path / "mirror").latest()
     assert mirrored is not None
@@ -874,8 +872,7 @@ def test_end_session_waits_for_pending_mirror_copies(tmp_path: Path) -> None:
 EXIT_SCRIPT = r"""
 import atexit, sys, time
 import torch
-from colabkit import checkpoint
-from colabkit.checkpoint import CheckpointManager
+from colabkit.checkpoint import CheckpointManager, mirror
 
 ckpt = CheckpointManager(sys.argv[1] + "/local", mirror=sys.argv[1] + "/mirror")
 ckpt.wait()  # the mirror lane's thread is gone: the copy below needs a new one
@@ -889,7 +886,7 @@ def forbid_threads(thread):
 
 
 # Registered last, so it runs first: from here on threads cannot start, as on Python 3.12+.
-atexit.register(lambda: setattr(checkpoint, "_start_thread", forbid_threads))
+atexit.register(lambda: setattr(mirror, "_start_thread", forbid_threads))
 """
 
 
@@ -913,7 +910,7 @@ def test_lanes_run_inline_when_threads_cannot_start(tmp_path: Path, monkeypatch:
     def forbid(thread: threading.Thread) -> None:
         raise RuntimeError("can't create new thread at interpreter shutdown")
 
-    monkeypatch.setattr(checkpoint, "_start_thread", forbid)
+    monkeypatch.setattr(mirror_module, "_start_thread", forbid)
     with CheckpointManager(tmp_path / "local", mirror=tmp_path / "mirror") as ckpt:
         path = ckpt.save(tiny_state(1), step=1)
         assert path.exists()  # done in this thread
@@ -935,10 +932,10 @@ def test_interrupted_close_still_flushes_later(tmp_path: Path, monkeypatch: pyte
         ckpt.close()  # Ctrl-C while closing
     with pytest.raises(CheckpointError, match="is closed"):
         ckpt.save(tiny_state(2), step=2)
-    assert ckpt in checkpoint._LIVE, "the exit flush would skip a manager whose close() was interrupted"
+    assert registry.is_live(ckpt), "the exit flush would skip a manager whose close() was interrupted"
     monkeypatch.setattr(ckpt, "wait", real_wait)
     ckpt.close()
-    assert ckpt not in checkpoint._LIVE
+    assert not registry.is_live(ckpt)
     assert sorted(manifests(tmp_path / "mirror")) == [1]
 
 
@@ -955,16 +952,16 @@ def test_wait_retries_a_failed_mirror_copy_once(
 
 def test_a_copy_superseded_by_a_resave_is_not_an_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     ckpt = CheckpointManager(tmp_path / "local", mirror=tmp_path / "mirror")
-    original = ckpt._mirror_one
+    original = ckpt._mirror.mirror_one
     calls: list[int] = []
 
-    def resaved_meanwhile(info: checkpoint.CheckpointInfo, remote: Any) -> bool:
+    def resaved_meanwhile(info: CheckpointInfo, remote: Any) -> bool:
         calls.append(info.step)
         if len(calls) == 1:
             info.path.unlink()  # what committing a re-save of this step does to the old file
         return original(info, remote)
 
-    monkeypatch.setattr(ckpt, "_mirror_one", resaved_meanwhile)
+    monkeypatch.setattr(ckpt._mirror, "mirror_one", resaved_meanwhile)
     ckpt.save(tiny_state(1), step=1)
     with warnings.catch_warnings():
         warnings.simplefilter("error")

@@ -748,14 +748,14 @@ class _Trainer:
         self.ctx.epoch, self.ctx.batch = epoch, pos.batch
         resumed_inside = pos.batch > 0
         if self.train.needs_epoch_rng:
-            from colabkit.checkpoint import capture_rng_state, restore_rng_state
+            from colabkit.train.state import capture_rng_state, restore_rng_state
 
             if resumed_inside and self._epoch_rng is not None:
                 restore_rng_state(self._epoch_rng)  # the unknown sampler draws this epoch's order again
             self._epoch_rng = _dist.gather_objects(capture_rng_state())
         iterator = self.train.epoch(epoch, skip=pos.batch)
         if self._pending_rng is not None:
-            from colabkit.checkpoint import restore_rng_state
+            from colabkit.train.state import restore_rng_state
 
             restore_rng_state(self._pending_rng)  # after skipping, right before the first new batch
             self._pending_rng = None
@@ -1090,7 +1090,7 @@ class _Trainer:
             return
         if final and self.pos.step == 0:
             return
-        from colabkit.checkpoint import capture_rng_state
+        from colabkit.train.state import capture_rng_state
 
         bad = self.totals.drain()  # never save a model that a NaN step already spoiled
         if bad is not None:
