@@ -21,9 +21,18 @@ import pytest
 import torch
 
 from colabkit import _io, _notify
-from colabkit.checkpoint import CheckpointInfo, CheckpointManager, load_checkpoint, registry, unwrap_model
-from colabkit.checkpoint import manager as manager_module
+from colabkit.checkpoint import (
+    CheckpointInfo,
+    CheckpointListing,
+    CheckpointManager,
+    load_checkpoint,
+    load_weights,
+    registry,
+    unwrap_model,
+    weights_problems,
+)
 from colabkit.checkpoint import mirror as mirror_module
+from colabkit.checkpoint import state as state_module
 from colabkit.checkpoint import store as store_module
 from colabkit.errors import (
     ArgumentError,
@@ -129,7 +138,7 @@ def test_consecutive_saves_keep_their_own_values(tmp_path: Path) -> None:
 
 
 def test_large_states_are_written_before_save_returns(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(manager_module, "SNAPSHOT_MAX_BYTES", 0)
+    monkeypatch.setattr(state_module, "SNAPSHOT_MAX_BYTES", 0)
     gate = threading.Event()
     with CheckpointManager(tmp_path) as ckpt:
         original = ckpt._commit
@@ -1012,3 +1021,41 @@ def test_checkpoints_written_by_the_old_single_module_still_load(tmp_path: Path)
     newest = load_checkpoint(folder)
     assert torch.equal(newest["model_state_dict"]["bias"], expected["bias"] * 2)
     assert sorted(p.name for p in folder.iterdir()) == sorted(p.name for p in OLD_FOLDER.iterdir())
+
+
+def test_one_weights_check_names_missing_unexpected_and_reshaped_keys() -> None:
+    model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.Linear(3, 2))
+    saved = {f"module.{k}": v for k, v in model.state_dict().items()}  # DDP keys fit once stripped
+    assert weights_problems(torch.nn.DataParallel(model), saved) == []
+    saved["module.1.weight"] = torch.zeros(5, 3)
+    del saved["module.0.bias"]
+    saved["module.head.weight"] = torch.zeros(1)
+    problems = weights_problems(model, saved)
+    assert problems == [
+        "missing keys ['0.bias']",
+        "unexpected keys ['head.weight']",
+        "size mismatch for '1.weight': [5, 3] saved, [2, 3] in the model",
+    ]
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(CheckpointMismatchError, match=r"weights do not fit Sequential: missing keys \['0\.bias'\]"):
+        load_weights(model, saved)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items()), "a failed load changed the model"
+
+
+def test_a_listing_reads_like_the_manager_and_writes_nothing(tmp_path: Path) -> None:
+    with CheckpointManager(tmp_path, keep_last=None, monitor="val_loss") as ckpt:
+        for step, loss in ((1, 0.3), (2, 0.1), (3, 0.2)):
+            ckpt.save(tiny_state(step), step=step, metrics={"val_loss": loss})
+        ckpt.wait()
+        expected = (ckpt.latest(), ckpt.best(), [i.step for i in ckpt.checkpoints()])
+    leftover = tmp_path / "step-000000009-0123abcd.pt"
+    leftover.write_bytes(b"x")
+    os.utime(leftover, (1, 1))  # stale and unreferenced: a manager's start would delete it
+    listing = CheckpointListing(tmp_path)
+    latest, best = listing.latest(), listing.best("val_loss")
+    assert latest is not None and best is not None
+    assert (latest.path, best.path, [i.step for i in listing.checkpoints()]) == expected
+    worst = listing.best("val_loss", "max")
+    assert worst is not None and worst.step == 1
+    assert listing.load()["step"] == 3
+    assert leftover.exists()

@@ -16,9 +16,10 @@ never falls back to unsafe unpickling.
 
 from __future__ import annotations
 
-from colabkit.checkpoint.manager import SNAPSHOT_MAX_BYTES, CheckpointManager
+from colabkit.checkpoint.manager import CheckpointManager
 from colabkit.checkpoint.registry import live_managers
 from colabkit.checkpoint.state import (
+    SNAPSHOT_MAX_BYTES,
     find_weights,
     load_weights,
     restore_state,

@@ -36,11 +36,7 @@ from colabkit.checkpoint.store import (
 )
 from colabkit.errors import ArgumentError, CheckpointError, CheckpointNotFoundError
 
-__all__ = ["SNAPSHOT_MAX_BYTES", "CheckpointManager"]
-
-#: Largest state copied to RAM so a save returns before it reaches the disk (also capped
-#: at 30% of available RAM); larger states are written before save() returns.
-SNAPSHOT_MAX_BYTES = 4 * 1024**3
+__all__ = ["CheckpointManager"]
 
 
 class CheckpointManager:
@@ -78,16 +74,7 @@ class CheckpointManager:
         mirror: str | os.PathLike[str] | Iterable[str | os.PathLike[str]] | None = None,
         staging_dir: str | os.PathLike[str] | None = "auto",
     ) -> None:
-        if keep_last is not None and (isinstance(keep_last, bool) or not isinstance(keep_last, int) or keep_last < 1):
-            raise ArgumentError(f"keep_last must be an int >= 1 or None (keep all), got {keep_last!r}")
-        if isinstance(keep_best, bool) or not isinstance(keep_best, int) or keep_best < 0:
-            raise ArgumentError(f"keep_best must be an int >= 0, got {keep_best!r}")
-        if mode not in ("min", "max"):
-            raise ArgumentError(f"mode must be 'min' or 'max', got {mode!r}")
-        if keep_best and not monitor:
-            raise ArgumentError(
-                f"keep_best={keep_best} needs monitor=<metric name> to rank checkpoints, e.g. monitor='val_loss'"
-            )
+        retention = Retention(keep_last, keep_best, monitor, mode)  # checks the four options
         self.directory = Path(directory).expanduser()
         self.keep_last, self.keep_best, self.monitor, self.mode = keep_last, keep_best, monitor, mode
         local, targets = mirror_targets(self.directory, staging_dir, mirror)
@@ -99,7 +86,6 @@ class CheckpointManager:
             ) from exc
         self._local = Store(local)
         self._lock = threading.RLock()
-        retention = Retention(keep_last, keep_best, monitor, mode)
         self._mirror = Mirror(self._local, [Store(t) for t in targets], retention, self._lock, self._rotate_local)
         self._listing = CheckpointListing(self._local, *self._mirror.remotes, lock=self._lock)
         self._commit_lane = Lane("colabkit-checkpoint-commit")
@@ -147,33 +133,22 @@ class CheckpointManager:
             InsufficientSpaceError: The local disk cannot hold the checkpoint.
         """
         self._check_open()
-        if isinstance(step, bool) or not isinstance(step, int) or step < 0:
-            raise ArgumentError(f"step must be an int >= 0, got {step!r}")
-        if not isinstance(state, Mapping):
-            raise ArgumentError(
-                f"state must be a dict, got {type(state).__name__}; pass e.g. {{'model_state_dict': ...}}"
-            )
-        metrics = state_module.clean_metrics(metrics)
-        payload = dict(state)
-        if isinstance(payload.get(state_module.MODEL_KEY), Mapping):
-            payload[state_module.MODEL_KEY] = state_module.strip_wrapper_prefixes(payload[state_module.MODEL_KEY])
-        payload.setdefault("step", step)
-        if metrics:
-            payload.setdefault("metrics", metrics)
-        payload = state_module.sanitize(payload)
+        payload, clean_metrics = state_module.prepare(state, step=step, metrics=metrics)
         epoch = payload.get("epoch")
-        epoch = epoch if isinstance(epoch, int) and not isinstance(epoch, bool) else None
-
+        fields = {
+            "step": step,
+            "epoch": epoch if isinstance(epoch, int) and not isinstance(epoch, bool) else None,
+            "created_ns": _now_ns(),
+            "metrics": clean_metrics,
+        }
         self._commit_lane.join()  # one commit in flight at most
         self._raise_commit_errors()
         nbytes = state_module.storage_bytes(payload)
         _io.ensure_free_space(self._local.root, nbytes, what=f"the checkpoint for step {step}")
         final = self._local.new_data_path(step)
         tmp = _io.temp_name(final)
-        fields = {"step": step, "epoch": epoch, "created_ns": _now_ns(), "metrics": metrics}
-        # A one-item box, so the commit can drop the RAM copy as soon as it is on disk.
-        box: list[dict[str, Any]] = []
-        if self._snapshot_fits(nbytes):
+        box: list[dict[str, Any]] = []  # a one-item box, so the commit can drop the RAM copy once on disk
+        if state_module.snapshot_fits(nbytes):
             buffers: dict[tuple[Any, ...], torch.Tensor] = {}
             box.append(state_module.snapshot(payload, {}, buffers, self._buffers))
             # Kept for the next save to copy into (fresh pages cost as much as the copy):
@@ -188,19 +163,6 @@ class CheckpointManager:
             self._commit_lane.join()
             self._raise_commit_errors()
         return final
-
-    def _snapshot_fits(self, nbytes: int) -> bool:
-        """Whether a copy of the state may sit in RAM while it is written in the background."""
-        available = state_module.ram_available()
-        limit = SNAPSHOT_MAX_BYTES if available is None else min(SNAPSHOT_MAX_BYTES, int(available * 0.3))
-        if nbytes <= limit:
-            return True
-        _notify.say_once(
-            "ckpt-no-snapshot",
-            f"checkpoints of {_io.human_bytes(nbytes)} are too large to copy to RAM first, so each save "
-            "waits for the write to local disk",
-        )
-        return False
 
     def latest(self) -> Path | None:
         """The newest checkpoint that checks out, or None.
@@ -352,15 +314,10 @@ class CheckpointManager:
         """Background: (write the snapshot,) make the file a committed checkpoint, rotate, mirror."""
         store, step = self._local, fields["step"]
         try:
-            if box:
-                store.write(box.pop(), tmp, step)  # the RAM copy is freed once written
-            info = store.publish(tmp, final, **fields)
-            with self._lock:
-                previous = store.read_manifest(step, report=False)
-                store.write_manifest(info)
+            info, previous = store.commit(tmp, final, fields, box, self._lock)
         except BaseException as exc:
-            landed = store.read_manifest(step, report=False)
-            if landed is not None and landed.path == final and store.problem(landed) is None:
+            landed = store.committed(step, final)
+            if landed is not None:
                 # Only the fsync after the manifest's rename failed: the checkpoint is complete.
                 _notify.warn(f"checkpoint for step {step} is saved but may not be durable yet ({exc})")
                 self._after_commit(landed, None)

@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from colabkit import _notify
+from colabkit import _io, _notify
 from colabkit.errors import ArgumentError, CheckpointMismatchError
 
 __all__ = [
@@ -27,14 +27,17 @@ __all__ = [
     "OPTIMIZER_KEY",
     "SCALER_KEY",
     "SCHEDULER_KEY",
+    "SNAPSHOT_MAX_BYTES",
     "WRAPPER_PREFIXES",
     "clean_metrics",
     "find_weights",
     "load_weights",
+    "prepare",
     "ram_available",
     "restore_state",
     "sanitize",
     "snapshot",
+    "snapshot_fits",
     "storage_bytes",
     "strip_wrapper_prefixes",
     "unwrap_model",
@@ -233,6 +236,50 @@ def restore_state(
 
 
 # --------------------------------------------------------------------------- before saving
+
+#: Largest state copied to RAM so a save returns before it reaches the disk (also capped
+#: at 30% of available RAM); larger states are written before save() returns.
+SNAPSHOT_MAX_BYTES = 4 * 1024**3
+
+
+def prepare(
+    state: Mapping[str, Any], *, step: int, metrics: Mapping[str, Any] | None
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """What ``save()`` writes, and the metrics for its manifest.
+
+    The payload has wrapper prefixes stripped, ``step`` and ``metrics`` added, and is
+    checked by :func:`sanitize`.
+
+    Raises:
+        ArgumentError: ``step``, ``state`` or ``metrics`` is unusable.
+    """
+    if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+        raise ArgumentError(f"step must be an int >= 0, got {step!r}")
+    if not isinstance(state, Mapping):
+        raise ArgumentError(f"state must be a dict, got {type(state).__name__}; pass e.g. {{'model_state_dict': ...}}")
+    clean = clean_metrics(metrics)
+    payload = dict(state)
+    if isinstance(payload.get(MODEL_KEY), Mapping):
+        payload[MODEL_KEY] = strip_wrapper_prefixes(payload[MODEL_KEY])
+    payload.setdefault("step", step)
+    if clean:
+        payload.setdefault("metrics", clean)
+    return dict(sanitize(payload)), clean
+
+
+def snapshot_fits(nbytes: int) -> bool:
+    """Whether a RAM copy of a state of ``nbytes`` may sit in memory while it is written."""
+    available = ram_available()
+    limit = SNAPSHOT_MAX_BYTES if available is None else min(SNAPSHOT_MAX_BYTES, int(available * 0.3))
+    if nbytes <= limit:
+        return True
+    _notify.say_once(
+        "ckpt-no-snapshot",
+        f"checkpoints of {_io.human_bytes(nbytes)} are too large to copy to RAM first, so each save "
+        "waits for the write to local disk",
+    )
+    return False
+
 
 _LEAF_TYPES: tuple[type, ...] = (
     type(None),

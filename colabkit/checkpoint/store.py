@@ -27,6 +27,7 @@ import os
 import pickle
 import re
 import sys
+import threading
 import time
 import uuid
 from collections.abc import Iterable, Mapping
@@ -36,7 +37,7 @@ from typing import IO, Any
 import torch
 
 from colabkit import _io, _notify
-from colabkit.errors import CheckpointError, CheckpointNotFoundError
+from colabkit.errors import ArgumentError, CheckpointError, CheckpointNotFoundError
 
 __all__ = [
     "FORMAT",
@@ -188,6 +189,19 @@ class Retention:
     keep_best: int = 0
     monitor: str | None = None
     mode: str = "min"
+
+    def __post_init__(self) -> None:
+        keep_last, keep_best = self.keep_last, self.keep_best
+        if keep_last is not None and (isinstance(keep_last, bool) or not isinstance(keep_last, int) or keep_last < 1):
+            raise ArgumentError(f"keep_last must be an int >= 1 or None (keep all), got {keep_last!r}")
+        if isinstance(keep_best, bool) or not isinstance(keep_best, int) or keep_best < 0:
+            raise ArgumentError(f"keep_best must be an int >= 0, got {keep_best!r}")
+        if self.mode not in ("min", "max"):
+            raise ArgumentError(f"mode must be 'min' or 'max', got {self.mode!r}")
+        if keep_best and not self.monitor:
+            raise ArgumentError(
+                f"keep_best={keep_best} needs monitor=<metric name> to rank checkpoints, e.g. monitor='val_loss'"
+            )
 
     def keep(self, infos: list[CheckpointInfo]) -> set[tuple[int, str]]:
         """Identities (step, sha256) that rotation keeps."""
@@ -383,6 +397,26 @@ class Store:
             mtime_ns=final.stat().st_mtime_ns,
             **fields,
         )
+
+    def commit(
+        self, tmp: Path, final: Path, fields: dict[str, Any], box: list[dict[str, Any]], lock: threading.RLock
+    ) -> tuple[CheckpointInfo, CheckpointInfo | None]:
+        """Make ``tmp`` the committed checkpoint ``final``; returns it and the one it replaces.
+
+        ``box`` holds the RAM snapshot still to be written (emptied, so it is freed once on disk).
+        """
+        if box:
+            self.write(box.pop(), tmp, fields["step"])
+        info = self.publish(tmp, final, **fields)
+        with lock:
+            previous = self.read_manifest(info.step, report=False)
+            self.write_manifest(info)
+        return info, previous
+
+    def committed(self, step: int, final: Path) -> CheckpointInfo | None:
+        """``final`` as the committed checkpoint of ``step`` when its manifest landed and it checks out."""
+        landed = self.read_manifest(step, report=False)
+        return landed if landed is not None and landed.path == final and self.problem(landed) is None else None
 
     def write_manifest(self, info: CheckpointInfo) -> None:
         body = {
