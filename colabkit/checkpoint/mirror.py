@@ -166,10 +166,7 @@ class Mirror:
         lock: threading.RLock,
         rotate_local: Callable[[], None],
     ) -> None:
-        self.local = local
-        self.remotes = remotes
-        self.retention = retention
-        self.lock = lock
+        self.local, self.remotes, self.retention, self.lock = local, remotes, retention, lock
         self.rotation_deferred = False
         self.copying: Path | None = None  # the local file a copy reads right now
         self.lane = Lane("colabkit-checkpoint-mirror")
