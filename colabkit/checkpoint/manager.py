@@ -293,6 +293,7 @@ class CheckpointManager:
         self._commit_lane = Lane("colabkit-checkpoint-commit")
         self._lock = threading.RLock()
         self._mirror.lock = self._lock
+        self._listing = CheckpointListing(self._local, *self._mirror.remotes, lock=self._lock)
         self._mirror.detach_after_fork()
         self._buffers = {}
         self._commit_errors = []
