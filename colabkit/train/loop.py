@@ -32,7 +32,7 @@ import contextlib
 import math
 import sys
 import time
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -50,24 +50,28 @@ from colabkit.errors import (
 )
 from colabkit.train import distributed as _dist
 from colabkit.train.batches import (
+    LossFn,
     call_model,
+    check_loss_fn,
     concat,
     describe,
     detach_to_cpu,
+    forward,
     inputs_and_targets,
     inputs_only,
+    model_mode,
     safe_len,
     to_channels_last,
 )
 from colabkit.train.callbacks import Callback, EarlyStopping, FitContext
 from colabkit.train.history import History, metric_mode
-from colabkit.train.metrics import LossFn, Totals, resolve_metrics
+from colabkit.train.metrics import Totals, resolve_metrics
 from colabkit.train.oom import Backoff, batch_length, is_out_of_memory, split_batch
 from colabkit.train.optim import make_optimizer, make_scheduler
-from colabkit.train.options import FitOptions, check_loss_fn, check_model, is_int, parse_duration
+from colabkit.train.options import FitOptions, check_model, parse_duration
 from colabkit.train.precision import Precision, resolve_precision
 from colabkit.train.progress import REFRESH_SECONDS, Bars
-from colabkit.train.state import TrainPosition, make_resumable, resolve_workers
+from colabkit.train.state import TrainPosition, make_resumable, ordered_loader
 
 __all__ = ["evaluate", "fit", "parse_duration", "predict"]
 
@@ -149,7 +153,7 @@ def fit(
             ``"fp32"``, ``"fp16"`` or ``"bf16"``.
         grad_accum: Batches whose gradients add up before each optimizer step.
         clip_grad_norm: Clip the gradients' global norm to this value.
-        batch_size: Batch size when ``train``/``val`` are Datasets (default 32).
+        batch_size: Batch size when ``train``/``val`` are Datasets (default 32, as everywhere in colabkit).
         num_workers: DataLoader workers for Datasets (``"auto"``: 0 for in-memory tensors, else up to 4).
         checkpoint_dir: Folder for checkpoints (and ``history.csv``); enables resume.
         resume: Continue from the newest valid checkpoint in ``checkpoint_dir``.
@@ -242,7 +246,7 @@ def evaluate(
         metrics: As in :func:`fit`.
         device: ``"auto"`` keeps the model where its parameters are.
         precision: As in :func:`fit`.
-        batch_size: For a Dataset (default 32).
+        batch_size: For a Dataset (default 32, as everywhere in colabkit).
         num_workers: For a Dataset.
         progress: Show a progress bar.
 
@@ -256,7 +260,7 @@ def evaluate(
     metric_fns = resolve_metrics(metrics)
     losses = LossFn(check_loss_fn(loss_fn))
     model, where, policy, loader = _prepare_eval(model, data, device, precision, batch_size, num_workers)
-    with _eval_mode(model), Bars(progress) as bars:
+    with model_mode(model, train=False), Bars(progress) as bars:
         totals = _run_eval(model, loader, where, policy, losses, metric_fns, bars, "evaluate")
     assert totals is not None  # no stop condition given
     return totals.means("")
@@ -281,7 +285,7 @@ def predict(
         data: A Dataset, DataLoader or tensor of inputs.
         device: ``"auto"`` keeps the model where its parameters are.
         precision: As in :func:`fit`.
-        batch_size: For a Dataset or tensor (default 32).
+        batch_size: For a Dataset or tensor (default 32, as everywhere in colabkit).
         num_workers: For a Dataset.
         progress: Show a progress bar.
 
@@ -296,7 +300,7 @@ def predict(
         data = torch.utils.data.TensorDataset(data)
     model, where, policy, loader = _prepare_eval(model, data, device, precision, batch_size, num_workers)
     outputs: list[Any] = []
-    with _eval_mode(model), torch.no_grad(), Bars(progress) as bars:
+    with model_mode(model, train=False), torch.no_grad(), Bars(progress) as bars:
         bars.start_eval("predict", safe_len(loader))
         for batch in loader:
             batch = _device.to_device(batch, where) if where.type != "cpu" else batch
@@ -318,7 +322,9 @@ def _prepare_eval(
     model = check_model(model)
     where = _model_device(model, device)
     policy = resolve_precision(precision, where)
-    loader = _eval_loader(data, batch_size=batch_size, num_workers=num_workers, argument="data", where=where)
+    loader = ordered_loader(
+        data, argument="data", batch_size=batch_size, num_workers=num_workers, pin_memory=where.type == "cuda"
+    )
     model.to(where)
     return model, where, policy, loader
 
@@ -329,41 +335,6 @@ def _model_device(model: torch.nn.Module, device: str | torch.device) -> torch.d
             return parameter.device
         return _device.get_device()
     return _device.get_device(device)
-
-
-def _eval_loader(
-    data: Any, *, batch_size: int | None, num_workers: int | str, argument: str, where: torch.device
-) -> Any:
-    if isinstance(data, torch.utils.data.DataLoader):
-        return data
-    if not isinstance(data, (torch.utils.data.Dataset, torch.utils.data.IterableDataset)) and not (
-        hasattr(data, "__getitem__") and hasattr(data, "__len__")
-    ):
-        raise ArgumentError(f"{argument} is a {type(data).__name__}; pass a torch Dataset or DataLoader")
-    map_style = isinstance(data, torch.utils.data.Dataset) and not isinstance(data, torch.utils.data.IterableDataset)
-    if map_style and len(data) == 0:
-        raise ArgumentError(f"{argument} is empty (0 samples); check the dataset's path or filtering")
-    size = 32 if batch_size is None else batch_size
-    if not is_int(size) or size < 1:
-        raise ArgumentError(f"batch_size={batch_size!r} must be a positive integer")
-    return torch.utils.data.DataLoader(
-        data,
-        batch_size=size,
-        shuffle=False,
-        num_workers=resolve_workers(num_workers, data),
-        pin_memory=where.type == "cuda",
-        generator=torch.Generator().manual_seed(0),  # do not draw worker seeds from the global RNG
-    )
-
-
-@contextlib.contextmanager
-def _eval_mode(model: torch.nn.Module) -> Iterator[None]:
-    was_training = model.training
-    model.eval()
-    try:
-        yield
-    finally:
-        model.train(was_training)
 
 
 def _run_eval(
@@ -390,11 +361,7 @@ def _run_eval(
                 return None
             batch = _device.to_device(batch, where) if where.type != "cpu" else batch
             inputs, target = inputs_and_targets(batch)
-            with policy.autocast():
-                output = call_model(model, inputs)
-                if not loss_fn.checked:
-                    loss_fn.check(output, target)
-                loss = loss_fn(output, target)
+            output, loss = forward(model, inputs, target, loss_fn, policy.autocast)
             samples = batch_length(target) or 1
             totals.add(loss.detach(), samples, (0, 0, 0))
             for index, (_, fn) in enumerate(metrics):
@@ -643,7 +610,9 @@ class _Trainer:
         if self.dist.enabled and not isinstance(val, torch.utils.data.DataLoader):
             # Each rank validates its share; the sums are added up across ranks.
             return self._resumable(val, "val", batch_size, num_workers, shuffle=False).loader
-        return _eval_loader(val, batch_size=batch_size, num_workers=num_workers, argument="val", where=self.device)
+        return ordered_loader(
+            val, argument="val", batch_size=batch_size, num_workers=num_workers, pin_memory=self.device.type == "cuda"
+        )
 
     def _monitored(self) -> tuple[str, ...]:
         names = ["loss", *self.metric_names]
@@ -1063,7 +1032,7 @@ class _Trainer:
         """Validation metrics (summed over ranks), or None if a signal arrived meanwhile (single process)."""
         # With DDP every rank must finish the same collectives, so validation runs to its end there.
         stop = None if self.dist.enabled else (lambda: self.signal_flag.requested)
-        with _eval_mode(self.model):
+        with model_mode(self.model, train=False):
             totals = _run_eval(
                 self.forward_model,
                 self.val,

@@ -14,13 +14,13 @@ import torch
 
 from colabkit import _notify
 from colabkit.errors import ArgumentError
+from colabkit.train.batches import check_loss_fn
 from colabkit.train.callbacks import EarlyStopping
 from colabkit.train.metrics import resolve_metrics
 
 __all__ = [
     "SESSION_MARGIN",
     "FitOptions",
-    "check_loss_fn",
     "check_model",
     "is_int",
     "parse_duration",
@@ -191,12 +191,6 @@ class FitOptions:
 
 def is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
-
-
-def check_loss_fn(loss_fn: Any) -> Any:
-    if loss_fn is not None and not callable(loss_fn):
-        raise ArgumentError(f"loss_fn={loss_fn!r} must be callable, e.g. loss_fn=torch.nn.CrossEntropyLoss()")
-    return loss_fn
 
 
 def check_model(model: Any) -> torch.nn.Module:
