@@ -69,15 +69,9 @@ class LRFinderResult:
     def plot(self, *, ax: Axes | None = None, path: str | Path | None = None) -> Figure:
         """Smoothed loss against learning rate (log scale), the suggestion marked.
 
-        Args:
-            ax: Axes to draw on; default: a new figure.
-            path: Also save the chart there.
-
-        Returns:
-            The matplotlib Figure, as :meth:`colabkit.History.plot` returns. In a notebook it is
-            shown once, as the cell's result (so end the cell with this call, without ``;``);
-            in a script call ``plt.show()`` or pass ``path=``. With ``ax=`` it is that Axes'
-            figure, left open for you to finish.
+        Draws on ``ax`` (default: a new figure) and saves to ``path`` if given; returns the
+        matplotlib Figure as :meth:`colabkit.History.plot` and ``DeviceComparison.plot()`` do
+        (shown once as a notebook cell's result).
 
         Raises:
             MissingDependencyError: matplotlib is not installed.
