@@ -429,14 +429,15 @@ def compare_devices(
 
     Args:
         model: The model to time.
-        data: A DataLoader (or any iterable) of ``(inputs, targets)`` batches, a Dataset,
-            or an ``(inputs, targets)`` pair of tensors.
+        data: What :func:`colabkit.fit` takes: a Dataset or DataLoader of ``(inputs, targets)``
+            batches (or dicts with a ``"labels"`` key), or an ``(inputs, targets)`` pair of tensors;
+            a Dataset is batched by 32, fit()'s default.
         devices: ``"all"`` (CPU and every usable GPU), one device or a list such as ``["cpu", "cuda"]``.
         steps: Timed steps per measurement; ``"auto"`` runs about one second's worth (3 to 200).
         batch_sizes: Batch sizes to time; ``"auto"`` keeps the data's own batch size.
         phases: ``"train"`` (forward, loss, backward, SGD step) and/or ``"inference"`` (forward only).
-        loss_fn: Loss for the train phase; ``"auto"``: cross-entropy for class labels,
-            mean squared error for float targets of the output's shape.
+        loss_fn: Loss for the train phase, as in :func:`colabkit.fit`; ``"auto"``: fit()'s default,
+            cross-entropy for integer labels.
         precision: ``"fp32"`` (the same arithmetic everywhere: a like-for-like comparison), or
             ``"auto"`` for what :func:`colabkit.fit` would use on each device (fp16 autocast with a
             GradScaler on a T4, bf16 on newer GPUs, fp32 on the CPU), or ``"fp16"`` / ``"bf16"``.

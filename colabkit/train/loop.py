@@ -10,20 +10,19 @@ progress (at most every 0.5 s), the stop checks (signal, callback,
 value back from the GPU: losses and metrics stay on the device in a list and
 are read in one go when progress, a save or the epoch's end needs them.
 
-Resume: the checkpoint holds model, optimizer, scheduler and scaler states,
-the position (epoch, batches done in the epoch, optimizer steps), the run
-seed, the partial epoch's sums, the History, callback states and every RNG
-state. The data order of an epoch depends only on ``(seed, epoch)`` (see
-:mod:`colabkit.train.state`), so the loader skips the finished batches
-without loading them; the RNG states are restored after that, right before
-the first new batch.
+Resume (:mod:`colabkit.train.resume`): the checkpoint holds model, optimizer,
+scheduler and scaler states, the position, the run seed, the partial epoch's
+sums, the History, callback states and every RNG state. The data order of an
+epoch depends only on ``(seed, epoch)`` (see :mod:`colabkit.train.state`), so
+the loader skips the finished batches without loading them; the RNG states
+are restored after that, right before the first new batch
+(``_Trainer._epoch_batches``, the one place an epoch's batches come from).
 
 Ending: the checkpoint manager is closed however the run ends; an error on
 its way out (a NaN loss, another model's checkpoints) wins over a failure
 while closing (a Drive copy), which is warned about. ``time_limit`` keeps
-room for two more steps, a validation and a whole save: RAM copy, commit and
-copies, as timed at the first save of the run (estimated from the model's
-size before that).
+room for two more steps, a validation and a whole save
+(:mod:`colabkit.train.budget`).
 """
 
 from __future__ import annotations
