@@ -662,7 +662,7 @@ class _Trainer:
         Each piece's loss is weighted by its share of the group, so the gradients add up to those of
         the group's mean loss. Losses and metrics stay on the device (read later, in one go).
         """
-        chunks, total, last = self.backoff.chunks, 0, len(group) - 1
+        chunks, total, last, share = self.backoff.chunks, 0, len(group) - 1, 1.0 / len(group)
         where = (self.pos.step + 1, self.pos.epoch, self.pos.batch)
         for index, batch in enumerate(group):
             if self.device.type != "cpu":
@@ -680,7 +680,7 @@ class _Trainer:
                     output, loss = forward(self.forward_model, piece_inputs, piece_target, self.loss_fn, self.autocast)
                     if first:
                         self._check_metrics(output, piece_target)
-                    weight = size / samples / len(group)
+                    weight = share * size / samples
                     scaled = loss * weight if weight != 1.0 else loss
                     # fp16: scale the loss so that small gradients do not underflow.
                     (self.scaler.scale(scaled) if self.scaler is not None else scaled).backward()
