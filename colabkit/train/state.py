@@ -44,6 +44,7 @@ from torch.utils.data.distributed import DistributedSampler
 
 from colabkit import _notify
 from colabkit.errors import ArgumentError
+from colabkit.train.batches import as_dataset, check_batch_size
 
 __all__ = [
     "KeyedBatch",
@@ -55,6 +56,8 @@ __all__ = [
     "capture_rng_state",
     "make_resumable",
     "mix_seed",
+    "ordered_loader",
+    "resolve_workers",
     "restore_rng_state",
     "seed_sample",
 ]
@@ -399,7 +402,8 @@ def make_resumable(
 ) -> ResumableLoader:
     """Build a :class:`ResumableLoader` from a Dataset or an ordinary DataLoader.
 
-    A Dataset gets a DataLoader with ``batch_size`` (32 if None), shuffling as
+    A Dataset (or an ``(x, y)`` pair of tensors) gets a DataLoader with ``batch_size``
+    (:data:`~colabkit.train.batches.DEFAULT_BATCH_SIZE` if None), shuffling as
     asked and ``num_workers`` ("auto": see :func:`default_workers`). A DataLoader
     is rebuilt on the same dataset with the same options, with colabkit's
     sampler in place of a RandomSampler / SequentialSampler / DistributedSampler
@@ -419,19 +423,10 @@ def make_resumable(
     Raises:
         ArgumentError: ``data`` is neither, is empty, or ``batch_size`` / ``num_workers`` are invalid.
     """
+    data = as_dataset(data, argument)
     if isinstance(data, DataLoader):
         return _from_loader(data, argument=argument, seed=seed, rank=rank, world_size=world_size)
-    if not isinstance(data, (Dataset, IterableDataset)) and not (
-        hasattr(data, "__getitem__") and hasattr(data, "__len__")
-    ):
-        raise ArgumentError(
-            f"{argument} is a {type(data).__name__}; pass a torch Dataset or DataLoader, "
-            f"e.g. {argument}=TensorDataset(x, y)"
-        )
-    if batch_size is None:
-        batch_size = 32
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise ArgumentError(f"batch_size={batch_size!r} must be a positive integer, e.g. batch_size=64")
+    batch_size = check_batch_size(batch_size)
     workers = resolve_workers(num_workers, data)
     if isinstance(data, IterableDataset):
         loader = DataLoader(data, batch_size=batch_size, num_workers=workers, pin_memory=pin_memory)
@@ -448,6 +443,32 @@ def make_resumable(
         persistent_workers=workers > 0,
     )
     return ResumableLoader(loader, sampler, seed=seed, exact=True, needs_epoch_rng=False)
+
+
+def ordered_loader(
+    data: Any, *, argument: str, batch_size: int | None, num_workers: int | str, pin_memory: bool
+) -> Any:
+    """The data in its own order, once (evaluate, predict, validation, lr_find, compare_devices).
+
+    A DataLoader is used as it is; a Dataset or an ``(x, y)`` pair of tensors is batched as
+    fit() batches it (:func:`~colabkit.train.batches.check_batch_size`), without shuffling.
+
+    Raises:
+        ArgumentError: ``data`` is not a Dataset, DataLoader or tensor pair, or it is empty.
+    """
+    data = as_dataset(data, argument)
+    if isinstance(data, DataLoader):
+        return data
+    if not isinstance(data, IterableDataset):
+        _length(data, argument)
+    return DataLoader(
+        data,
+        batch_size=check_batch_size(batch_size),
+        shuffle=False,
+        num_workers=resolve_workers(num_workers, data),
+        pin_memory=pin_memory,
+        generator=torch.Generator().manual_seed(0),  # do not draw worker seeds from the global RNG
+    )
 
 
 def resolve_workers(num_workers: int | str, dataset: Any) -> int:
