@@ -60,6 +60,7 @@ __all__ = [
     "is_drive_path",
     "mount_drive",
     "mount_table",
+    "mount_type",
     "project_dirs",
     "recover_if_lost",
     "wait_recovering",
@@ -163,6 +164,24 @@ def mount_table() -> list[MountEntry] | None:
             MountEntry(_unescape_mount_field(fields[0]), _unescape_mount_field(fields[1]), fields[2], options)
         )
     return entries
+
+
+def mount_type(path: str | os.PathLike[str]) -> str | None:
+    """The filesystem type (``fuse.drive``, ``ext4``...) of the mount that holds ``path``.
+
+    Read from the mount table; None where it cannot be read. ``path`` need not exist.
+    """
+    table = mount_table()
+    if table is None:
+        return None
+    rt = runtime()
+    real = os.path.realpath(rt.host_path(os.fspath(path)))
+    best, fstype = "", None
+    for entry in table:
+        point = str(rt.host_path(entry.mountpoint))
+        if (real == point or real.startswith(point.rstrip("/") + "/")) and len(point) >= len(best):
+            best, fstype = point, entry.fstype
+    return fstype
 
 
 def _drive_entries(rt: Runtime) -> dict[Path, MountEntry] | None:

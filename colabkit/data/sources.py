@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import errno
+import functools
 import hashlib
 import http.client
 import inspect
@@ -32,12 +33,13 @@ import urllib.error
 import urllib.parse
 import urllib.request
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import wait as futures_wait
 from pathlib import Path
 from types import ModuleType
 from typing import IO, Any, Literal, Protocol, TypeVar
 
-from colabkit import _io
+from colabkit import _io, drive
 from colabkit.data.archive import _progress_bar
 from colabkit.errors import ArgumentError, ColabkitIOError, DownloadError, missing_dependency
 from colabkit.runtime import runtime
@@ -50,6 +52,7 @@ __all__ = [
     "fs_ops",
     "fsspec_module",
     "gdown_module",
+    "is_remote",
     "resolve",
     "urlopen",
 ]
@@ -113,45 +116,10 @@ def _retry(fn: Callable[[], T], retries: int) -> T:
     return drive_retry(fn, retries=retries, sleep=sleep)
 
 
-_DRIVE_HINTS = frozenset({"drive", "MyDrive", "My Drive", "colabkit_drive", "Shareddrives", "Shared drives"})
-
-
-def _fuse_mount(path: Path) -> bool:
-    """Whether ``path`` lies on a FUSE filesystem (Drive, gcsfuse...): reads are remote there."""
-    from colabkit.drive import _mount_table, _unescape_mount_field
-
-    text = _mount_table()
-    if text is None:
-        return False
-    real = os.path.realpath(path)
-    best, fstype = "", ""
-    for fields in (line.split() for line in text.splitlines()):
-        if len(fields) < 3:
-            continue
-        point, kind = _unescape_mount_field(fields[1]), fields[2]
-        if (real == point or real.startswith(point.rstrip("/") + "/")) and len(point) >= len(best):
-            best, fstype = point, kind
-    return fstype.startswith("fuse")
-
-
-def _is_drive_path(path: Path) -> bool:
-    """Whether reads of ``path`` should be copied off first (Drive or another FUSE mount).
-
-    colabkit.drive.is_drive_path asks runtime(), which may probe GPUs; only ask it
-    when the path looks like Drive, so staging a plain local file stays instant.
-    """
-    if _fuse_mount(path):
-        return True
-    stand_in = os.environ.get("COLABKIT_DRIVE_DIR")
-    looks_like_drive = not _DRIVE_HINTS.isdisjoint(path.parts) or (
-        bool(stand_in) and str(path).startswith(os.path.abspath(stand_in or ""))
-    )
-    if not looks_like_drive:
-        return False
-    from colabkit.drive import is_drive_path
-
+def is_remote(path: Path) -> bool:
+    """Whether reads of ``path`` should be copied to local disk first: Google Drive, or another FUSE mount."""
     try:
-        return bool(is_drive_path(path))
+        return drive.is_drive_path(path) or (drive.mount_type(path) or "").startswith("fuse")
     except OSError:
         return False
 
@@ -255,7 +223,7 @@ class PathSource:
     def fetch(self, ctx: FetchContext) -> Fetched:
         if self.path.is_dir():
             return Fetched(self.path, self.path.name, temporary=False, is_dir=True)
-        if not _is_drive_path(self.path):
+        if not is_remote(self.path):
             return Fetched(self.path, self.path.name, temporary=False)
         # Drive reads are slow and flaky at random offsets: one sequential copy to local disk first.
         size = _retry(lambda: self.path.stat().st_size, ctx.retries)
@@ -298,6 +266,10 @@ def _copy_one(
         finally:
             os.close(fd)
     return copied
+
+
+def _settled(future: Future[Any], timeout: float) -> bool:
+    return bool(futures_wait([future], timeout=timeout).done)
 
 
 def copy_tree(
@@ -344,6 +316,8 @@ def copy_tree(
                 futures = [pool.submit(one, pair) for pair in files]
                 try:
                     for future in futures:
+                        # A copier that lost Drive (errno 107) waits for a remount only this thread may make.
+                        drive.wait_recovering(functools.partial(_settled, future))
                         total_bytes += future.result()
                         tick(1)
                 except BaseException:

@@ -26,7 +26,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
-from colabkit import _io, _notify
+from colabkit import _io, _notify, drive
 from colabkit.data import sources as _sources
 from colabkit.data.archive import ArchiveLimits, archive_format, extract_archive, extracted_size, remove_path
 from colabkit.errors import ArgumentError, ChecksumError, ColabkitError, InsufficientSpaceError
@@ -103,6 +103,7 @@ def stage(
         >>> dataset = torchvision.datasets.ImageFolder(root)  # doctest: +SKIP
     """
     _check_options(sha256, md5, extract, retries, workers)
+    drive.recover_if_lost()  # a main-thread Drive touch: remount here if a background copy lost Drive
     src = _sources.resolve(source)
     base = Path(os.path.abspath(runtime().host_path(os.path.expanduser(dest)))) if dest is not None else _default_dest()
     folder_name = _check_name(name if name is not None else src.default_name(), name is not None)
@@ -134,7 +135,7 @@ def stage(
                 "it, or choose another name= or dest="
             )
         _remove_leftovers(base, folder_name)
-        if _sources._is_drive_path(base):
+        if drive.is_drive_path(base):
             _notify.warn_once(
                 f"stage-dest-drive:{base}",
                 f"stage(): dest {base} is on Google Drive, which is slow for many small files; stage to local "
@@ -216,7 +217,7 @@ def _check_space(src: _sources.Source, base: Path, extract: bool | Literal["auto
         return
     size = _sources._retry(lambda: src.path.stat().st_size, 2)
     fmt = archive_format(src.path) if extract is not False else None
-    copy = size if fmt is not None and _sources._is_drive_path(src.path) else 0
+    copy = size if fmt is not None and _sources.is_remote(src.path) else 0
     # A compressed tar is first decompressed next to the files it holds.
     compressed_tar = fmt in ("tar.gz", "tar.bz2", "tar.xz")
     if fmt is not None and not copy and not compressed_tar:
