@@ -453,26 +453,17 @@ def _colab_modules(fake: FakePlatform) -> dict[str, types.ModuleType]:
         RuntimeManagementError=_RuntimeManagementError,
         WidgetException=_WidgetException,
     )
-    colab = _module(
-        "google.colab",
-        drive=drive,
-        files=files,
-        output=output,
-        runtime=runtime_mod,
-        errors=errors,
-        _message=message,
-        __path__=[],
-    )
-    colab.__fake__ = fake  # type: ignore[attr-defined]
-    return {
-        "google.colab": colab,
-        "google.colab.drive": drive,
-        "google.colab.files": files,
-        "google.colab.output": output,
-        "google.colab._message": message,
-        "google.colab.runtime": runtime_mod,
-        "google.colab.errors": errors,
+    submodules = {
+        "drive": drive,
+        "files": files,
+        "output": output,
+        "_message": message,
+        "runtime": runtime_mod,
+        "errors": errors,
     }
+    colab = _module("google.colab", __path__=[], **submodules)
+    colab.__fake__ = fake  # type: ignore[attr-defined]
+    return {"google.colab": colab, **{f"google.colab.{name}": module for name, module in submodules.items()}}
 
 
 @contextlib.contextmanager
