@@ -387,8 +387,8 @@ class _DriveFSOps(_io.FileOps):
         self._fake = fake
 
     def __getattribute__(self, name: str) -> Any:
-        if name.startswith("_"):
-            return object.__getattribute__(self, name)
+        if name.startswith("_") or name in object.__getattribute__(self, "__dict__"):
+            return object.__getattribute__(self, name)  # its own state, and attributes a test set on it
         target = getattr(object.__getattribute__(self, "_inner"), name)
         if not callable(target):
             return target
@@ -583,7 +583,8 @@ def _fake(
             yield fake
     finally:
         _io.ops = saved_ops
-        fake._mounts.clear()  # a leaked ops wrapper must not refuse anything afterwards
+        # A test's monkeypatch may put the wrapper back after the fake: it must then refuse nothing.
+        fake._mounts.clear()
         _notify.reset_once()
         if made_root:
             shutil.rmtree(base, ignore_errors=True)

@@ -76,18 +76,22 @@ def _steps(folder: Path) -> list[int]:
 
 
 class WaitForTheLoss(Callback):
-    """At step ``at``, waits until the copy thread has marked Drive lost; remembers the last finished step."""
+    """At step ``at``, waits until the copy thread has hit errno 107 and marked Drive lost (or it was
+    remounted already); remembers the last finished step."""
 
-    def __init__(self, at: int) -> None:
-        self.at, self.step = at, 0
+    def __init__(self, at: int, dies: DriveDiesInACopy, mounts: list[tuple[bool, str]]) -> None:
+        self.at, self.dies, self.mounts, self.step = at, dies, mounts, 0
 
     def on_step_end(self, ctx: FitContext) -> None:
         self.step = ctx.step
         if ctx.step == self.at:
             deadline = time.monotonic() + 60  # waits for progress; a loaded machine only makes it slower
-            while not drive.drive_lost() and time.monotonic() < deadline:
+            while not self._seen() and time.monotonic() < deadline:
                 time.sleep(0.01)
-            assert drive.drive_lost(), "the checkpoint copy never hit errno 107"
+            assert self._seen(), "the checkpoint copy never hit errno 107"
+
+    def _seen(self) -> bool:
+        return self.dies.fired_in is not None and (drive.drive_lost() or len(self.mounts) > 1)
 
 
 def test_errno_107_in_a_checkpoint_copy_during_fit_remounts_once_on_the_main_thread(
@@ -96,14 +100,13 @@ def test_errno_107_in_a_checkpoint_copy_during_fit_remounts_once_on_the_main_thr
     platform, mounts = colab
     run = drive.mount_drive() / "run"
     dies = DriveDiesInACopy(_io.ops, platform, run)
-    monkeypatch.setattr(_io, "ops", dies)
     generator = torch.Generator().manual_seed(0)
     x = torch.randn(64, 4, generator=generator)
     data = TensorDataset(x, (x[:, 0] > 0).long())
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2))
     # Checkpoints at steps 4, 8, 12, 16 (8 steps an epoch); the first copy (step 4) loses Drive.
-    waiter = WaitForTheLoss(at=5)
+    waiter = WaitForTheLoss(5, dies, mounts)
     remounted_after: list[int] = []
     real_mount = drive.mount_drive
 
@@ -111,28 +114,30 @@ def test_errno_107_in_a_checkpoint_copy_during_fit_remounts_once_on_the_main_thr
         remounted_after.append(waiter.step)
         return real_mount(*args, **kwargs)
 
-    monkeypatch.setattr(drive, "mount_drive", mount_drive)
-
-    history = fit(
-        model,
-        data,
-        epochs=2,
-        batch_size=8,
-        save_every=4,
-        keep_last=50,
-        checkpoint_dir=run,
-        callbacks=[waiter],
-        device="cpu",
-        progress=False,
-        seed=0,
-    )
+    with monkeypatch.context() as patch:  # undone while the fake still runs
+        patch.setattr(_io, "ops", dies)
+        patch.setattr(drive, "mount_drive", mount_drive)
+        history = fit(
+            model,
+            data,
+            epochs=2,
+            batch_size=8,
+            save_every=4,
+            keep_last=50,
+            checkpoint_dir=run,
+            callbacks=[waiter],
+            device="cpu",
+            progress=False,
+            seed=0,
+        )
 
     assert history.stop_reason == "completed" and len(history) == 2
     assert dies.fired_in is not None and dies.fired_in != threading.main_thread().name  # 107 hit a copy thread
     # The first mount, then exactly one remount, made on the main thread...
     assert mounts == [(False, "MainThread"), (True, "MainThread")]
-    # ...at the first step boundary after the loss, not at the next save or the end of fit.
-    assert remounted_after == [5]
+    # ...at the first step boundary after the loss (step 5's or 6's: the copy thread may be quick or
+    # slow to reach Drive), not at the next save (step 8) or the end of fit.
+    assert remounted_after in ([4], [5])
     assert not drive.drive_lost()
     # Every checkpoint is on Drive too, verified by its manifest.
     with CheckpointManager(run) as manager:
@@ -152,17 +157,18 @@ def test_a_copy_after_fit_returned_is_parked_with_the_fix_and_copied_at_the_next
     run = drive.mount_drive() / "run"
     monkeypatch.setattr(drive, "LOST_WAIT", 0.3)
     dies = DriveDiesInACopy(_io.ops, platform, run)
-    monkeypatch.setattr(_io, "ops", dies)
-    manager = CheckpointManager(run)
-    manager.save({"epoch": 1, "w": torch.ones(3)}, step=1, blocking=True)
-    manager._mirror.lane.join()  # the background copy gives up (no main thread serves it)
-    assert dies.fired_in is not None
-    assert mounts == [(False, "MainThread")]  # the copy thread did not mount
-    out = capsys.readouterr().out
-    assert "colabkit.mount_drive('/content/drive', force_remount=True)" in out
-    assert "checkpoint step 1 is not yet on" in out and "intact" in out
-    assert _steps(manager.local_dir) == [1]  # the save itself stands
-    manager.close()  # a main-thread touch: remounts once, then copies the parked checkpoint
+    with monkeypatch.context() as patch:  # undone while the fake still runs
+        patch.setattr(_io, "ops", dies)
+        manager = CheckpointManager(run)
+        manager.save({"epoch": 1, "w": torch.ones(3)}, step=1, blocking=True)
+        manager._mirror.lane.join()  # the background copy gives up (no main thread serves it)
+        assert dies.fired_in is not None
+        assert mounts == [(False, "MainThread")]  # the copy thread did not mount
+        out = capsys.readouterr().out
+        assert "colabkit.mount_drive('/content/drive', force_remount=True)" in out
+        assert "checkpoint step 1 is not yet on" in out and "intact" in out
+        assert _steps(manager.local_dir) == [1]  # the save itself stands
+        manager.close()  # a main-thread touch: remounts once, then copies the parked checkpoint
     assert mounts == [(False, "MainThread"), (True, "MainThread")]
     assert _steps(run) == [1]
 

@@ -305,3 +305,19 @@ def test_fake_colab_keeps_the_real_google_namespace() -> None:
         for name in [n for n in sys.modules if n == "google" or n.startswith("google.")]:
             del sys.modules[name]
         sys.modules.update(saved)
+
+
+def test_an_ops_wrapper_put_back_after_the_fake_is_transparent(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import errno
+
+    from colabkit import _io
+
+    with fake_colab():
+        monkeypatch.setattr(_io, "ops", _io.ops)  # restored only after the fake is gone: the wrapper comes back
+
+    def boom(fd: int) -> None:
+        raise OSError(errno.EIO, "Input/output error")
+
+    monkeypatch.setattr(_io.ops, "fsync", boom)  # what test_io does: patch the instance
+    with pytest.raises(OSError, match="Input/output"):
+        _io.atomic_write_bytes(tmp_path / "x", b"x")
