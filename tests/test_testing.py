@@ -313,7 +313,9 @@ def test_an_ops_wrapper_put_back_after_the_fake_is_transparent(tmp_path: Path, m
     from colabkit import _io
 
     with fake_colab():
-        monkeypatch.setattr(_io, "ops", _io.ops)  # restored only after the fake is gone: the wrapper comes back
+        wrapper = _io.ops
+    # What a monkeypatch made inside the fake does when it is undone after the fake: put the wrapper back.
+    monkeypatch.setattr(_io, "ops", wrapper)
 
     def boom(fd: int) -> None:
         raise OSError(errno.EIO, "Input/output error")
