@@ -9,6 +9,7 @@ from typing import Any
 import pytest
 import torch
 from torch.utils.data import TensorDataset
+from witness import StepLog
 
 from colabkit.errors import ArgumentError
 from colabkit.train.callbacks import Callback, CSVLogger, EarlyStopping, FitContext
@@ -129,9 +130,12 @@ def test_csv_logger_rewrites_whole_history(tmp_path: Path) -> None:
     path = tmp_path / "logs" / "run.csv"
     fit(mlp(), blobs(), epochs=2, batch_size=8, callbacks=[CSVLogger(path)], checkpoint_dir=tmp_path / "c",
         progress=False)  # fmt: skip
-    fit(mlp(), blobs(), epochs=3, batch_size=8, callbacks=[CSVLogger(path)], checkpoint_dir=tmp_path / "c",
+    steps = StepLog()
+    fit(mlp(), blobs(), epochs=3, batch_size=8, callbacks=[CSVLogger(path), steps], checkpoint_dir=tmp_path / "c",
         progress=False)  # fmt: skip
-    rows = list(csv.DictReader(path.open()))
+    assert steps.span == (9, 12)  # resumed: the first two epochs' rows came from the checkpoint
+    with path.open() as file:
+        rows = list(csv.DictReader(file))
     assert [row["epoch"] for row in rows] == ["0", "1", "2"]
     assert float(rows[2]["loss"]) > 0
 
