@@ -108,9 +108,11 @@ def test_early_stopping_state_survives_resume(tmp_path: Path) -> None:
     fit(mlp(), blobs(), epochs=2, batch_size=8, lr=0.05, callbacks=[first], checkpoint_dir=tmp_path, progress=False)
     assert first.wait == 1
     again = EarlyStopping("loss", patience=3, mode="max")
-    history = fit(mlp(), blobs(), epochs=10, batch_size=8, lr=0.05, callbacks=[again], checkpoint_dir=tmp_path,
+    steps = StepLog()
+    history = fit(mlp(), blobs(), epochs=10, batch_size=8, lr=0.05, callbacks=[again, steps], checkpoint_dir=tmp_path,
                   progress=False)  # fmt: skip
-    assert history.stop_reason == "early_stopping" and len(history) == 4  # a fresh state would run to 6
+    # Resumed after epoch 2 (4 steps an epoch); a fresh EarlyStopping state would run to 6 epochs.
+    assert history.stop_reason == "early_stopping" and len(history) == 4 and steps.span == (9, 16)
     assert again.best_epoch == 0
 
 
