@@ -134,7 +134,7 @@ def stage(
                 "it, or choose another name= or dest="
             )
         _remove_leftovers(base, folder_name)
-        if _sources._is_drive_path(base):
+        if _sources.is_remote_path(base):
             _notify.warn_once(
                 f"stage-dest-drive:{base}",
                 f"stage(): dest {base} is on Google Drive, which is slow for many small files; stage to local "
@@ -214,9 +214,9 @@ def _check_space(src: _sources.Source, base: Path, extract: bool | Literal["auto
     """
     if not isinstance(src, _sources.PathSource) or src.path.is_dir():
         return
-    size = _sources._retry(lambda: src.path.stat().st_size, 2)
+    size = _sources.with_retries(lambda: src.path.stat().st_size, 2)
     fmt = archive_format(src.path) if extract is not False else None
-    copy = size if fmt is not None and _sources._is_drive_path(src.path) else 0
+    copy = size if fmt is not None and _sources.is_remote_path(src.path) else 0
     # A compressed tar is first decompressed next to the files it holds.
     compressed_tar = fmt in ("tar.gz", "tar.bz2", "tar.xz")
     if fmt is not None and not copy and not compressed_tar:
@@ -297,7 +297,7 @@ def _fill(
         os.replace(fetched.path, out)
     else:
         _io.ensure_free_space(staging, size, what=f"the copy of {fetched.name}")
-        _sources._retry(lambda: _sources._copy_one(str(fetched.path), str(out)), retries)
+        _sources.copy_file(fetched.path, out, retries=retries)
     return ".", 1, size
 
 
@@ -321,7 +321,7 @@ def _verify(fetched: _sources.Fetched, src: _sources.Source, expected: dict[str,
 
 
 def _hash(path: Path, algorithm: str) -> str:
-    return _sources._retry(lambda: _io.hash_file(path, algorithm), 2)
+    return _sources.with_retries(lambda: _io.hash_file(path, algorithm), 2)
 
 
 def _publish(staging: Path, target: Path) -> None:
