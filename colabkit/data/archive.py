@@ -236,7 +236,7 @@ def archive_format(path: str | os.PathLike[str], *, name: str | None = None) -> 
 _ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
 
 
-def _zstd_open(path: str) -> IO[bytes]:
+def _zstd_open(path: str, mode: str = "rb") -> IO[bytes]:
     """A reader of the Zstandard file ``path``: Python 3.14's compression.zstd, else the zstandard package."""
     try:
         from compression import zstd
@@ -941,16 +941,23 @@ def _decompress_stream(src: str, fmt: Format, out_path: Path, limits: ArchiveLim
                     last = position
 
             _io.copy_stream(stream.read, write, chunk_size=_BIG)
-    except (UnsafeArchiveError, MissingDependencyError):
-        raise
-    except Exception as exc:
-        # gzip, bz2, lzma, zlib and the zstd readers each have their own error type for bad data.
+    except _stream_errors() as exc:
         if isinstance(exc, OSError) and exc.errno is not None:
             raise
         raise ChecksumError(f"{src}: the compressed data is corrupt or truncated ({exc}); re-download it") from exc
     finally:
         os.close(fd)
     return produced
+
+
+def _stream_errors() -> tuple[type[BaseException], ...]:
+    """What gzip, bz2, lzma, zlib and the zstd readers raise for bad data."""
+    found: list[type[BaseException]] = [OSError, EOFError, lzma.LZMAError, zlib.error]
+    for module in ("zstandard", "compression.zstd"):
+        error = getattr(sys.modules.get(module), "ZstdError", None)
+        if isinstance(error, type) and issubclass(error, BaseException):
+            found.append(error)
+    return tuple(found)
 
 
 def _compressed_position(stream: Any) -> int | None:

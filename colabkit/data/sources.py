@@ -178,7 +178,8 @@ class Source(Protocol):
 
 def _strip_archive_suffix(name: str) -> str:
     lowered = name.lower()
-    for suffix in (".tar.gz", ".tar.bz2", ".tar.xz", ".tgz", ".tbz2", ".tbz", ".txz", ".tar", ".zip", ".gz"):
+    suffixes = (".tar.gz", ".tar.bz2", ".tar.xz", ".tar.zst", ".tar.zstd", ".tgz", ".tbz2", ".tbz", ".txz", ".tzst")
+    for suffix in (*suffixes, ".tar", ".zip", ".7z", ".gz", ".zst"):
         if lowered.endswith(suffix) and len(name) > len(suffix):
             return name[: -len(suffix)]
     return name
