@@ -108,6 +108,7 @@ _METHOD_NAMES |= {93: "Zstandard", 94: "MP3", 95: "XZ", 96: "JPEG", 97: "WavPack
 _METHOD_NAMES |= {n: "Reduce" for n in (2, 3, 4, 5)}
 #: Files operating systems leave in archives that are not data (compared lower-case).
 _LITTER_NAMES = frozenset({".ds_store", "thumbs.db", "ehthumbs.db", "desktop.ini"})
+_LITTER_TAILS = (".ds_store", "thumbs.db", "desktop.ini")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -264,10 +265,12 @@ def is_platform_file(name: str) -> bool:
     macOS Finder's ``__MACOSX/`` folder and AppleDouble ``._name`` companions,
     ``.DS_Store``, and Windows' ``Thumbs.db`` and ``desktop.ini``.
     """
+    if "._" not in name and "__MACOSX" not in name and not name[-11:].lower().endswith(_LITTER_TAILS):
+        return False  # the usual case, decided without splitting the name
     base = name.rpartition("/")[2]
     if base.startswith("._") or base.lower() in _LITTER_NAMES:
         return True
-    return "__MACOSX" in name and "__MACOSX" in name.split("/")
+    return "__MACOSX" in name.split("/")
 
 
 # -- member validation --------------------------------------------------------------------------
@@ -1150,11 +1153,9 @@ def _extract_external(path: str, base: str, plan: _Plan, tick: Callable[[int], N
         proc = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=errors)
         assert proc.stdout is not None
         stream = proc.stdout
-        current = ""
         try:
             for offset, size in plan.order:
                 job = plan.external.get(offset)
-                current = job[0] if job is not None else ""
                 if job is None:
                     _skip_bytes(stream, size, path, plan, errors)
                     continue
@@ -1175,7 +1176,6 @@ def _extract_external(path: str, base: str, plan: _Plan, tick: Callable[[int], N
                 if running != crc:
                     raise _member_error(path, name, f"fails its CRC check ({os.path.basename(command[0])} output)")
                 tick(1)
-            current = ""
             if stream.read(1):
                 raise _tool_failed(path, "", "wrote more data than the archive declares", errors)
             status = proc.wait()
@@ -1189,7 +1189,6 @@ def _extract_external(path: str, base: str, plan: _Plan, tick: Callable[[int], N
             raise
         finally:
             stream.close()
-        del current
 
 
 def _skip_bytes(stream: IO[bytes], size: int, path: str, plan: _Plan, errors: IO[bytes]) -> None:
