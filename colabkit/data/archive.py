@@ -169,9 +169,16 @@ class _Plan:
 
     @property
     def top_level(self) -> tuple[str, ...]:
-        names = {name.split("/", 1)[0] for name, *_ in self.files}
-        names |= {name.split("/", 1)[0] for name in self.dirs}
-        names |= {name.split("/", 1)[0] for name, _ in self.symlinks + self.hardlinks}
+        names = {name.partition("/")[0] for name in self.dirs}
+        jobs: Iterable[tuple[Any, ...]] = itertools.chain(
+            self.files, self.external.values(), self.symlinks, self.hardlinks
+        )
+        for job in jobs:
+            name: str = job[0]
+            slash = name.find("/")
+            top = name if slash < 0 else name[:slash]
+            if top not in names:
+                names.add(top)
         return tuple(sorted(name for name in names if not is_platform_file(name)))
 
 
@@ -265,12 +272,17 @@ def is_platform_file(name: str) -> bool:
     macOS Finder's ``__MACOSX/`` folder and AppleDouble ``._name`` companions,
     ``.DS_Store``, and Windows' ``Thumbs.db`` and ``desktop.ini``.
     """
-    if "._" not in name and "__MACOSX" not in name and not name[-11:].lower().endswith(_LITTER_TAILS):
+    if not _maybe_litter(name):
         return False  # the usual case, decided without splitting the name
     base = name.rpartition("/")[2]
     if base.startswith("._") or base.lower() in _LITTER_NAMES:
         return True
     return "__MACOSX" in name.split("/")
+
+
+def _maybe_litter(name: str) -> bool:
+    # A cheap first look: most names hold none of these.
+    return "._" in name or "__MACOSX" in name or name[-11:].lower().endswith(_LITTER_TAILS)
 
 
 # -- member validation --------------------------------------------------------------------------
@@ -448,16 +460,19 @@ def _scan_zip(path: str, limits: ArchiveLimits, keep_platform_files: bool = Fals
         )
     following = dict(zip(offsets, [*offsets[1:], start_dir], strict=True))
     files = plan.files
+    kinds = names.kinds
     plan.order = [(entry[7], entry[5]) for entry in entries]
+    header = LOCAL_HEADER.size
+    grace = limits.ratio_grace
     for filename, flags, method, crc, packed, size, mode, offset in entries:
         name = _clean_name(filename, path)
         limit = following[offset]
-        if offset + LOCAL_HEADER.size + packed > limit:
+        if offset + header + packed > limit:
             raise UnsafeArchiveError(
                 f"{path}: member {filename!r} overlaps the next one; this is an overlapping-entry zip bomb or "
                 "a corrupt archive, rejected"
             )
-        if not keep_platform_files and is_platform_file(name):
+        if not keep_platform_files and _maybe_litter(name) and is_platform_file(name):
             plan.skipped += 1
             continue
         if flags & 0x1:
@@ -478,8 +493,12 @@ def _scan_zip(path: str, limits: ArchiveLimits, keep_platform_files: bool = Fals
                 f"{path}: member {filename!r} is a device, FIFO or socket (mode {oct(mode)}); datasets hold "
                 "only files and folders, so the archive is rejected"
             )
-        names.add(name, "file")
-        if size > limits.ratio_grace:
+        parent = name.rpartition("/")[0]
+        if not names.normal and name not in kinds and kinds.get(parent) == "dir" and name.isascii():
+            kinds[name] = "file"  # the usual case, as _Names.add would decide it
+        else:
+            names.add(name, "file")
+        if size > grace:
             _check_ratio(path, f"member {filename!r}", size, packed, limits)
         job = (name, offset, packed, size, method, crc, 0o755 if mode & 0o111 else 0o644, limit)
         if method in _ZIP_METHODS:
@@ -1107,9 +1126,9 @@ def _gzip_size_hint(path: str) -> int:
 
 
 def _make_dirs(base: str, plan: _Plan, jobs: Iterable[tuple[Any, ...]]) -> None:
-    dirs = set(plan.dirs)
-    for name, *_ in jobs:
-        parent = name.rpartition("/")[0]
+    dirs = plan.dirs
+    for job in jobs:
+        parent = job[0].rpartition("/")[0]
         while parent and parent not in dirs:
             dirs.add(parent)
             parent = parent.rpartition("/")[0]
