@@ -465,3 +465,19 @@ def test_70000_entry_zip_takes_the_parallel_fast_path(tmp_path: Path, monkeypatc
     assert forked == [2]
     assert (root / "7" / "12347.png").read_bytes() == b"12347"
     assert sum(len(files) for _, _, files in os.walk(root)) == count
+
+
+def test_overlapping_member_for_the_tool_is_refused_before_writing(tmp_path: Path, source: Path) -> None:
+    need("7z", "unzip")
+    out = tmp_path / "data.zip"
+    run(["7z", "a", "-tzip", "-mm=Deflate64", "-bd", str(out), "data"], source.parent)
+    data = bytearray(out.read_bytes())
+    at = central_entry(data, "data/日本語/猫.txt".encode())
+    assert struct.unpack_from("<H", data, at + 10)[0] == 9  # Deflate64
+    packed = struct.unpack_from("<L", data, at + 20)[0]
+    # Still short of the next header by the central directory's rough count, past it by the exact one.
+    struct.pack_into("<L", data, at + 20, packed + 5)
+    out.write_bytes(bytes(data))
+    with pytest.raises(UnsafeArchiveError, match=r"猫\.txt' overlaps the next one"):
+        stage(out, tmp_path / "staged", progress=False)
+    assert os.listdir(tmp_path / "staged") == []

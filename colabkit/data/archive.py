@@ -524,7 +524,23 @@ def _scan_zip(path: str, limits: ArchiveLimits, keep_platform_files: bool = Fals
     _check_ratio(path, "the archive", plan.total, packed_total, limits)
     if plan.external:
         _zip_tool(path, plan)  # no tool: refuse now, before anything is written
+        _check_local_headers(path, plan.external.values())
     return plan
+
+
+def _check_local_headers(path: str, jobs: Iterable[tuple[str, int, int, int, int, int, int, int]]) -> None:
+    """The exact overlap check the extraction workers make, for members a system tool decompresses."""
+    with open(path, "rb") as handle:
+        fd = handle.fileno()
+        for name, offset, packed, *_, limit in jobs:
+            head = os.pread(fd, LOCAL_HEADER.size, offset)
+            if len(head) < LOCAL_HEADER.size or head[:4] != LOCAL_SIG:
+                raise _member_error(path, name, "has a bad local header")
+            name_len, extra_len = struct.unpack_from("<HH", head, 26)
+            if offset + LOCAL_HEADER.size + name_len + extra_len + packed > limit:
+                raise UnsafeArchiveError(
+                    f"{path}: member {name!r} overlaps the next one; this is an overlapping-entry zip bomb, rejected"
+                )
 
 
 def _method_name(method: int) -> str:

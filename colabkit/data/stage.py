@@ -236,7 +236,7 @@ def _check_space(src: _sources.Source, base: Path, extract: bool | Literal["auto
     fmt = archive_format(src.path) if extract is not False else None
     copy = size if fmt is not None and _sources.is_remote_path(src.path) else 0
     # A compressed tar is first decompressed next to the files it holds.
-    compressed_tar = fmt in ("tar.gz", "tar.bz2", "tar.xz")
+    compressed_tar = fmt in ("tar.gz", "tar.bz2", "tar.xz", "tar.zst")
     if fmt is not None and not copy and not compressed_tar:
         return  # a local zip, tar or gz: extraction checks exactly this before it writes
     extracted = extracted_size(src.path, fmt) if fmt is not None else size
