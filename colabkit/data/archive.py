@@ -1192,7 +1192,7 @@ def _extract_external(path: str, base: str, plan: _Plan, tick: Callable[[int], N
             for offset, size in plan.order:
                 job = plan.external.get(offset)
                 if job is None:
-                    _skip_bytes(stream, size, path, plan, errors)
+                    _skip_bytes(stream, size, path, errors)
                     continue
                 name, _, _, _, _, crc, mode, _ = job
                 fd = _io.ops.create(f"{base}/{name}", mode)
@@ -1226,7 +1226,7 @@ def _extract_external(path: str, base: str, plan: _Plan, tick: Callable[[int], N
             stream.close()
 
 
-def _skip_bytes(stream: IO[bytes], size: int, path: str, plan: _Plan, errors: IO[bytes]) -> None:
+def _skip_bytes(stream: IO[bytes], size: int, path: str, errors: IO[bytes]) -> None:
     left = size
     while left:
         block = stream.read(min(left, _BIG))

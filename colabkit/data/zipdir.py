@@ -153,10 +153,13 @@ def _parse_central(path: str, central: bytes, count: int, prefix: int) -> list[E
     unpack = _CENTRAL.unpack_from
     find = central.find
     pos = 0
-    for _ in range(count):
-        if central[pos : pos + 4] != b"PK\x01\x02":
-            raise _corrupt(path, f"central directory entry {len(entries) + 1} of {count} is damaged")
+    # Read as many entries as the directory's size holds, as zipfile does: some tools write
+    # more than 65,535 members without zip64, and their count has wrapped around.
+    end = len(central) - 46
+    while pos <= end:
         fields = unpack(central, pos)
+        if fields[0] != b"PK\x01\x02":
+            raise _corrupt(path, f"central directory entry {len(entries) + 1} of {count} is damaged")
         flags, name_len, extra_len, comment_len = fields[5], fields[12], fields[13], fields[14]
         name_end = pos + 46 + name_len
         extra_end = name_end + extra_len
@@ -179,6 +182,6 @@ def _parse_central(path: str, central: bytes, count: int, prefix: int) -> list[E
         mode = (fields[17] >> 16) & 0xFFFF if fields[2] == 3 else 0
         append((name, flags, fields[6], fields[9], packed, plain, mode, offset + prefix))
         pos = extra_end + comment_len
-    if pos > len(central):
-        raise _corrupt(path, "the central directory is truncated")
+    if pos != len(central) or len(entries) % 65536 != count % 65536:
+        raise _corrupt(path, f"the central directory holds {len(entries)} entries where it says {count}")
     return entries
