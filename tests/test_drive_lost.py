@@ -34,15 +34,16 @@ def _fresh_drive(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 class DriveDiesInACopy:
-    """colabkit's file operations, where DriveFS dies the first time a background thread writes to ``folder``."""
+    """colabkit's file operations, where DriveFS dies the first time a background thread opens a file
+    in ``folder`` (for writing, or with ``when="r"`` for reading)."""
 
-    def __init__(self, inner: Any, colab: FakePlatform, folder: Path) -> None:
-        self.inner, self.colab, self.folder = inner, colab, str(folder)
+    def __init__(self, inner: Any, colab: FakePlatform, folder: Path, when: str = "w") -> None:
+        self.inner, self.colab, self.folder, self.when = inner, colab, str(folder), when
         self.fired_in: str | None = None
 
     def open(self, path: Any, mode: str) -> Any:
         background = threading.current_thread() is not threading.main_thread()
-        if self.fired_in is None and background and "w" in mode and str(path).startswith(self.folder):
+        if self.fired_in is None and background and self.when in mode and str(path).startswith(self.folder):
             self.fired_in = threading.current_thread().name
             self.colab.kill_drive()
             raise OSError(errno.ENOTCONN, "Transport endpoint is not connected", str(path))
@@ -179,26 +180,19 @@ def test_stage_copy_pool_waits_for_the_main_thread_remount(
     from colabkit.data import sources
 
     platform, mounts = colab
-    monkeypatch.setattr(drive, "LOST_WAIT", 10.0)  # without the main thread's help the copy would give up
+    monkeypatch.setattr(drive, "LOST_WAIT", 10.0)  # without the main thread's help the copies would give up
     folder = drive.mount_drive() / "images"
     folder.mkdir()
     for index in range(16):
         (folder / f"{index}.txt").write_text(str(index))
-    failed: list[str] = []
-    real_copy = sources._copy_one
-
-    def copy_one(src: str, dst: str, **kwargs: Any) -> int:
-        if not failed and threading.current_thread() is not threading.main_thread():
-            failed.append(threading.current_thread().name)
-            raise OSError(errno.ENOTCONN, "Transport endpoint is not connected", src)
-        return real_copy(src, dst, **kwargs)
-
-    monkeypatch.setattr(sources, "_copy_one", copy_one)
     out = platform.path("/content/data/images")
     out.mkdir(parents=True)
-    files, _ = sources.copy_tree(folder, out, workers=4, progress=False)
-    assert files == 16 and failed
-    assert sorted(p.name for p in out.iterdir()) == sorted(f"{i}.txt" for i in range(16))
+    dies = DriveDiesInACopy(_io.ops, platform, folder, when="r")
+    with monkeypatch.context() as patch:  # undone while the fake still runs
+        patch.setattr(_io, "ops", dies)
+        files, _ = sources.copy_tree(folder, out, workers=4, progress=False)
+    assert files == 16 and dies.fired_in is not None and dies.fired_in != "MainThread"
+    assert sorted(p.read_text() for p in out.iterdir()) == sorted(str(i) for i in range(16))
     assert mounts == [(False, "MainThread"), (True, "MainThread")]
 
 
