@@ -50,6 +50,7 @@ __all__ = [
     "SeededDataset",
     "SkippingBatchSampler",
     "TrainPosition",
+    "is_full_random",
     "make_resumable",
     "mix_seed",
     "seed_sample",
@@ -200,14 +201,23 @@ class ResumableBatchSampler:
             order = order[self.rank : total : self.world_size]
         return order
 
-    def __iter__(self) -> Iterator[KeyedBatch]:
-        skip, self._skip = self._skip, 0
-        order = self.indices(self.epoch)
+    def epoch_order(self, epoch: int, *, skip: int = 0) -> torch.Tensor:
+        """The indices of ``epoch``'s batches after the first ``skip``, back to back (``drop_last`` applied).
+
+        Batch ``k`` of the epoch is ``order[(k - skip) * batch_size:][:batch_size]``; the
+        DataLoader path and the in-memory fast path both cut their batches from this.
+        """
+        order = self.indices(epoch)
         size = self.batch_size
         stop = (len(order) // size) * size if self.drop_last else len(order)
+        return order[skip * size : stop]
+
+    def __iter__(self) -> Iterator[KeyedBatch]:
+        skip, self._skip = self._skip, 0
         epoch = self.epoch
+        size = self.batch_size
         # One tolist() for the whole epoch; slicing Python lists is cheaper than per-batch tensor work.
-        flat = order[skip * size : stop].tolist()
+        flat = self.epoch_order(epoch, skip=skip).tolist()
         for start in range(0, len(flat), size):
             yield KeyedBatch(flat[start : start + size], epoch)
 
@@ -377,7 +387,8 @@ class ResumableLoader:
         return iterator
 
 
-def _is_full_random(sampler: Any) -> bool:
+def is_full_random(sampler: Any) -> bool:
+    """Whether ``sampler`` is a RandomSampler over the whole dataset without replacement (a plain shuffle)."""
     return isinstance(sampler, RandomSampler) and not sampler.replacement and sampler._num_samples is None
 
 
@@ -476,7 +487,7 @@ def _from_loader(loader: DataLoader, *, argument: str, seed: int, rank: int, wor
     sampler = loader.sampler
     batch_sampler: ResumableBatchSampler | SkippingBatchSampler
     known_batches = type(loader.batch_sampler) is BatchSampler and loader.batch_size is not None
-    if known_batches and (isinstance(sampler, SequentialSampler) or _is_full_random(sampler)):
+    if known_batches and (isinstance(sampler, SequentialSampler) or is_full_random(sampler)):
         batch_sampler = ResumableBatchSampler(
             length,
             int(loader.batch_size),  # type: ignore[arg-type]
