@@ -1,11 +1,13 @@
 """Child process for the CUDA resume test: deterministic CUDA training with fit(), killable mid-run.
 
-    python _cuda_worker.py OUT --dir D --data fast|loader [--kill-at STEP --after-save STEP]
+    python _cuda_worker.py OUT --dir D --data fast|plain|loader [--kill-at STEP --after-save STEP]
 
 Deterministic settings as a user would set them: ``CUBLAS_WORKSPACE_CONFIG`` (set by
 the parent before CUDA starts), ``torch.use_deterministic_algorithms(True)``,
 cuDNN benchmark off. The model has dropout (the CUDA RNG), the data is shuffled
 and, for ``--data loader``, augmented inside the Dataset (torch's CPU RNG).
+``fast`` is a TensorDataset (the in-memory fast path), ``plain`` the same tensors
+through a Dataset subclass's own ``__getitem__`` (the DataLoader path).
 ``--kill-at`` SIGKILLs the process after optimizer step STEP, once the
 checkpoint of step ``--after-save`` is committed. On a normal finish the final
 parameters go to OUT and the first optimizer step this process took (the
@@ -20,6 +22,7 @@ import signal
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch.utils.data import Dataset, TensorDataset
@@ -35,6 +38,11 @@ def tensors() -> tuple[torch.Tensor, torch.Tensor]:
     x = torch.randn(96, 3, 8, 8, generator=generator)
     y = (x.mean(dim=(1, 2, 3)) > 0).long()
     return x, y
+
+
+class Plain(TensorDataset):
+    def __getitem__(self, index: Any) -> Any:
+        return super().__getitem__(index)
 
 
 class Augmented(Dataset):  # type: ignore[type-arg]
@@ -85,14 +93,14 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("out")
     parser.add_argument("--dir", required=True)
-    parser.add_argument("--data", choices=["fast", "loader"], required=True)
+    parser.add_argument("--data", choices=["fast", "plain", "loader"], required=True)
     parser.add_argument("--kill-at", type=int)
     parser.add_argument("--after-save", type=int)
     args = parser.parse_args()
     assert os.environ.get("CUBLAS_WORKSPACE_CONFIG"), "the parent sets CUBLAS_WORKSPACE_CONFIG before CUDA starts"
     torch.use_deterministic_algorithms(True)
     torch.backends.cudnn.benchmark = False
-    data = TensorDataset(*tensors()) if args.data == "fast" else Augmented()
+    data = {"fast": TensorDataset, "plain": Plain}[args.data](*tensors()) if args.data != "loader" else Augmented()
     model = make_model()
     witness = Witness(args.dir, args.kill_at, args.after_save)
     history = fit(

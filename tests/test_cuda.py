@@ -227,6 +227,20 @@ def test_exact_resume_on_cuda_after_sigkill(tmp_path: Path, subprocess_env: dict
         assert torch.equal(value, res[name]), name
 
 
+def test_fit_on_the_fast_path_equals_the_dataloader_path_on_cuda(
+    tmp_path: Path, subprocess_env: dict[str, str]
+) -> None:
+    env = {**subprocess_env, "CUBLAS_WORKSPACE_CONFIG": ":4096:8", "PYTHONUNBUFFERED": "1"}
+    fast = _cuda_worker(tmp_path / "fast.pt", env, "--dir", str(tmp_path / "a"), "--data", "fast")
+    plain = _cuda_worker(tmp_path / "plain.pt", env, "--dir", str(tmp_path / "b"), "--data", "plain")
+    assert fast.returncode == 0 and plain.returncode == 0, fast.stderr + plain.stderr
+    assert "train on the in-memory fast path (96 samples on cuda" in fast.stdout, fast.stdout
+    assert "train on the DataLoader path" in plain.stdout, plain.stdout
+    a, b = torch.load(tmp_path / "fast.pt", weights_only=True), torch.load(tmp_path / "plain.pt", weights_only=True)
+    for name, value in a.items():
+        assert torch.equal(value, b[name]), name
+
+
 # ----------------------------------------------------------------------------- loaders and model options
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterable
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -20,15 +21,16 @@ from torch.utils.data import (
     default_collate,
 )
 
+from colabkit.train.callbacks import Callback, FitContext
 from colabkit.train.fastpath import (
     DEVICE_MEMORY_SHARE,
     TensorBatches,
-    as_tensor_data,
     choose_placement,
     dataloader_reason,
     for_evaluation,
     for_training,
 )
+from colabkit.train.loop import evaluate, fit, predict
 from colabkit.train.state import ResumableBatchSampler, make_resumable
 
 CPU = torch.device("cpu")
@@ -139,19 +141,12 @@ def test_each_rank_gets_its_shard() -> None:
 
 def test_tensors_passed_directly() -> None:
     x, y, *_ = tensors()
-    data = as_tensor_data((x, y))
-    assert isinstance(data, TensorDataset) and len(data) == SIZE
-    fast = for_training(data, resumable(data, batch_size=8, seed=1), CPU)
-    assert_same_batches(resumable(TensorDataset(x, y), batch_size=8, seed=1).epoch(0), fast.epoch(0))  # type: ignore[union-attr]
-    single = as_tensor_data(x)
-    assert isinstance(single, TensorDataset) and len(single.tensors) == 1
-    # Not rows of tensors: left as they are (a list of samples, mismatched lengths, a 0-d tensor).
-    samples = [x[0], x[1]]
-    assert as_tensor_data(samples) is samples
-    mismatched = (x, y[:-1])
-    assert as_tensor_data(mismatched) is mismatched
-    scalar = torch.tensor(1.0)
-    assert as_tensor_data(scalar) is scalar
+    loader = resumable((x, y), batch_size=8, seed=1)  # fit(model, (x, y)): rows of x and y are the samples
+    fast = for_training((x, y), loader, CPU)
+    assert fast is not None and len(fast.dataset) == SIZE
+    assert_same_batches(resumable(TensorDataset(x, y), batch_size=8, seed=1).epoch(0), fast.epoch(0))
+    ordered = for_evaluation((x, y), batch_size=8, device=CPU)
+    assert_same_batches(DataLoader(TensorDataset(x, y), batch_size=8), ordered)  # type: ignore[arg-type]
 
 
 def test_the_global_rng_is_not_touched() -> None:
@@ -314,3 +309,106 @@ def test_cpu_training_indexes_on_the_host() -> None:
     batch = next(iter(fast))
     assert batch[0].device == CPU and torch.equal(batch[0], data.tensors[0][:5])
     assert fast.nbytes == sum(t.numel() * t.element_size() for t in data.tensors)
+
+
+# ----------------------------------------------------------------------------- fit, evaluate, predict
+
+
+class Plain(TensorDataset):
+    """Reads samples exactly as TensorDataset does, through its own ``__getitem__``: the DataLoader path."""
+
+    def __getitem__(self, index: Any) -> Any:
+        return super().__getitem__(index)
+
+
+def classification(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    generator = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, 6, generator=generator)
+    return x, (x[:, 0] + 2 * x[:, 1]).gt(0).long() + (x[:, 2] > 1).long()
+
+
+def mlp() -> torch.nn.Module:
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Linear(6, 16), torch.nn.ReLU(), torch.nn.Dropout(0.2), torch.nn.Linear(16, 3))
+
+
+def train(data: Any, val: Any = None, **options: Any) -> tuple[torch.nn.Module, Any]:
+    model = mlp()
+    settings: dict[str, Any] = {"epochs": 3, "batch_size": 8, "seed": 5, "lr": 1e-2, "progress": False}
+    history = fit(model, data, val, **{**settings, **options})
+    return model, history
+
+
+def assert_same_training(a: tuple[torch.nn.Module, Any], b: tuple[torch.nn.Module, Any]) -> None:
+    (model_a, history_a), (model_b, history_b) = a, b
+    for (name, p), q in zip(model_a.state_dict().items(), model_b.state_dict().values(), strict=True):
+        assert torch.equal(p, q), f"parameter {name} differs"
+    timing = {"time", "samples_per_sec"}
+    records = [[{k: v for k, v in r.items() if k not in timing} for r in h.records] for h in (history_a, history_b)]
+    assert records[0] and records[0] == records[1]
+
+
+@pytest.mark.parametrize("accum", [1, 3])
+def test_fit_on_the_fast_path_equals_the_dataloader_path(accum: int, capsys: pytest.CaptureFixture[str]) -> None:
+    (x, y), (xv, yv) = classification(70, 1), classification(30, 2)
+    fast = train(TensorDataset(x, y), TensorDataset(xv, yv), grad_accum=accum, progress=True)
+    out = capsys.readouterr().out
+    assert "data: train on the in-memory fast path (70 samples), val on the in-memory fast path (30 samples)" in out
+    loader = train(Plain(x, y), Plain(xv, yv), grad_accum=accum, progress=True)
+    out = capsys.readouterr().out
+    assert "data: train on the DataLoader path, since Plain reads its samples its own way" in out
+    assert_same_training(fast, loader)
+    assert fast[1][-1]["val_loss"] == loader[1][-1]["val_loss"]
+    tuples = train((x, y), (xv, yv), grad_accum=accum)  # tensors passed directly: the same run again
+    assert_same_training(fast, tuples)
+
+
+def test_a_user_dataloader_takes_the_fast_path_with_its_options(capsys: pytest.CaptureFixture[str]) -> None:
+    x, y = classification(70, 1)
+    fast = train(DataLoader(TensorDataset(x, y), batch_size=6, shuffle=True, drop_last=True), progress=True)
+    assert "train on the in-memory fast path" in capsys.readouterr().out
+    loader = train(DataLoader(Plain(x, y), batch_size=6, shuffle=True, drop_last=True))
+    assert_same_training(fast, loader)
+    custom = DataLoader(TensorDataset(x, y), batch_size=6, collate_fn=lambda batch: default_collate(batch))
+    train(custom, epochs=1, progress=True)
+    assert "DataLoader path, since the loader has a custom collate_fn" in capsys.readouterr().out
+
+
+def test_evaluate_and_predict_on_the_fast_path_equal_the_dataloader_path() -> None:
+    x, y = classification(50, 3)
+    model = mlp()
+    assert evaluate(model, TensorDataset(x, y), batch_size=7, progress=False) == evaluate(
+        model, Plain(x, y), batch_size=7, progress=False
+    )
+    assert evaluate(model, (x, y), batch_size=7, progress=False) == evaluate(
+        model, DataLoader(Plain(x, y), batch_size=7), progress=False
+    )
+    assert torch.equal(
+        predict(model, x, batch_size=7, progress=False), predict(model, Plain(x), batch_size=7, progress=False)
+    )
+
+
+class FirstStep(Callback):
+    def __init__(self) -> None:
+        self.first: int | None = None
+        self.steps = 0
+
+    def on_step_end(self, ctx: FitContext) -> None:
+        self.first = ctx.step if self.first is None else self.first
+        self.steps += 1
+
+
+def test_fast_path_resumes_exactly_without_reading_the_finished_batches(tmp_path: Path) -> None:
+    x, y = classification(70, 1)  # 9 batches of 8 per epoch, the last one of 6
+    data = TensorDataset(x, y)
+    reference = train(data, epochs=2, checkpoint_dir=tmp_path / "a", save_every=5)
+    _, partial = train(data, epochs=2, checkpoint_dir=tmp_path / "b", save_every=5, max_steps=5)
+    assert partial.stop_reason == "max_steps"
+    witness = FirstStep()
+    with CountRowsRead() as counter:
+        resumed = train(data, epochs=2, checkpoint_dir=tmp_path / "b", save_every=5, callbacks=[witness])
+    # It resumed (first step 6, 13 of 18 steps trained) and read only the rows it trained on:
+    # epoch 1 after its first 5 batches, then all of epoch 2, for both tensors; no replay.
+    assert witness.first == 6 and witness.steps == 13
+    assert counter.rows == ((70 - 5 * 8) + 70) * 2
+    assert_same_training(reference, resumed)

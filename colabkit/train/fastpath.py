@@ -33,6 +33,7 @@ import torch
 from torch.utils.data import BatchSampler, DataLoader, SequentialSampler, TensorDataset, default_collate
 from torch.utils.data.distributed import DistributedSampler
 
+from colabkit.train.batches import as_dataset
 from colabkit.train.oom import is_out_of_memory
 from colabkit.train.state import ResumableBatchSampler, ResumableLoader, is_full_random
 
@@ -40,11 +41,11 @@ __all__ = [
     "DEVICE_MEMORY_SHARE",
     "Placement",
     "TensorBatches",
-    "as_tensor_data",
     "choose_placement",
     "dataloader_reason",
     "for_evaluation",
     "for_training",
+    "path_notice",
 ]
 
 #: The tensors move to the GPU once when their size is at most this share of the GPU's free memory
@@ -54,23 +55,6 @@ DEVICE_MEMORY_SHARE = 0.5
 Placement = Literal["device", "pinned", "host"]
 
 _STAGING_SLOTS = 2  # one buffer being copied to the GPU while the next batch is gathered into the other
-
-
-def as_tensor_data(data: Any) -> Any:
-    """A tensor, or a tuple of tensors with one leading size, as a ``TensorDataset``; anything else unchanged.
-
-    ``fit(model, (x, y))`` then means what it says: samples are rows of ``x`` and ``y``.
-    """
-    if isinstance(data, torch.Tensor) and data.dim() > 0:
-        return TensorDataset(data)
-    if (
-        isinstance(data, tuple)
-        and data
-        and all(isinstance(t, torch.Tensor) and t.dim() > 0 for t in data)
-        and len({t.shape[0] for t in data}) == 1
-    ):
-        return TensorDataset(*data)
-    return data
 
 
 def choose_placement(nbytes: int, free_bytes: int, *, share: float | None = None) -> Placement:
@@ -93,13 +77,13 @@ def _is_plain_tensor_dataset(dataset: Any) -> bool:
 
 def _dataset_reason(dataset: Any, device: torch.device) -> str | None:
     if not isinstance(dataset, TensorDataset):
-        return f"the dataset is a {type(dataset).__name__}, not in-memory tensors"
+        return f"{type(dataset).__name__} is not in-memory tensors"
     if not _is_plain_tensor_dataset(dataset):
-        return f"{type(dataset).__name__} changes how a TensorDataset reads samples (a per-sample transform)"
+        return f"{type(dataset).__name__} reads its samples its own way (a per-sample transform)"
     places = {t.device for t in dataset.tensors}
     if places != {torch.device("cpu")} and places != {device}:
         where = ", ".join(sorted(str(p) for p in places))
-        return f"the tensors are on {where} while training runs on {device}"
+        return f"the tensors are on {where}, the model on {device}"
     return None
 
 
@@ -107,7 +91,8 @@ def dataloader_reason(data: Any, *, device: torch.device, ordered: bool = False)
     """Why ``data`` keeps the DataLoader path, or None when its batches can be cut by indexing.
 
     Args:
-        data: What fit(), evaluate() or predict() was given (after :func:`as_tensor_data`).
+        data: What fit(), evaluate() or predict() was given (after
+            :func:`~colabkit.train.batches.as_dataset`).
         device: The device the model runs on.
         ordered: Evaluation: the batches must come in dataset order (no shuffling sampler).
 
@@ -127,7 +112,7 @@ def dataloader_reason(data: Any, *, device: torch.device, ordered: bool = False)
         return "the loader has a worker_init_fn"
     sampler = data.sampler
     if ordered and not isinstance(sampler, SequentialSampler):
-        return f"the evaluation loader draws its order from a {type(sampler).__name__}"
+        return f"the loader's {type(sampler).__name__} draws the evaluation order"
     if not (isinstance(sampler, (SequentialSampler, DistributedSampler)) or is_full_random(sampler)):
         return f"the loader has a custom sampler ({type(sampler).__name__})"
     return None
@@ -259,8 +244,11 @@ class _PinnedStaging:
         return batch
 
 
-def for_training(data: Any, resumable: ResumableLoader, device: torch.device) -> TensorBatches | None:
+def for_training(
+    data: Any, resumable: ResumableLoader, device: torch.device, *, argument: str = "train"
+) -> TensorBatches | None:
     """The fast path for fit()'s training data, following ``resumable``'s sampler; None keeps the DataLoader."""
+    data = as_dataset(data, argument)
     if dataloader_reason(data, device=device) is not None:
         return None
     sampler = resumable.batch_sampler
@@ -270,14 +258,19 @@ def for_training(data: Any, resumable: ResumableLoader, device: torch.device) ->
     return TensorBatches(dataset.tensors, sampler, device)
 
 
-def for_evaluation(data: Any, *, batch_size: int, device: torch.device) -> TensorBatches | None:
+def for_evaluation(
+    data: Any, *, batch_size: int, device: torch.device, argument: str = "data"
+) -> TensorBatches | None:
     """The fast path for evaluate(), predict() and validation (dataset order); None keeps the DataLoader.
 
     Args:
-        data: A TensorDataset (``batch_size`` applies) or a DataLoader (its own batch size and drop_last).
+        data: A TensorDataset or ``(x, y)`` tensors (``batch_size`` applies), or a DataLoader
+            (its own batch size and ``drop_last``).
         batch_size: Batch size for a dataset.
         device: The device the model runs on.
+        argument: The argument's name, for errors.
     """
+    data = as_dataset(data, argument)
     if dataloader_reason(data, device=device, ordered=True) is not None:
         return None
     dataset: TensorDataset
@@ -287,3 +280,11 @@ def for_evaluation(data: Any, *, batch_size: int, device: torch.device) -> Tenso
         dataset, size, drop_last = data, batch_size, False
     sampler = ResumableBatchSampler(len(dataset), size, shuffle=False, drop_last=drop_last)
     return TensorBatches(dataset.tensors, sampler, device)
+
+
+def path_notice(data: Any, batches: Any, device: torch.device, *, ordered: bool = False) -> str:
+    """Which path ``batches`` (made from ``data``) takes, for the progress notice."""
+    if isinstance(batches, TensorBatches):
+        return batches.describe()
+    reason = dataloader_reason(as_dataset(data, "data"), device=device, ordered=ordered)
+    return f"DataLoader path, since {reason}" if reason else "DataLoader path"
