@@ -258,9 +258,7 @@ def for_training(
     return TensorBatches(dataset.tensors, sampler, device)
 
 
-def for_evaluation(
-    data: Any, *, batch_size: int, device: torch.device, argument: str = "data"
-) -> TensorBatches | None:
+def for_evaluation(data: Any, *, batch_size: int, device: torch.device, argument: str = "data") -> TensorBatches | None:
     """The fast path for evaluate(), predict() and validation (dataset order); None keeps the DataLoader.
 
     Args:
