@@ -144,7 +144,7 @@ def fit(
         epochs: Number of epochs.
         max_steps: Stop after this many optimizer steps in total (across resumes).
         optimizer: An optimizer for ``model``'s parameters, or a factory called with the
-            parameters (e.g. ``torch.optim.SGD`` gets ``lr=lr``); default AdamW at ``lr``.
+            parameters (e.g. ``torch.optim.SGD`` gets ``lr=lr``); default AdamW at ``lr`` (fused where torch has it).
         lr: Learning rate of the default optimizer or of a factory.
         loss_fn: ``loss_fn(outputs, targets) -> scalar``; default cross-entropy for integer labels.
         scheduler: An LR scheduler, a factory ``f(optimizer)``, or ``(scheduler, "step" | "epoch")``.
