@@ -6,7 +6,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.colabkit-installed
 
-.PHONY: venv tools demo test lint typecheck pytest bench dist clean
+.PHONY: venv tools demo test lint typecheck pytest bench gpu-check dist clean
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -37,6 +37,14 @@ pytest: venv tools
 
 bench: venv
 	@for script in bench/bench_*.py; do echo "== $$script"; $(PY) $$script || exit 1; done
+
+# The CUDA tests and bench/bench_gpu.py on one GPU (< 8 min), report in gpu-check-report.md.
+# Without a GPU it says so and succeeds. A GPU box without this .venv uses its own python3.
+GPU_PY = $(if $(wildcard $(PY)),$(PY),$(PYTHON))
+GPU_REPORT ?= gpu-check-report.md
+
+gpu-check:
+	$(GPU_PY) bench/gpu_check.py --report $(GPU_REPORT)
 
 dist: venv
 	rm -rf dist

@@ -15,6 +15,8 @@ Modules (each imports torch, so nothing here is imported by ``import colabkit``)
 * :mod:`colabkit.train.metrics`: metrics and the on-device running sums.
 * :mod:`colabkit.train.progress`: tqdm progress bars.
 * :mod:`colabkit.train.state`: resumable sampler, per-sample worker seeding, position.
+* :mod:`colabkit.train.fastpath`: in-memory tensors batched by indexing on the sampler's order
+  (bitwise the DataLoader's batches), kept on the GPU when they fit.
 * :mod:`colabkit.train.precision`: the ``precision="auto"`` policy and GradScaler.
 * :mod:`colabkit.train.oom`: micro-batch back-off on out-of-memory.
 * :mod:`colabkit.train.callbacks`: ``Callback``, ``EarlyStopping``, ``CSVLogger``.

@@ -18,6 +18,11 @@ the loader skips the finished batches without loading them; the RNG states
 are restored after that, right before the first new batch
 (``_Trainer._epoch_batches``, the one place an epoch's batches come from).
 
+Data: in-memory tensors (a TensorDataset, ``(x, y)``, or a plain DataLoader over a
+TensorDataset) take the fast path of :mod:`colabkit.train.fastpath` (whole batches
+by indexing on the same order, bitwise the DataLoader's, on the GPU when they fit);
+anything else keeps the DataLoader. A notice at the start says which path runs.
+
 Ending: the checkpoint manager is closed however the run ends; an error on
 its way out (a NaN loss, another model's checkpoints) wins over a failure
 while closing (a Drive copy), which is warned about. ``time_limit`` keeps
@@ -52,6 +57,7 @@ from colabkit.train import resume
 from colabkit.train.batches import (
     LossFn,
     call_model,
+    check_batch_size,
     check_loss_fn,
     concat,
     describe,
@@ -65,6 +71,7 @@ from colabkit.train.batches import (
 )
 from colabkit.train.budget import TimeBudget
 from colabkit.train.callbacks import Callback, EarlyStopping, FitContext
+from colabkit.train.fastpath import TensorBatches, for_evaluation, for_training, path_notice
 from colabkit.train.history import History
 from colabkit.train.metrics import Totals, resolve_metrics
 from colabkit.train.oom import Backoff, batch_length, is_out_of_memory, split_batch
@@ -137,7 +144,7 @@ def fit(
         epochs: Number of epochs.
         max_steps: Stop after this many optimizer steps in total (across resumes).
         optimizer: An optimizer for ``model``'s parameters, or a factory called with the
-            parameters (e.g. ``torch.optim.SGD`` gets ``lr=lr``); default AdamW at ``lr``.
+            parameters (e.g. ``torch.optim.SGD`` gets ``lr=lr``); default AdamW at ``lr`` (fused where torch has it).
         lr: Learning rate of the default optimizer or of a factory.
         loss_fn: ``loss_fn(outputs, targets) -> scalar``; default cross-entropy for integer labels.
         scheduler: An LR scheduler, a factory ``f(optimizer)``, or ``(scheduler, "step" | "epoch")``.
@@ -290,7 +297,8 @@ def _prepare_eval(
         data, argument="data", batch_size=batch_size, num_workers=num_workers, pin_memory=where.type == "cuda"
     )
     model.to(where)
-    return model, where, policy, loader
+    fast = for_evaluation(data, batch_size=check_batch_size(batch_size), device=where)
+    return model, where, policy, loader if fast is None else fast
 
 
 def _model_device(model: torch.nn.Module, device: str | torch.device) -> torch.device:
@@ -403,6 +411,7 @@ class _Trainer:
         self.scheduler, self.per_step_scheduler = make_scheduler(o.scheduler, self.optimizer)
         self.scaler = self.policy.make_scaler()
         self.forward_model: Any = model
+        self.data_notice = self._data_notice(train, val)
 
         # 3.-5. From here a CheckpointManager may be open: an error (e.g. another model's
         #    checkpoints) closes it before propagating, so nothing is left waiting.
@@ -430,7 +439,8 @@ class _Trainer:
         )
 
     def _loader(self, data: Any, argument: str, *, shuffle: bool) -> Any:
-        return make_resumable(
+        """The resumable batches of ``data``: the in-memory fast path for tensors, else a DataLoader."""
+        loader = make_resumable(
             data,
             argument=argument,
             batch_size=self.o.batch_size,
@@ -441,18 +451,33 @@ class _Trainer:
             rank=self.dist.rank,
             world_size=self.dist.world_size,
         )
+        fast = for_training(data, loader, self.device, argument=argument)
+        return loader if fast is None else fast
 
     def _val_loader(self, val: Any) -> Any:
         if self.dist.enabled and not isinstance(val, torch.utils.data.DataLoader):
             # Each rank validates its share; the sums are added up across ranks.
-            return self._loader(val, "val", shuffle=False).loader
-        return ordered_loader(
+            shard = self._loader(val, "val", shuffle=False)
+            return shard if isinstance(shard, TensorBatches) else shard.loader
+        loader = ordered_loader(
             val,
             argument="val",
             batch_size=self.o.batch_size,
             num_workers=self.o.num_workers,
             pin_memory=self.device.type == "cuda",
         )
+        fast = for_evaluation(val, batch_size=check_batch_size(self.o.batch_size), device=self.device, argument="val")
+        return loader if fast is None else fast
+
+    def _data_notice(self, train: Any, val: Any) -> str:
+        """Which path the data takes (the tensors are placed now, with the model already on the device)."""
+        for batches in (self.train, self.val):
+            if isinstance(batches, TensorBatches):
+                batches.place()
+        notice = f"data: train on the {path_notice(train, self.train, self.device)}"
+        if val is not None:
+            notice += f", val on the {path_notice(val, self.val, self.device, ordered=True)}"
+        return notice
 
     def _resume(self) -> None:
         """3. The newest valid checkpoint, checked and restored; 4. the run seed."""
@@ -529,6 +554,7 @@ class _Trainer:
                     self._say(f"training already finished (epoch {self.pos.epoch}/{o.epochs}, step {self.pos.step})")
                     self.history.stop_reason = self._done_reason()
                     return self.history
+                self._say(self.data_notice)
                 self.model.train()
                 for callback in o.callback_list:
                     _hook(callback, "on_fit_start", self.ctx)

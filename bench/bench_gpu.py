@@ -1,0 +1,242 @@
+"""GPU benchmark: fit() against the hand-written AMP loop of the Colab guides, on CIFAR-shaped tensors.
+
+Data: 50,000 synthetic 3x32x32 float32 images (614 MB) with 10-class labels, in memory.
+Model: torchvision's ResNet-18 adapted to 32x32 inputs (first convolution 3x3 with stride 1,
+no max-pool, as CIFAR versions do), SGD with momentum, batch 128, fp16 autocast with a
+GradScaler in all three runs, measured one after the other in this one process:
+
+1. ``hand-written``: the loop the guides teach. ``DataLoader(TensorDataset(x, y),
+   batch_size=128, shuffle=True, num_workers=2)``, ``.to(device)`` per batch, autocast and
+   GradScaler, ``running_loss += loss.item()`` every step.
+2. ``fit (DataLoader)``: ``colabkit.fit`` with the same model, optimizer and batch size on a
+   map-style Dataset (one sample per ``__getitem__``, so the DataLoader path runs, 2 workers),
+   progress bar on, a checkpoint every epoch.
+3. ``fit (fast path)``: the same, given the TensorDataset itself (the in-memory fast path).
+
+Each run trains ``--epochs`` epochs (default 2); the first is warm-up (kernels, allocator,
+workers). The timed epoch runs from the end of the previous epoch to the end of the last one,
+so it includes everything between (iterator and worker start, the checkpoint's blocking part).
+Reported per run: images/s, epoch time, peak GPU memory (``max_memory_allocated``) and the
+ratio to the hand-written loop. Targets: fit (DataLoader) epoch time <= 1.0x the hand-written
+loop's; fit (fast path) >= 2x its images/s.
+
+Without a GPU it says so and exits 0. ``--cpu-smoke`` runs all three on the CPU with 16 samples
+of 3x8x8 and fp32 to check the script itself works (the numbers then mean nothing).
+
+Run: ``python bench/bench_gpu.py [--json numbers.json]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import gc
+import io
+import json
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+import torch  # noqa: E402
+from torch.utils.data import DataLoader, Dataset, TensorDataset  # noqa: E402
+
+from colabkit.train.callbacks import Callback, FitContext  # noqa: E402
+from colabkit.train.loop import fit  # noqa: E402
+
+SAMPLES, BATCH, CLASSES = 50_000, 128, 10
+TARGET_LOADER_RATIO = 1.0  # fit (DataLoader) epoch time / hand-written epoch time, at most
+TARGET_FAST_SPEEDUP = 2.0  # fit (fast path) images/s / hand-written images/s, at least
+
+
+def resnet18_cifar() -> torch.nn.Module:
+    """torchvision's ResNet-18 for 32x32 inputs: a 3x3 stride-1 stem and no max-pool keep the 32x32 map."""
+    try:
+        from torchvision.models import resnet18
+    except ImportError:
+        sys.exit("bench_gpu needs torchvision: pip install torchvision")
+    torch.manual_seed(0)
+    model = resnet18(num_classes=CLASSES)
+    model.conv1 = torch.nn.Conv2d(3, 64, kernel_size=3, stride=1, padding=1, bias=False)
+    model.maxpool = torch.nn.Identity()  # type: ignore[assignment]
+    return model
+
+
+def make_data(samples: int, side: int = 32) -> tuple[torch.Tensor, torch.Tensor]:
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(samples, 3, side, side, generator=generator)
+    y = torch.randint(0, CLASSES, (samples,), generator=generator)
+    return x, y
+
+
+class ImageSet(Dataset):  # type: ignore[type-arg]
+    """A user's own Dataset class over the same tensors: one sample per call, as folder datasets are read."""
+
+    def __init__(self, x: torch.Tensor, y: torch.Tensor) -> None:
+        self.x, self.y = x, y
+
+    def __len__(self) -> int:
+        return len(self.x)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.x[index], self.y[index]
+
+
+def make_optimizer(model: torch.nn.Module) -> torch.optim.Optimizer:
+    return torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=5e-4)
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def hand_written(x: torch.Tensor, y: torch.Tensor, *, device: torch.device, epochs: int, batch: int) -> list[float]:
+    """The guides' loop, written as they write it. Returns the time at the end of each epoch."""
+    model = resnet18_cifar().to(device)
+    optimizer = make_optimizer(model)
+    criterion = torch.nn.CrossEntropyLoss()
+    amp = device.type == "cuda"
+    scaler = torch.amp.GradScaler("cuda", enabled=amp)
+    loader = DataLoader(TensorDataset(x, y), batch_size=batch, shuffle=True, num_workers=2)
+    ends = []
+    for _ in range(epochs):
+        model.train()
+        running_loss = 0.0
+        for inputs, labels in loader:
+            inputs, labels = inputs.to(device), labels.to(device)
+            optimizer.zero_grad()
+            with torch.autocast(device_type=device.type, dtype=torch.float16, enabled=amp):
+                outputs = model(inputs)
+                loss = criterion(outputs, labels)
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+            running_loss += loss.item()
+        sync(device)
+        ends.append(time.perf_counter())
+    return ends
+
+
+class EpochEnds(Callback):
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.ends: list[float] = []
+
+    def on_epoch_end(self, ctx: FitContext) -> None:
+        sync(self.device)
+        self.ends.append(time.perf_counter())
+
+
+def with_fit(data: Any, *, device: torch.device, epochs: int, batch: int) -> list[float]:
+    model = resnet18_cifar().to(device)
+    ends = EpochEnds(device)
+    quiet = contextlib.redirect_stderr(io.StringIO()), contextlib.redirect_stdout(io.StringIO())
+    with tempfile.TemporaryDirectory() as folder, quiet[0], quiet[1]:
+        fit(
+            model,
+            data,
+            epochs=epochs,
+            batch_size=batch,
+            optimizer=make_optimizer(model),
+            device=device,
+            precision="fp16" if device.type == "cuda" else "fp32",
+            num_workers=2,
+            metrics=(),
+            checkpoint_dir=folder,
+            progress=True,
+            callbacks=[ends],
+        )
+    return ends.ends
+
+
+def measure(name: str, run: Callable[[], list[float]], device: torch.device, samples: int) -> dict[str, Any]:
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+    sync(device)
+    start = time.perf_counter()
+    ends = run()
+    total = time.perf_counter() - start
+    epoch = ends[-1] - ends[-2] if len(ends) > 1 else ends[-1] - start
+    peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else 0
+    print(f"  {name}: {epoch:.2f} s/epoch", flush=True)
+    return {
+        "epoch_s": round(epoch, 4),
+        "images_per_s": round(samples / epoch, 1),
+        "peak_mib": round(peak / 2**20, 1),
+        "total_s": round(total, 2),
+    }
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--epochs", type=int, default=2, help="epochs per run; the last one is timed (default 2)")
+    parser.add_argument("--samples", type=int, default=SAMPLES)
+    parser.add_argument("--json", type=Path, help="also write the numbers to this file")
+    parser.add_argument("--cpu-smoke", action="store_true", help="check the script on the CPU with a few samples")
+    args = parser.parse_args()
+    if args.cpu_smoke:
+        # 8x8 images: the same code paths at a sixteenth of the compute, so the test suite can afford it.
+        device, samples, batch, side = torch.device("cpu"), min(args.samples, 16), 8, 8
+        torch.set_num_threads(1)
+    elif not torch.cuda.is_available():
+        print("bench_gpu: no GPU is present (torch.cuda.is_available() is False); nothing was measured")
+        return 0
+    else:
+        device, samples, batch, side = torch.device("cuda"), args.samples, BATCH, 32
+    x, y = make_data(samples, side)
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU (smoke run)"
+    print(
+        f"bench_gpu: ResNet-18 (32x32 stem), {samples:,} images 3x{side}x{side}, batch {batch}, "
+        f"{'fp16 + GradScaler' if device.type == 'cuda' else 'fp32'}, {args.epochs} epochs per run, on {name}",
+        flush=True,
+    )
+    common = {"device": device, "epochs": args.epochs, "batch": batch}
+    runs = {
+        "hand-written": measure("hand-written", lambda: hand_written(x, y, **common), device, samples),
+        "fit (DataLoader)": measure("fit (DataLoader)", lambda: with_fit(ImageSet(x, y), **common), device, samples),
+        "fit (fast path)": measure("fit (fast path)", lambda: with_fit(TensorDataset(x, y), **common), device, samples),
+    }
+    base = runs["hand-written"]
+    for numbers in runs.values():
+        numbers["time_ratio"] = round(numbers["epoch_s"] / base["epoch_s"], 3)
+        numbers["speedup"] = round(numbers["images_per_s"] / base["images_per_s"], 3)
+    print(f"  {'run':18s} {'images/s':>10s} {'s/epoch':>8s} {'peak MiB':>9s} {'time ratio':>10s} {'speedup':>8s}")
+    for run_name, n in runs.items():
+        print(
+            f"  {run_name:18s} {n['images_per_s']:10.0f} {n['epoch_s']:8.2f} {n['peak_mib']:9.0f} "
+            f"{n['time_ratio']:10.3f} {n['speedup']:8.2f}"
+        )
+    checks = {
+        f"fit (DataLoader) time ratio <= {TARGET_LOADER_RATIO}": runs["fit (DataLoader)"]["time_ratio"]
+        <= TARGET_LOADER_RATIO,
+        f"fit (fast path) speedup >= {TARGET_FAST_SPEEDUP}": runs["fit (fast path)"]["speedup"] >= TARGET_FAST_SPEEDUP,
+    }
+    for check, ok in checks.items():
+        print(f"  target {check}: {'met' if ok else 'NOT met'}")
+    if args.json is not None:
+        report = {
+            "device": name,
+            "torch": torch.__version__,
+            "cuda": torch.version.cuda,
+            "samples": samples,
+            "batch": batch,
+            "epochs": args.epochs,
+            "smoke": args.cpu_smoke,
+            "runs": runs,
+            "targets": checks,
+        }
+        args.json.write_text(json.dumps(report, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
