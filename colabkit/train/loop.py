@@ -695,7 +695,7 @@ class _Trainer:
                 self.model.train()
                 for callback in o.callbacks:
                     _hook(callback, "on_fit_start", self.ctx)
-                bars.start_fit(o.epochs, self.pos.epoch)
+                bars.start_fit(o.epochs, self.pos.epoch, history=self.history.records)
                 while not stop_reason and self.pos.epoch < o.epochs:
                     stop_reason = self._train_epoch()
                 stop_reason = stop_reason or "completed"
