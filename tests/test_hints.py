@@ -83,28 +83,28 @@ def test_each_hint_once_silenced_or_already_given_before_a_resume() -> None:
 
 def test_finish_estimate_against_the_session() -> None:
     left = [timedelta(hours=2, minutes=10)]
-    estimate = FinishEstimate(5, session_left=lambda: left[0], platform="Colab", resumable=True)
+    estimate = FinishEstimate(session_left=lambda: left[0], platform="Colab", resumable=True)
     # 1 of 5 epochs done, 25 min each: 1 h 40 min to go.
     assert (
-        estimate.check(epochs_done=1, seconds_per_epoch=1500, now=0.0)
+        estimate.check(epochs_left=4, seconds_per_epoch=1500, now=0.0)
         == "the run finishes in about 1 h 40 min; the Colab session ends in about 2 h 10 min"
     )
     left[0] = timedelta(hours=1, minutes=45)
-    assert estimate.check(epochs_done=2, seconds_per_epoch=1500, now=1500.0) == ""  # same finish: said once
+    assert estimate.check(epochs_left=3, seconds_per_epoch=1500, now=1500.0) == ""  # same finish: said once
     left[0] = timedelta(minutes=55)
     # Epochs got slower: the run no longer fits. Said again, with what to do.
-    message = estimate.check(epochs_done=3, seconds_per_epoch=2400, now=3000.0)
+    message = estimate.check(epochs_left=2, seconds_per_epoch=2400, now=3000.0)
     assert message.startswith("the run will not finish before the Colab session ends in about 55 min")
     assert "time_limit='session'" in message and "next session resumes" in message
     left[0] = timedelta(minutes=15)
-    assert estimate.check(epochs_done=4, seconds_per_epoch=2400, now=5400.0) == ""  # nothing new
-    assert estimate.check(epochs_done=5, seconds_per_epoch=2400, now=7800.0) == ""  # done
+    assert estimate.check(epochs_left=1, seconds_per_epoch=2400, now=5400.0) == ""  # nothing new
+    assert estimate.check(epochs_left=0, seconds_per_epoch=2400, now=7800.0) == ""  # done
 
 
 def test_finish_estimate_advice_depends_on_time_limit_and_checkpoints() -> None:
     def said(**kwargs: Any) -> str:
-        return FinishEstimate(3, session_left=lambda: timedelta(minutes=10), **kwargs).check(
-            epochs_done=1, seconds_per_epoch=3600, now=0.0
+        return FinishEstimate(session_left=lambda: timedelta(minutes=10), **kwargs).check(
+            epochs_left=2, seconds_per_epoch=3600, now=0.0
         )
 
     assert "time_limit='session' stops it cleanly there and the next session resumes" in said(
@@ -115,6 +115,6 @@ def test_finish_estimate_advice_depends_on_time_limit_and_checkpoints() -> None:
 
 
 def test_finish_estimate_without_a_session_end_is_said_only_for_long_runs() -> None:
-    unknown = FinishEstimate(10, session_left=lambda: None)
-    assert unknown.check(epochs_done=1, seconds_per_epoch=10, now=0.0) == ""
-    assert unknown.check(epochs_done=2, seconds_per_epoch=600, now=10.0) == "the run finishes in about 1 h 20 min"
+    unknown = FinishEstimate(session_left=lambda: None)
+    assert unknown.check(epochs_left=9, seconds_per_epoch=10, now=0.0) == ""
+    assert unknown.check(epochs_left=8, seconds_per_epoch=600, now=10.0) == "the run finishes in about 1 h 20 min"

@@ -225,7 +225,6 @@ class FinishEstimate:
     """When the run will finish, against the session's end: said after the first epoch, again when it changes.
 
     Args:
-        epochs: Epochs the run trains in total.
         session_left: The session's time left (default :func:`colabkit.session_time_left`), None if unknown.
         platform: The platform's name for sentences (``"Colab"``).
         stops_at_session_end: ``time_limit="session"`` is on.
@@ -235,7 +234,6 @@ class FinishEstimate:
 
     def __init__(
         self,
-        epochs: int,
         *,
         session_left: Callable[[], timedelta | None] | None = None,
         platform: str = "",
@@ -243,7 +241,6 @@ class FinishEstimate:
         resumable: bool = False,
         quiet_below: float = 600.0,
     ) -> None:
-        self.epochs = epochs
         self._session_left = session_left if session_left is not None else _session_time_left
         self.platform = platform
         self.stops_at_session_end = stops_at_session_end
@@ -251,18 +248,17 @@ class FinishEstimate:
         self.quiet_below = quiet_below
         self._said: tuple[bool, float] | None = None  # (fits the session, finish moment on the loop's clock)
 
-    def check(self, *, epochs_done: int, seconds_per_epoch: float, now: float) -> str:
+    def check(self, *, epochs_left: float, seconds_per_epoch: float, now: float) -> str:
         """A message when the estimate is first known or changed materially, else ``""``.
 
         Args:
-            epochs_done: Epochs finished (all runs together).
+            epochs_left: Epochs still to train (fewer when ``max_steps`` ends the run sooner).
             seconds_per_epoch: Wall time of one epoch in this run (training, validation, saving).
             now: The loop's clock (seconds), to tell an unchanged estimate from a moved one.
         """
-        left_epochs = self.epochs - epochs_done
-        if left_epochs <= 0 or not math.isfinite(seconds_per_epoch) or seconds_per_epoch <= 0:
+        if epochs_left <= 0 or not math.isfinite(seconds_per_epoch) or seconds_per_epoch <= 0:
             return ""
-        needed = left_epochs * seconds_per_epoch
+        needed = epochs_left * seconds_per_epoch
         session = self._session_left()
         session_seconds = None if session is None else session.total_seconds()
         fits = session_seconds is None or needed <= session_seconds
