@@ -22,6 +22,7 @@ notebook would receive).
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import functools
 import io
 import math
@@ -154,22 +155,23 @@ def widgets_available() -> bool:
     return True
 
 
-_screens: list[Screen] = []
+_override: contextvars.ContextVar[Screen | None] = contextvars.ContextVar("colabkit_screen", default=None)
 
 
 def screen() -> Screen:
-    """The screen in force: the innermost :func:`use_screen`, else the real one, detected now."""
-    return _screens[-1] if _screens else Screen()
+    """The screen in force: the one :func:`use_screen` installed, else the real one, detected now."""
+    installed = _override.get()
+    return installed if installed is not None else Screen()
 
 
 @contextlib.contextmanager
 def use_screen(fake: Screen) -> Iterator[Screen]:
-    """Send colabkit's output to ``fake`` inside the ``with`` block (nestable)."""
-    _screens.append(fake)
+    """Send colabkit's output to ``fake`` inside the ``with`` block (nestable; this thread only)."""
+    token = _override.set(fake)
     try:
         yield fake
     finally:
-        _screens.remove(fake)
+        _override.reset(token)
 
 
 def in_notebook() -> bool:

@@ -7,6 +7,7 @@ dataset, a dataset that sleeps); a healthy run provokes none.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
@@ -46,6 +47,21 @@ def _hints(history: History, screen: FakeScreen) -> list[str]:
         assert [line for line in screen.lines if hint["message"] in line] != []
         assert sum(hint["message"] in line for line in screen.lines) == 1
     return [hint["name"] for hint in history.hints]
+
+
+class _Hooked(torch.nn.Module):
+    """A linear model that runs ``before(x)`` first in training (sleeps, allocates...)."""
+
+    def __init__(self, before: Callable[[torch.Tensor], None]) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.fc = torch.nn.Linear(8, 2)
+        self.before = before
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.training:
+            self.before(x)
+        return self.fc(x)
 
 
 class _Slow(Dataset):  # type: ignore[type-arg]
@@ -124,19 +140,13 @@ def test_a_hint_survives_a_resume_and_the_table_starts_with_earlier_epochs(tmp_p
 
 
 def test_finish_against_a_colab_session_that_ends_too_soon() -> None:
-    class Sleepy(torch.nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.fc = torch.nn.Linear(8, 2)
-
-        def forward(self, x: torch.Tensor) -> torch.Tensor:
-            time.sleep(0.05)  # a slow model: each epoch takes a while
-            return self.fc(x)
+    def sleep(x: torch.Tensor) -> None:
+        time.sleep(0.05)  # a slow model: each epoch takes a while
 
     start = datetime.now(timezone.utc)
     # The session started 11 h 59 min 59 s ago: one second of Colab's 12 h is left, the run needs more.
     with fake_colab(session_start=start - timedelta(hours=12) + timedelta(seconds=1), now=lambda: start):
-        history, screen = _fit(Sleepy(), _blobs(64, 0), epochs=4, batch_size=8, lr=0.01)  # >= 0.4 s an epoch
+        history, screen = _fit(_Hooked(sleep), _blobs(64, 0), epochs=4, batch_size=8, lr=0.01)  # >= 0.4 s an epoch
     said = [line for line in screen.lines if "session ends" in line]
     assert len(said) == 1, screen.lines
     assert "will not finish before the Colab session ends in under a minute" in said[0]
@@ -149,17 +159,10 @@ def test_finish_against_a_colab_session_that_ends_too_soon() -> None:
 def test_peak_gpu_memory_is_recorded_and_near_full_gives_the_memory_hint() -> None:
     total = torch.cuda.get_device_properties(0).total_memory
 
-    class Hungry(torch.nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.fc = torch.nn.Linear(8, 2)
+    def allocate(x: torch.Tensor) -> None:
+        torch.empty(int(total * 0.93), dtype=torch.uint8, device=x.device)  # a huge activation
 
-        def forward(self, x: torch.Tensor) -> torch.Tensor:
-            if self.training:
-                torch.empty(int(total * 0.93), dtype=torch.uint8, device=x.device)  # a huge activation
-            return self.fc(x)
-
-    history, screen = _fit(Hungry(), _blobs(64, 0), epochs=2, batch_size=16, lr=0.01, device="cuda")
+    history, screen = _fit(_Hooked(allocate), _blobs(64, 0), epochs=2, batch_size=16, lr=0.01, device="cuda")
     assert history["gpu_total_gb"][0] == pytest.approx(total / 2**30, abs=0.01)
     assert history["peak_gpu_gb"][0] > 0.9 * history["gpu_total_gb"][0]
     assert _hints(history, screen) == ["memory"]

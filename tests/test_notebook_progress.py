@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +15,7 @@ nbclient = pytest.importorskip("nbclient")
 pytest.importorskip("ipykernel")
 
 ROOT = Path(__file__).resolve().parent.parent
-KERNEL = "colabkit-progress"
+KERNEL = "colabkit-tests"  # the kernelspec of conftest.kernel_dir
 
 FIT = """
 import json, torch
@@ -31,22 +30,12 @@ history = colabkit.fit(torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU
 """
 
 
-@pytest.fixture(scope="module")
-def kernel_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    folder = tmp_path_factory.mktemp("jupyter")
-    spec = folder / "kernels" / KERNEL
-    spec.mkdir(parents=True)
-    argv = [sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}"]
-    (spec / "kernel.json").write_text(json.dumps({"argv": argv, "display_name": KERNEL, "language": "python"}))
-    return folder
-
-
 def _run(cells: list[str], tmp_path: Path, kernel_dir: Path, monkeypatch: pytest.MonkeyPatch) -> Any:
     monkeypatch.setenv("JUPYTER_PATH", str(kernel_dir))
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p))
     nb = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell(source) for source in cells])
-    client = nbclient.NotebookClient(nb, kernel_name=KERNEL, timeout=240, resources={"metadata": {"path": str(tmp_path)}})
-    client.execute()
+    resources = {"metadata": {"path": str(tmp_path)}}
+    nbclient.NotebookClient(nb, kernel_name=KERNEL, timeout=240, resources=resources).execute()
     return nb
 
 
