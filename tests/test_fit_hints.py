@@ -65,7 +65,7 @@ class _Hooked(torch.nn.Module):
 
 
 class _Slow(Dataset):  # type: ignore[type-arg]
-    """Samples that take 4 ms each to load, as from a slow disk."""
+    """Samples that take 0.1 s each to load, as from a slow disk (sleeping: slow even on a busy machine)."""
 
     def __init__(self, data: TensorDataset) -> None:
         self.data = data
@@ -74,12 +74,12 @@ class _Slow(Dataset):  # type: ignore[type-arg]
         return len(self.data)
 
     def __getitem__(self, index: int) -> Any:
-        time.sleep(0.004)
+        time.sleep(0.1)
         return self.data[index]
 
 
 def test_healthy_run_gives_no_hint() -> None:
-    history, screen = _fit(_mlp(256), _blobs(1024, 0), _blobs(256, 1), epochs=4, batch_size=64, lr=0.01)
+    history, screen = _fit(_mlp(256), _blobs(512, 0), _blobs(256, 1), epochs=4, batch_size=64, lr=0.01)
     assert history["loss"][-1] < history["loss"][0] / 2
     assert _hints(history, screen) == [], history.hints
     assert all(0 <= wait < 0.5 for wait in history["data_wait"])
@@ -98,14 +98,14 @@ def test_memorised_tiny_dataset_gives_the_overfitting_hint_once() -> None:
     generator = torch.Generator().manual_seed(0)
     noise = TensorDataset(torch.randn(48, 8, generator=generator), torch.randint(0, 2, (48,), generator=generator))
     unseen = TensorDataset(torch.randn(256, 8, generator=generator), torch.randint(0, 2, (256,), generator=generator))
-    history, screen = _fit(_mlp(512), noise, unseen, epochs=25, batch_size=16, lr=0.01)
+    history, screen = _fit(_mlp(512), noise, unseen, epochs=10, batch_size=16, lr=0.01)
     assert history["accuracy"][-1] > 0.9  # memorised: random labels learnt
     assert _hints(history, screen) == ["overfitting"]
     assert "early_stopping" in history.hints[0]["message"]
 
 
 def test_slow_dataset_gives_the_input_hint_once() -> None:
-    history, screen = _fit(_mlp(), _Slow(_blobs(96, 0)), epochs=3, batch_size=8, num_workers=0, lr=0.01)
+    history, screen = _fit(_mlp(), _Slow(_blobs(24, 0)), epochs=2, batch_size=4, num_workers=0, lr=0.01)
     assert _hints(history, screen) == ["input"]
     assert history.hints[0]["epoch"] == 0
     assert history["data_wait"][0] > 0.5
@@ -115,9 +115,9 @@ def test_slow_dataset_gives_the_input_hint_once() -> None:
 def test_hints_can_be_silenced() -> None:
     model = _mlp()
     flat = torch.optim.SGD(model.parameters(), lr=0.0)
-    history, screen = _fit(model, _Slow(_blobs(48, 0)), epochs=3, batch_size=8, optimizer=flat, hints=False)
+    history, screen = _fit(model, _Slow(_blobs(16, 0)), epochs=3, batch_size=4, optimizer=flat, hints=False)
     assert history.hints == [] and not any("hint" in line for line in screen.lines)
-    history, screen = _fit(model, _Slow(_blobs(48, 0)), epochs=3, batch_size=8, optimizer=flat, hints=["lr"])
+    history, screen = _fit(model, _Slow(_blobs(16, 0)), epochs=3, batch_size=4, optimizer=flat, hints=["lr"])
     assert _hints(history, screen) == ["lr"]
 
 
@@ -146,7 +146,9 @@ def test_finish_against_a_colab_session_that_ends_too_soon() -> None:
     start = datetime.now(timezone.utc)
     # The session started 11 h 59 min 59 s ago: one second of Colab's 12 h is left, the run needs more.
     with fake_colab(session_start=start - timedelta(hours=12) + timedelta(seconds=1), now=lambda: start):
-        history, screen = _fit(_Hooked(sleep), _blobs(64, 0), epochs=4, batch_size=8, lr=0.01)  # >= 0.4 s an epoch
+        history, screen = _fit(
+            _Hooked(sleep), _blobs(64, 0), epochs=4, batch_size=8, lr=0.01, device="cpu"
+        )  # >= 0.4 s an epoch
     said = [line for line in screen.lines if "session ends" in line]
     assert len(said) == 1, screen.lines
     assert "will not finish before the Colab session ends in under a minute" in said[0]

@@ -4,8 +4,9 @@ Checked at each epoch's end from the History record fit() already made (no
 extra reads from the GPU):
 
 - ``"lr"``: the loss has not fallen over the first :data:`LR_EPOCHS` epochs.
-- ``"overfitting"``: validation loss rising while training loss falls, or a
-  train-validation accuracy gap beyond :data:`ACCURACY_GAP` (5 points).
+- ``"overfitting"``: validation loss rising two epochs while training loss
+  falls, or a train-validation accuracy gap beyond :data:`ACCURACY_GAP` (5
+  points) two epochs in a row.
 - ``"memory"``: peak GPU memory above :data:`MEMORY_SHARE` of the device.
 - ``"input"``: the loop waited for the next batch more than :data:`INPUT_SHARE`
   of the epoch (timed on the host around the loader).
@@ -161,18 +162,20 @@ def _lr(records: Sequence[Mapping[str, Any]], facts: RunFacts) -> str:
 
 
 def _overfitting(records: Sequence[Mapping[str, Any]], facts: RunFacts) -> str:
+    # The gap must hold two epochs in a row: one epoch's gap on a small validation set is noise.
     last = records[-1]
     for key in last:
-        value, val = _get(last, key), _get(last, f"val_{key}")
-        if "accuracy" in key and not key.startswith("val_") and value is not None and val is not None:
-            gap = value - val
-            if gap > ACCURACY_GAP:
-                return (
-                    f"validation lags training: {key} {value:.3f} vs val_{key} {val:.3f}, a {100 * gap:.0f}-point "
-                    f"gap (over {100 * ACCURACY_GAP:.0f} means the model memorises the training set). Add data "
-                    "augmentation or regularisation (dropout, weight_decay), more data, or stop at the best epoch "
-                    "with fit(..., early_stopping=3)"
-                )
+        if "accuracy" not in key or key.startswith("val_") or len(records) < 2:
+            continue
+        gaps = [_gap(record, key) for record in records[-2:]]
+        if all(gap is not None and gap > ACCURACY_GAP for gap in gaps):
+            value, val = last[key], last[f"val_{key}"]
+            return (
+                f"validation lags training: {key} {value:.3f} vs val_{key} {val:.3f}, a "
+                f"{100 * (value - val):.0f}-point gap (over {100 * ACCURACY_GAP:.0f} means the model memorises the training set). Add data "
+                "augmentation or regularisation (dropout, weight_decay), more data, or stop at the best epoch "
+                "with fit(..., early_stopping=3)"
+            )
     recent = records[-3:]
     losses, val_losses = _values(recent, "loss"), _values(recent, "val_loss")
     if len(recent) == 3 and len(losses) == 3 and len(val_losses) == 3:
@@ -184,6 +187,11 @@ def _overfitting(records: Sequence[Mapping[str, Any]], facts: RunFacts) -> str:
                 "(dropout, weight_decay), or stop at the best epoch with fit(..., early_stopping=3)"
             )
     return ""
+
+
+def _gap(record: Mapping[str, Any], key: str) -> float | None:
+    value, val = _get(record, key), _get(record, f"val_{key}")
+    return None if value is None or val is None else value - val
 
 
 def _memory(records: Sequence[Mapping[str, Any]], facts: RunFacts) -> str:

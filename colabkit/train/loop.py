@@ -60,13 +60,14 @@ from colabkit.train.batches import (
     to_channels_last,
 )
 from colabkit.train.callbacks import Callback, EarlyStopping, FitContext
+from colabkit.train.hints import DATA_WAIT, Advisor, FinishEstimate, RunFacts
 from colabkit.train.history import History, metric_mode
 from colabkit.train.metrics import LossFn, Totals, resolve_metrics
 from colabkit.train.oom import Backoff, batch_length, is_out_of_memory, split_batch
 from colabkit.train.optim import make_optimizer, make_scheduler
 from colabkit.train.options import FitOptions, check_loss_fn, check_model, is_int, parse_duration
 from colabkit.train.precision import Precision, resolve_precision
-from colabkit.train.progress import REFRESH_SECONDS, Bars
+from colabkit.train.progress import MEMORY_KEYS, REFRESH_SECONDS, Bars
 from colabkit.train.state import TrainPosition, make_resumable, resolve_workers
 
 __all__ = ["evaluate", "fit", "parse_duration", "predict"]
@@ -116,6 +117,7 @@ def fit(
     time_limit: str | float | timedelta | None = None,
     callbacks: Iterable[Any] = (),
     progress: bool = True,
+    hints: bool | Iterable[str] = True,
     seed: int | None = None,
     compile: bool = False,
     channels_last: bool = False,
@@ -163,7 +165,11 @@ def fit(
             session time minus 10 minutes; warns when 30 and 10 minutes are left). The
             stop leaves room for the final save, Drive copy included.
         callbacks: :class:`Callback` objects (or anything with some of its methods).
-        progress: Show tqdm progress bars and notices; False prints nothing.
+        progress: Show the table of epochs, the live bar and notices; False prints nothing.
+        hints: Say the warning signs (loss not falling, overfitting, GPU memory near full,
+            waiting for data) once each, with the fix: True, False, or the names to keep
+            (``"lr"``, ``"overfitting"``, ``"memory"``, ``"input"``). Given hints are kept
+            in ``History.hints``.
         seed: Seed for python, numpy and torch, data order and augmentation; saved in the
             checkpoint (without it, one is derived from torch's initial seed).
         compile: Run the model through ``torch.compile``.
@@ -201,6 +207,7 @@ def fit(
         time_limit=time_limit,
         callbacks=callbacks,
         progress=progress,
+        hints=hints,
         seed=seed,
         compile=compile,
         channels_last=channels_last,
@@ -655,6 +662,9 @@ class _Trainer:
 
     _pending_rng: Any = None
     _elapsed_before = 0.0
+    _data_wait = 0.0  # host seconds spent waiting for batches this epoch (after the first batch)
+    _data_since: float | None = None  # when the first batch of this epoch arrived
+    _wall_start: float | None = None  # when this whole epoch started (None: resumed inside it)
 
     def run(self) -> History:
         o = self.o
@@ -678,6 +688,9 @@ class _Trainer:
         )
         self._flush_cost: float | None = None  # commit + copies after a save, measured once (time_limit only)
         self._watch = self._session_watch()
+        self.advisor = Advisor(o.hints, given=[str(h.get("name")) for h in self.history.hints], facts=self._run_facts())
+        self.finish = self._finish_estimate()
+        self._epoch_walls: list[float] = []
         stop_reason = ""
         # The manager as a context: an error already propagating (a NaN loss, an interrupt) wins
         # over a failure while closing (a Drive copy that failed), which is then only warned about.
@@ -712,6 +725,22 @@ class _Trainer:
                     self._say(f"time_limit reached at step {self.pos.step}; checkpoint saved, rerun to continue")
                 self._check_session()
         return self.history
+
+    def _run_facts(self) -> RunFacts:
+        loader = self.train.loader
+        return RunFacts(batch_size=loader.batch_size, grad_accum=self.o.grad_accum, num_workers=loader.num_workers)
+
+    def _finish_estimate(self) -> FinishEstimate | None:
+        """The finish against the session's end (rank 0, with progress on)."""
+        if self.quiet:
+            return None
+        from colabkit.runtime import runtime
+
+        return FinishEstimate(
+            platform={"colab": "Colab", "kaggle": "Kaggle"}.get(runtime().kind, ""),
+            stops_at_session_end=self.o.session_time,
+            resumable=self.o.checkpoint_dir is not None,
+        )
 
     def _guess_save_cost(self) -> float:
         """Before the first save is timed: a few seconds plus writing model and optimizer state slowly."""
@@ -763,6 +792,10 @@ class _Trainer:
             self.totals = Totals(self.metric_names)
             self._elapsed_before = 0.0
         self._epoch_start = self._last_step_end = _clock()
+        self._wall_start = None if resumed_inside else self._epoch_start
+        self._data_wait, self._data_since = 0.0, None
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
         self._next_read = self._epoch_start + (REFRESH_SECONDS if not self.quiet else QUIET_CHECK_SECONDS)
         self.bars.start_epoch(epoch, o.epochs, self.epoch_length, pos.batch)
         for callback in o.callbacks:
@@ -772,7 +805,7 @@ class _Trainer:
         length = self.epoch_length
         group: list[Any] = []
         stop_reason = ""
-        for batch in iterator:
+        for batch in self._timed(iterator):
             group.append(batch)
             pos.batch += 1
             if len(group) < accum and pos.batch != length:
@@ -801,6 +834,21 @@ class _Trainer:
             self._save()
             return stop_reason
         return self._end_epoch() or stop_reason
+
+    def _timed(self, batches: Iterator[Any]) -> Iterator[Any]:
+        """``batches``, adding the host's wait for each (but the first: worker start-up) to ``_data_wait``."""
+        while True:
+            asked = _clock()
+            try:
+                batch = next(batches)
+            except StopIteration:
+                return
+            got = _clock()
+            if self._data_since is None:
+                self._data_since = got
+            else:
+                self._data_wait += got - asked
+            yield batch
 
     # -- one optimizer step
 
@@ -1020,7 +1068,9 @@ class _Trainer:
             self._non_finite(bad)
         train_totals = self.totals.summed(self._all_sum)  # this rank's sums stay as they are (saved)
         record: dict[str, Any] = {"epoch": pos.epoch, **train_totals.means("")}
-        seconds = self._elapsed_before + _clock() - self._epoch_start
+        now = _clock()
+        seconds = self._elapsed_before + now - self._epoch_start
+        waited = now - self._data_since if self._data_since is not None else 0.0
         if self.val is not None:
             started = _clock()
             validation = self._validate()
@@ -1034,8 +1084,18 @@ class _Trainer:
         record["lr"] = float(self.optimizer.param_groups[0]["lr"])
         record["time"] = round(seconds, 3)
         record["samples_per_sec"] = round(train_totals.samples / seconds, 1) if seconds > 0 else float("nan")
+        if waited > 0:
+            record[DATA_WAIT] = round(min(self._data_wait / waited, 1.0), 3)
+        if self.device.type == "cuda":
+            # Allocator statistics kept on the host: reading them does not wait for the GPU.
+            total = torch.cuda.get_device_properties(self.device).total_memory
+            record[MEMORY_KEYS[0]] = round(torch.cuda.max_memory_reserved(self.device) / 2**30, 2)
+            record[MEMORY_KEYS[1]] = round(total / 2**30, 2)
         self.history.append(record)
         self.bars.end_epoch(record)
+        for hint in self.advisor.check(self.history.records):
+            self.history.hints.append(hint.state_dict())
+            self.bars.note(hint.name, f"hint: {hint.message}")
         pos.epoch += 1
         pos.batch = 0
         if self.scheduler is not None and not self.per_step_scheduler:
@@ -1055,9 +1115,25 @@ class _Trainer:
         if o.save_epoch or self._save_after_epoch or reason or pos.epoch >= o.epochs:
             self._save(metrics=record)
         self._stop_after_epoch, self._save_after_epoch = "", False
+        self._say_finish()
         self.totals = Totals(self.metric_names)
         self._elapsed_before = 0.0
         return reason
+
+    def _say_finish(self) -> None:
+        """After each whole epoch of this run: when the run ends, against the session's end."""
+        if self.finish is None or self._wall_start is None:
+            return
+        self._epoch_walls.append(_clock() - self._wall_start)
+        o, pos = self.o, self.pos
+        left: float = o.epochs - pos.epoch
+        if o.max_steps is not None and self.epoch_length:
+            steps_per_epoch = self.epoch_length / o.grad_accum
+            left = min(left, (o.max_steps - pos.step) / steps_per_epoch)
+        seconds = sum(self._epoch_walls) / len(self._epoch_walls)
+        message = self.finish.check(epochs_left=left, seconds_per_epoch=seconds, now=_clock())
+        if message:
+            self.bars.note("finish", message)
 
     def _validate(self) -> dict[str, float] | None:
         """Validation metrics (summed over ranks), or None if a signal arrived meanwhile (single process)."""

@@ -15,6 +15,7 @@ import torch
 from colabkit import _notify
 from colabkit.errors import ArgumentError
 from colabkit.train.callbacks import EarlyStopping
+from colabkit.train.hints import resolve_hints
 from colabkit.train.metrics import resolve_metrics
 
 __all__ = [
@@ -92,6 +93,7 @@ class FitOptions:
     time_limit: float | None
     session_time: bool
     progress: bool
+    hints: frozenset[str]
     seed: int | None
     compile: bool
     channels_last: bool
@@ -117,6 +119,7 @@ class FitOptions:
         time_limit: Any,
         callbacks: Any,
         progress: Any,
+        hints: Any,
         seed: Any,
         compile: Any,
         channels_last: Any,
@@ -183,6 +186,7 @@ class FitOptions:
             time_limit=parse_time_limit(time_limit),
             session_time=isinstance(time_limit, str) and time_limit == "session",
             progress=bool(progress),
+            hints=resolve_hints(hints),
             seed=seed,
             compile=bool(compile),
             channels_last=bool(channels_last),
