@@ -172,9 +172,9 @@ def _overfitting(records: Sequence[Mapping[str, Any]], facts: RunFacts) -> str:
             value, val = last[key], last[f"val_{key}"]
             return (
                 f"validation lags training: {key} {value:.3f} vs val_{key} {val:.3f}, a "
-                f"{100 * (value - val):.0f}-point gap (over {100 * ACCURACY_GAP:.0f} means the model memorises the training set). Add data "
-                "augmentation or regularisation (dropout, weight_decay), more data, or stop at the best epoch "
-                "with fit(..., early_stopping=3)"
+                f"{100 * (value - val):.0f}-point gap (over {100 * ACCURACY_GAP:.0f} means the model memorises "
+                "the training set). Add data augmentation or regularisation (dropout, weight_decay), more data, "
+                "or stop at the best epoch with fit(..., early_stopping=3)"
             )
     recent = records[-3:]
     losses, val_losses = _values(recent, "loss"), _values(recent, "val_loss")
