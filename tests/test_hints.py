@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from datetime import timedelta
 from typing import Any
 
 import pytest
 
 from colabkit.errors import ArgumentError
-from colabkit.train.hints import NAMES, Advisor, FinishEstimate, RunFacts, resolve_hints
+from colabkit.train.hints import NAMES, Advisor, EpochClock, FinishEstimate, RunFacts, resolve_hints
 
 
 def _records(losses: list[float], **columns: list[float]) -> list[dict[str, Any]]:
@@ -120,3 +121,23 @@ def test_finish_estimate_without_a_session_end_is_said_only_for_long_runs() -> N
     unknown = FinishEstimate(session_left=lambda: None)
     assert unknown.check(epochs_left=9, seconds_per_epoch=10, now=0.0) == ""
     assert unknown.check(epochs_left=8, seconds_per_epoch=600, now=10.0) == "the run finishes in about 1 h 20 min"
+
+
+def test_epoch_clock_times_the_wait_for_batches_but_the_first() -> None:
+    now = [0.0]
+
+    def batches() -> Iterator[int]:
+        for index, load in enumerate([5.0, 1.0, 3.0]):  # seconds each batch takes to arrive
+            now[0] += load
+            yield index
+
+    clock = EpochClock(lambda: now[0])
+    clock.start(whole=True)
+    for _ in clock.timed(batches()):
+        now[0] += 2.0  # the step that uses the batch
+    # From the first batch's arrival (t=5) to the end (t=15): 1 + 3 s of waiting in 10 s.
+    assert clock.wait_share() == 0.4
+    clock.end()
+    clock.start(whole=False)  # resumed inside an epoch: its wall time says nothing about a whole one
+    clock.end()
+    assert clock.seconds_per_epoch() == 15.0

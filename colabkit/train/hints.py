@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from datetime import timedelta
 from typing import Any
 
@@ -38,6 +38,7 @@ __all__ = [
     "MEMORY_SHARE",
     "NAMES",
     "Advisor",
+    "EpochClock",
     "FinishEstimate",
     "Hint",
     "RunFacts",
@@ -227,6 +228,63 @@ _CHECKS: dict[str, Callable[[Sequence[Mapping[str, Any]], RunFacts], str]] = {
     "memory": _memory,
     "input": _input,
 }
+
+
+class EpochClock:
+    """An epoch's time on the host: the wait for each batch (timed around the loader) and the whole epoch.
+
+    The first batch of an epoch is not counted as waiting: it includes starting the
+    loader's workers, which more workers would not shorten.
+
+    Args:
+        clock: The loop's clock (seconds).
+    """
+
+    def __init__(self, clock: Callable[[], float]) -> None:
+        self._clock = clock
+        self.waited = 0.0
+        self._first: float | None = None  # when the epoch's first batch arrived
+        self._start: float | None = None  # when a whole epoch started (None: resumed inside it)
+        self.epoch_seconds: list[float] = []  # wall time of this run's whole epochs
+
+    def start(self, *, whole: bool) -> None:
+        """An epoch starts (``whole``: from its first batch, not resumed inside it)."""
+        self.waited, self._first = 0.0, None
+        self._start = self._clock() if whole else None
+
+    def timed(self, batches: Iterator[Any]) -> Iterator[Any]:
+        """``batches``, timing the wait for each."""
+        clock = self._clock
+        while True:
+            asked = clock()
+            try:
+                batch = next(batches)
+            except StopIteration:
+                return
+            arrived = clock()
+            if self._first is None:
+                self._first = arrived
+            else:
+                self.waited += arrived - asked
+            yield batch
+
+    def wait_share(self) -> float | None:
+        """Share of the epoch's training time (from the first batch on) spent waiting for batches."""
+        if self._first is None:
+            return None
+        span = self._clock() - self._first
+        return round(min(self.waited / span, 1.0), 3) if span > 0 else None
+
+    def end(self) -> None:
+        """The epoch is done (validated, saved): its wall time counts if it was whole."""
+        if self._start is not None:
+            self.epoch_seconds.append(self._clock() - self._start)
+            self._start = None
+
+    def seconds_per_epoch(self) -> float:
+        """Mean wall time of this run's whole epochs (NaN before the first)."""
+        times = self.epoch_seconds
+        return sum(times) / len(times) if times else float("nan")
 
 
 class FinishEstimate:

@@ -60,7 +60,7 @@ from colabkit.train.batches import (
     to_channels_last,
 )
 from colabkit.train.callbacks import Callback, EarlyStopping, FitContext
-from colabkit.train.hints import DATA_WAIT, Advisor, FinishEstimate, RunFacts
+from colabkit.train.hints import DATA_WAIT, Advisor, EpochClock, FinishEstimate, RunFacts
 from colabkit.train.history import History, metric_mode
 from colabkit.train.metrics import LossFn, Totals, resolve_metrics
 from colabkit.train.oom import Backoff, batch_length, is_out_of_memory, split_batch
@@ -662,9 +662,6 @@ class _Trainer:
 
     _pending_rng: Any = None
     _elapsed_before = 0.0
-    _data_wait = 0.0  # host seconds spent waiting for batches this epoch (after the first batch)
-    _data_since: float | None = None  # when the first batch of this epoch arrived
-    _wall_start: float | None = None  # when this whole epoch started (None: resumed inside it)
 
     def run(self) -> History:
         o = self.o
@@ -690,7 +687,7 @@ class _Trainer:
         self._watch = self._session_watch()
         self.advisor = Advisor(o.hints, given=[str(h.get("name")) for h in self.history.hints], facts=self._run_facts())
         self.finish = self._finish_estimate()
-        self._epoch_walls: list[float] = []
+        self.epoch_clock = EpochClock(_clock)
         stop_reason = ""
         # The manager as a context: an error already propagating (a NaN loss, an interrupt) wins
         # over a failure while closing (a Drive copy that failed), which is then only warned about.
@@ -792,8 +789,7 @@ class _Trainer:
             self.totals = Totals(self.metric_names)
             self._elapsed_before = 0.0
         self._epoch_start = self._last_step_end = _clock()
-        self._wall_start = None if resumed_inside else self._epoch_start
-        self._data_wait, self._data_since = 0.0, None
+        self.epoch_clock.start(whole=not resumed_inside)
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
         self._next_read = self._epoch_start + (REFRESH_SECONDS if not self.quiet else QUIET_CHECK_SECONDS)
@@ -805,7 +801,7 @@ class _Trainer:
         length = self.epoch_length
         group: list[Any] = []
         stop_reason = ""
-        for batch in self._timed(iterator):
+        for batch in self.epoch_clock.timed(iterator):
             group.append(batch)
             pos.batch += 1
             if len(group) < accum and pos.batch != length:
@@ -834,21 +830,6 @@ class _Trainer:
             self._save()
             return stop_reason
         return self._end_epoch() or stop_reason
-
-    def _timed(self, batches: Iterator[Any]) -> Iterator[Any]:
-        """``batches``, adding the host's wait for each (but the first: worker start-up) to ``_data_wait``."""
-        while True:
-            asked = _clock()
-            try:
-                batch = next(batches)
-            except StopIteration:
-                return
-            got = _clock()
-            if self._data_since is None:
-                self._data_since = got
-            else:
-                self._data_wait += got - asked
-            yield batch
 
     # -- one optimizer step
 
@@ -1068,9 +1049,8 @@ class _Trainer:
             self._non_finite(bad)
         train_totals = self.totals.summed(self._all_sum)  # this rank's sums stay as they are (saved)
         record: dict[str, Any] = {"epoch": pos.epoch, **train_totals.means("")}
-        now = _clock()
-        seconds = self._elapsed_before + now - self._epoch_start
-        waited = now - self._data_since if self._data_since is not None else 0.0
+        seconds = self._elapsed_before + _clock() - self._epoch_start
+        waited = self.epoch_clock.wait_share()
         if self.val is not None:
             started = _clock()
             validation = self._validate()
@@ -1084,8 +1064,8 @@ class _Trainer:
         record["lr"] = float(self.optimizer.param_groups[0]["lr"])
         record["time"] = round(seconds, 3)
         record["samples_per_sec"] = round(train_totals.samples / seconds, 1) if seconds > 0 else float("nan")
-        if waited > 0:
-            record[DATA_WAIT] = round(min(self._data_wait / waited, 1.0), 3)
+        if waited is not None:
+            record[DATA_WAIT] = waited
         if self.device.type == "cuda":
             # Allocator statistics kept on the host: reading them does not wait for the GPU.
             total = torch.cuda.get_device_properties(self.device).total_memory
@@ -1122,15 +1102,15 @@ class _Trainer:
 
     def _say_finish(self) -> None:
         """After each whole epoch of this run: when the run ends, against the session's end."""
-        if self.finish is None or self._wall_start is None:
+        self.epoch_clock.end()
+        if self.finish is None:
             return
-        self._epoch_walls.append(_clock() - self._wall_start)
         o, pos = self.o, self.pos
         left: float = o.epochs - pos.epoch
         if o.max_steps is not None and self.epoch_length:
             steps_per_epoch = self.epoch_length / o.grad_accum
             left = min(left, (o.max_steps - pos.step) / steps_per_epoch)
-        seconds = sum(self._epoch_walls) / len(self._epoch_walls)
+        seconds = self.epoch_clock.seconds_per_epoch()
         message = self.finish.check(epochs_left=left, seconds_per_epoch=seconds, now=_clock())
         if message:
             self.bars.note("finish", message)
