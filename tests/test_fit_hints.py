@@ -143,12 +143,10 @@ def test_finish_against_a_colab_session_that_ends_too_soon() -> None:
     def sleep(x: torch.Tensor) -> None:
         time.sleep(0.05)  # a slow model: each epoch takes a while
 
-    start = datetime.now(timezone.utc)
-    # The session started 11 h 59 min 59 s ago: one second of Colab's 12 h is left, the run needs more.
-    with fake_colab(session_start=start - timedelta(hours=12) + timedelta(seconds=1), now=lambda: start):
-        history, screen = _fit(
-            _Hooked(sleep), _blobs(64, 0), epochs=4, batch_size=8, lr=0.01, device="cpu"
-        )  # >= 0.4 s an epoch
+    # The session started 11 h 59 min 59 s ago: one second of Colab's 12 h is left (on the real
+    # clock); the run needs at least 3 more epochs of 8 batches of 0.05 s.
+    with fake_colab(session_start=datetime.now(timezone.utc) - timedelta(hours=12) + timedelta(seconds=1)):
+        history, screen = _fit(_Hooked(sleep), _blobs(64, 0), epochs=4, batch_size=8, lr=0.01, device="cpu")
     said = [line for line in screen.lines if "session ends" in line]
     assert len(said) == 1, screen.lines
     assert "will not finish before the Colab session ends in under a minute" in said[0]
