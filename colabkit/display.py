@@ -28,8 +28,8 @@ import io
 import math
 import sys
 import threading
-from collections.abc import Iterator
-from typing import Any, Literal, Protocol
+from collections.abc import Iterable, Iterator
+from typing import Any, Literal, Protocol, TypeVar
 
 __all__ = [
     "LOG_SECONDS",
@@ -53,6 +53,7 @@ __all__ = [
 ]
 
 Kind = Literal["widgets", "notebook", "terminal", "log"]
+T = TypeVar("T")
 
 #: A notebook bar is redrawn at most this often (each redraw is a message to the browser;
 #: faster refreshes have crashed Colab tabs, see Lightning #3786).
@@ -201,6 +202,20 @@ class Bar:
         if self._tqdm is not None:
             self._tqdm.update(n)
 
+    def each(self, items: Iterable[T]) -> Iterator[T]:
+        """``items``, counting one as each is done; the bar closes when they run out (or the loop is left)."""
+        try:
+            for item in items:
+                yield item
+                self.update(1)
+        finally:
+            self.close()
+
+    def note(self, text: str) -> None:
+        """Replace the note after the numbers (what is being done now), redrawn with the next update."""
+        if self._tqdm is not None:
+            self._tqdm.set_postfix_str(text, refresh=False)
+
     def set(self, n: float, *, note: str | None = None) -> None:
         """Move to count ``n`` (and replace the note after the numbers), redrawing if due."""
         if self._tqdm is None:
@@ -237,7 +252,7 @@ def bar(
     *,
     desc: str = "",
     unit: str = "it",
-    unit_scale: bool = False,
+    unit_scale: bool | None = None,
     leave: bool = False,
     enabled: bool = True,
     initial: float = 0,
@@ -249,7 +264,7 @@ def bar(
         total: Expected count (None: unknown, the bar counts up).
         desc: Label in front of the numbers.
         unit: What is counted (``"B"`` with ``unit_scale=True`` shows kB, MB...).
-        unit_scale: Scale large counts (k, M, G; powers of 1024 for bytes).
+        unit_scale: Scale large counts (k, M, G; powers of 1024 for bytes); default: for ``unit="B"``.
         leave: Keep the finished bar on screen (default: it disappears).
         enabled: False gives a bar that shows nothing.
         initial: Count to start at (resumed work).
@@ -265,7 +280,7 @@ def bar(
         "total": total,
         "desc": desc,
         "unit": unit,
-        "unit_scale": unit_scale,
+        "unit_scale": unit == "B" if unit_scale is None else unit_scale,
         "unit_divisor": 1024 if unit == "B" else 1000,
         "leave": leave,
         "initial": initial,

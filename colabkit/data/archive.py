@@ -38,11 +38,11 @@ import tarfile
 import warnings
 import zipfile
 import zlib
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import IO, Any, Literal
 
-from colabkit import _io
+from colabkit import _io, display
 from colabkit.errors import ArgumentError, ChecksumError, ColabkitIOError, UnsafeArchiveError
 
 __all__ = [
@@ -826,29 +826,6 @@ def _auto_workers(workers: int | Literal["auto"], files: int, total: int) -> int
     return max(1, min(os.cpu_count() or 1, 8))
 
 
-@contextlib.contextmanager
-def _progress_bar(total: int | None, desc: str, enabled: bool, unit: str = "file") -> Iterator[Callable[[int], None]]:
-    if not enabled:
-        yield lambda n: None
-        return
-    from tqdm.auto import tqdm
-
-    in_bytes = unit == "B"
-    bar = tqdm(
-        total=total,
-        desc=desc,
-        unit=unit,
-        unit_scale=in_bytes,
-        unit_divisor=1024 if in_bytes else 1000,
-        leave=False,
-        dynamic_ncols=True,
-    )
-    try:
-        yield bar.update
-    finally:
-        bar.close()
-
-
 def _decompress_stream(src: str, fmt: Format, out_path: Path, limits: ArchiveLimits, progress: bool, what: str) -> int:
     """Decompress a .gz / .bz2 / .xz stream into ``out_path`` (a new file), enforcing the bomb limits."""
     opener: Any = {"tar.gz": gzip.open, "gz": gzip.open, "tar.bz2": bz2.open, "tar.xz": lzma.open}[fmt]
@@ -856,7 +833,10 @@ def _decompress_stream(src: str, fmt: Format, out_path: Path, limits: ArchiveLim
     produced = 0
     fd = out_ops.open(os.fspath(out_path), 0o644)
     try:
-        with opener(src, "rb") as stream, _progress_bar(packed, f"decompress {what}", progress, "B") as tick:
+        with (
+            opener(src, "rb") as stream,
+            display.bar(packed, desc=f"decompress {what}", unit="B", enabled=progress) as bar,
+        ):
             raw: IO[bytes] = stream
             last = 0
             while block := raw.read(_BIG):
@@ -870,7 +850,7 @@ def _decompress_stream(src: str, fmt: Format, out_path: Path, limits: ArchiveLim
                 _write_all(fd, block)
                 position = _compressed_position(stream)
                 if position is not None:
-                    tick(position - last)
+                    bar.update(position - last)
                     last = position
     except (OSError, EOFError, lzma.LZMAError, zlib.error) as exc:
         if isinstance(exc, OSError) and exc.errno is not None:
@@ -1035,12 +1015,12 @@ def _extract_plan(
     for name in sorted(dirs):
         os.mkdir(f"{base}/{name}")  # parents sort before children; the folder is fresh, so no clashes
     count = _auto_workers(workers, len(plan.files), plan.total)
-    with _progress_bar(len(plan.files), f"extract {label}", progress) as tick:
+    with display.bar(len(plan.files), desc=f"extract {label}", unit="file", enabled=progress) as bar:
 
         def task(jobs: Sequence[Any]) -> int:
             return _extract_chunk(path, base, jobs)
 
-        _run_chunks(task, plan.files, count, tick)
+        _run_chunks(task, plan.files, count, bar.update)
     for name, target in plan.hardlinks:
         os.link(f"{base}/{target}", f"{base}/{name}")
     for name, target in plan.symlinks:
@@ -1108,7 +1088,7 @@ def make_archive(
     with (
         _io.atomic_open(target, "wb") as handle,
         zipfile.ZipFile(handle, "w", allowZip64=True) as zf,
-        _progress_bar(total, f"pack {src.name}", progress, "B") as tick,
+        display.bar(total, desc=f"pack {src.name}", unit="B", enabled=progress) as bar,
     ):
         for file, arcname in entries:
             if arcname.endswith("/"):
@@ -1117,5 +1097,5 @@ def make_archive(
             stored = compression == "store" or (compression == "auto" and file.suffix.lower() in COMPRESSED_SUFFIXES)
             method = zipfile.ZIP_STORED if stored else zipfile.ZIP_DEFLATED
             zf.write(file, arcname, compress_type=method, compresslevel=None if stored else 6)
-            tick(file.stat().st_size)
+            bar.update(file.stat().st_size)
     return target

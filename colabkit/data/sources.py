@@ -37,8 +37,7 @@ from pathlib import Path
 from types import ModuleType
 from typing import IO, Any, Literal, Protocol, TypeVar
 
-from colabkit import _io
-from colabkit.data.archive import _progress_bar
+from colabkit import _io, display
 from colabkit.errors import ArgumentError, ColabkitIOError, DownloadError, missing_dependency
 from colabkit.runtime import runtime
 
@@ -215,11 +214,6 @@ def _strip_archive_suffix(name: str) -> str:
     return name
 
 
-def _bar(total: int | None, desc: str, enabled: bool) -> contextlib.AbstractContextManager[Callable[[int], None]]:
-    """A bytes progress bar (tqdm.auto) whose update function is yielded; a no-op when not ``enabled``."""
-    return _progress_bar(total, desc, enabled, "B")
-
-
 # -- local paths (and Drive) ------------------------------------------------------------------------
 
 
@@ -265,8 +259,8 @@ class PathSource:
 
         def attempt() -> dict[str, str]:
             hashers = {name: hashlib.new(name) for name in ctx.hash_names}
-            with _bar(size, f"copy {self.path.name}", ctx.progress) as tick:
-                _copy_one(str(self.path), str(local), hashers=list(hashers.values()), progress=tick)
+            with display.bar(size, desc=f"copy {self.path.name}", unit="B", enabled=ctx.progress) as bar:
+                _copy_one(str(self.path), str(local), hashers=list(hashers.values()), progress=bar.update)
             return {name: h.hexdigest() for name, h in hashers.items()}
 
         try:
@@ -334,18 +328,18 @@ def copy_tree(
     def one(pair: tuple[str, str]) -> int:
         return _retry(lambda: _copy_one(*pair), retries)
 
-    with _progress_bar(len(files), f"copy {src.name}", progress) as tick:
+    with display.bar(len(files), desc=f"copy {src.name}", unit="file", enabled=progress) as bar:
         if workers <= 1 or len(files) < 2:
             for pair in files:
                 total_bytes += one(pair)
-                tick(1)
+                bar.update(1)
         else:
             with ThreadPoolExecutor(max_workers=min(workers, len(files)), thread_name_prefix="colabkit-copy") as pool:
                 futures = [pool.submit(one, pair) for pair in files]
                 try:
                     for future in futures:
                         total_bytes += future.result()
-                        tick(1)
+                        bar.update(1)
                 except BaseException:
                     for future in futures:
                         future.cancel()
@@ -589,12 +583,16 @@ class HttpSource:
             if total is not None:
                 _io.ensure_free_space(part.parent, total - have, what=f"the download of {self.url}")
             received = have
-            with open(part, mode) as out, _bar(total, f"download {self._basename() or 'file'}", ctx.progress) as tick:
-                tick(have)
+            with (
+                open(part, mode) as out,
+                display.bar(
+                    total, desc=f"download {self._basename() or 'file'}", unit="B", enabled=ctx.progress, initial=have
+                ) as bar,
+            ):
                 while block := response.read(1024 * 1024):
                     out.write(block)
                     received += len(block)
-                    tick(len(block))
+                    bar.update(len(block))
             if total is not None and received != total:
                 raise http.client.IncompleteRead(b"", total - received)
             return _disposition_name(response.headers)
@@ -672,13 +670,13 @@ class FsspecSource:
             with (
                 fs.open(path, "rb", block_size=_CHUNK) as remote,
                 open(local, "wb") as out,
-                _bar(size, f"download {name}", ctx.progress) as tick,
+                display.bar(size, desc=f"download {name}", unit="B", enabled=ctx.progress) as bar,
             ):
                 while block := remote.read(_CHUNK):
                     out.write(block)
                     for hasher in hashers.values():
                         hasher.update(block)
-                    tick(len(block))
+                    bar.update(len(block))
             return {algorithm: h.hexdigest() for algorithm, h in hashers.items()}
 
         try:

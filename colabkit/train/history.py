@@ -13,11 +13,10 @@ import csv
 import io
 import math
 import os
-import sys
 from collections.abc import Iterator, Sequence
 from typing import Any
 
-from colabkit import _io
+from colabkit import _io, display
 from colabkit.errors import ArgumentError, missing_dependency
 
 __all__ = ["History", "metric_mode"]
@@ -172,7 +171,7 @@ class History:
             ax.set_xlabel("epoch")
             ax.legend()
         fig.tight_layout()
-        if _in_notebook():
+        if display.in_notebook():
             plt.close(fig)
         return fig
 
@@ -203,13 +202,6 @@ class History:
             return f"History(no epochs, stop_reason={self.stop_reason!r})"
         last = ", ".join(f"{key}={_fmt(value)}" for key, value in self.records[-1].items())
         return f"History({len(self.records)} epochs, stop_reason={self.stop_reason!r}, last: {last})"
-
-
-def _in_notebook() -> bool:
-    """Whether an IPython kernel runs this code (Colab, Kaggle, Jupyter): the display seam."""
-    ipython = sys.modules.get("IPython")
-    shell = ipython.get_ipython() if ipython is not None else None
-    return shell is not None and getattr(shell, "kernel", None) is not None
 
 
 def _fmt(value: Any) -> str:
