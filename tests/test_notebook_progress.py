@@ -45,6 +45,19 @@ def _texts(output: dict[str, Any]) -> list[str]:
     return texts
 
 
+TOOLS = """
+import shutil, tempfile
+from pathlib import Path
+colabkit.lr_find(torch.nn.Linear(8, 2), TensorDataset(x, y), steps=20)
+colabkit.compare_devices(torch.nn.Linear(8, 2), TensorDataset(x, y), steps=3, batch_sizes=[16])
+folder = Path(tempfile.mkdtemp())
+(folder / "set").mkdir()
+for i in range(50):
+    (folder / "set" / f"{i}.txt").write_text(str(i))
+colabkit.stage(colabkit.make_archive(folder / "set", folder / "set.zip"), folder / "staged")
+"""
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("widgets", [True, False], ids=["ipywidgets", "no-ipywidgets"])
 def test_fit_in_a_kernel_shows_one_table_with_a_row_per_epoch_and_no_escape_codes(
@@ -54,12 +67,20 @@ def test_fit_in_a_kernel_shows_one_table_with_a_row_per_epoch_and_no_escape_code
         pytest.importorskip("ipywidgets")
     block = "" if widgets else "import sys; sys.modules['ipywidgets'] = None  # as if not installed"
     check = "print(json.dumps(history.records)); from colabkit import display; print('kind', display.detect())"
-    nb = _run([block, FIT, check], tmp_path, kernel_dir, monkeypatch)
+    nb = _run([block, FIT, check, TOOLS], tmp_path, kernel_dir, monkeypatch)
 
     fit_outputs = nb.cells[1].outputs
-    for output in fit_outputs:
-        for text in _texts(output):
-            assert "\x1b[" not in text and "\r" not in text, output
+    for cell in nb.cells:  # fit, and lr_find, compare_devices, make_archive and stage too
+        for output in cell.outputs:
+            for text in _texts(output):
+                assert "\x1b[" not in text and "\r" not in text, output
+    tool_bars = [o for o in nb.cells[3].outputs if o.get("output_type") == "display_data"]
+    if widgets:
+        shown = " ".join(o["data"]["text/plain"] for o in tool_bars)
+        assert all(name in shown for name in ("lr_find", "compare_devices", "pack set", "extract set.zip"))
+    else:
+        # Each tool's bar was one output replaced in place, emptied when done (leave=False).
+        assert [o["data"]["text/plain"] for o in tool_bars] == [""] * 4
     tables = [o for o in fit_outputs if "colabkit-epochs" in o.get("data", {}).get("text/html", "")]
     assert len(tables) == 1, [o.get("output_type") for o in fit_outputs]  # one output, updated in place
     html = tables[0]["data"]["text/html"]
@@ -77,5 +98,6 @@ def test_fit_in_a_kernel_shows_one_table_with_a_row_per_epoch_and_no_escape_code
         for key in ("loss", "accuracy", "val_loss", "val_accuracy"):
             assert cells[key] == f"{record[key]:.4f}"
     if not widgets:
-        # The live bar: one more output, replaced in place, gone at the end (leave=False).
-        assert not [o for o in fit_outputs if o.get("output_type") == "stream" and o.get("name") == "stderr"]
+        # No text bar on stderr: the live bars are outputs replaced in place, gone at the end.
+        for cell in (nb.cells[1], nb.cells[3]):
+            assert not [o for o in cell.outputs if o.get("output_type") == "stream" and o.get("name") == "stderr"]
