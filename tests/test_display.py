@@ -6,6 +6,7 @@ import subprocess
 import sys
 import textwrap
 import time
+from pathlib import Path
 
 import pytest
 
@@ -93,14 +94,14 @@ def test_disabled_bar_shows_nothing() -> None:
     assert screen.outputs == [] and screen.lines == []
 
 
-def test_detect_outside_a_kernel(tmp_path: object) -> None:
+def test_detect_outside_a_kernel() -> None:
     # A child without a TTY: "log". (The test runner's own stderr may be a terminal.)
     code = "from colabkit import display; print(display.detect(), display.in_notebook())"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.split() == ["log", "False"]
 
 
-def test_detect_in_a_kernel_with_and_without_ipywidgets(subprocess_env: dict[str, str]) -> None:
+def test_detect_in_a_kernel_with_and_without_ipywidgets(subprocess_env: dict[str, str], tmp_path: Path) -> None:
     pytest.importorskip("ipykernel")
     pytest.importorskip("ipywidgets")
     # A real IPython kernel shell object (ZMQInteractiveShell with a kernel attached).
@@ -119,6 +120,7 @@ def test_detect_in_a_kernel_with_and_without_ipywidgets(subprocess_env: dict[str
         print(display.detect())
         """
     )
+    subprocess_env["IPYTHONDIR"] = str(tmp_path)  # the kernel's profile folder, not the home folder's
     kinds = []
     for mode in ("installed", "blocked"):
         result = subprocess.run(

@@ -46,12 +46,11 @@ def _texts(output: dict[str, Any]) -> list[str]:
 
 
 TOOLS = """
-import shutil, tempfile
 from pathlib import Path
 colabkit.lr_find(torch.nn.Linear(8, 2), TensorDataset(x, y), steps=20)
 colabkit.compare_devices(torch.nn.Linear(8, 2), TensorDataset(x, y), steps=3, batch_sizes=[16])
-folder = Path(tempfile.mkdtemp())
-(folder / "set").mkdir()
+folder = Path("tools").resolve()  # the kernel runs in the test's tmp_path
+(folder / "set").mkdir(parents=True)
 for i in range(50):
     (folder / "set" / f"{i}.txt").write_text(str(i))
 colabkit.stage(colabkit.make_archive(folder / "set", folder / "set.zip"), folder / "staged")
