@@ -192,11 +192,6 @@ class Bar:
     def __init__(self, backend: Any) -> None:
         self._tqdm = backend
 
-    @property
-    def n(self) -> float:
-        """The count so far."""
-        return 0 if self._tqdm is None else float(self._tqdm.n)
-
     def update(self, n: float = 1) -> None:
         """Advance by ``n``."""
         if self._tqdm is not None:
@@ -221,7 +216,7 @@ class Bar:
         if self._tqdm is None:
             return
         if note is not None:
-            self._tqdm.set_postfix_str(note, refresh=False)
+            self.note(note)
         self._tqdm.update(n - self._tqdm.n)
 
     def restart(self, total: float | None, *, desc: str, done: float = 0) -> None:
