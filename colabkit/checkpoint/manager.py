@@ -22,7 +22,7 @@ from typing import Any, Literal
 
 import torch
 
-from colabkit import _io, _notify
+from colabkit import _io, _notify, drive
 from colabkit.checkpoint import registry
 from colabkit.checkpoint import state as state_module
 from colabkit.checkpoint.mirror import Lane, Mirror, mirror_targets
@@ -133,6 +133,7 @@ class CheckpointManager:
             InsufficientSpaceError: The local disk cannot hold the checkpoint.
         """
         self._check_open()
+        drive.recover_if_lost()  # a main-thread Drive touch: remount for copies that lost Drive
         payload, clean_metrics = state_module.prepare(state, step=step, metrics=metrics)
         epoch = payload.get("epoch")
         fields = {
@@ -243,8 +244,9 @@ class CheckpointManager:
             CheckpointError: A commit or mirror copy failed (each failure is also
                 warned about when it happens); the message names them.
         """
+        drive.recover_if_lost()  # a main-thread Drive touch: remount for copies that lost Drive
         self._commit_lane.join()
-        self._mirror.lane.join()
+        self._mirror.lane.join_recovering()
         self._commit_lane.join()
         self._mirror.join(retry=True)
         with self._lock:
