@@ -1,22 +1,22 @@
 """matplotlib for the result objects' ``.plot()``: imported on first use, figures returned as History.plot() does.
 
-:func:`in_notebook` is the display seam: a figure made for a notebook cell is closed after
-drawing, so it shows once, as the cell's result.
+In a notebook (:func:`colabkit.display.in_notebook`) a figure made for the cell is closed
+after drawing, so it shows once, as the cell's result.
 """
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from colabkit import display
 from colabkit.errors import missing_dependency
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
     from matplotlib.figure import Figure
 
-__all__ = ["axes", "finish", "in_notebook", "pyplot"]
+__all__ = ["axes", "finish", "pyplot"]
 
 
 def pyplot(purpose: str) -> Any:
@@ -25,13 +25,6 @@ def pyplot(purpose: str) -> Any:
     except ImportError:
         raise missing_dependency("matplotlib", "plot", purpose=purpose) from None
     return plt
-
-
-def in_notebook() -> bool:
-    """Whether an IPython kernel runs this code (Colab, Kaggle, Jupyter): the display seam."""
-    ipython = sys.modules.get("IPython")
-    shell = ipython.get_ipython() if ipython is not None else None
-    return shell is not None and getattr(shell, "kernel", None) is not None
 
 
 def axes(ax: Axes | None, purpose: str, figsize: tuple[float, float] = (7.0, 4.0)) -> tuple[Axes, bool]:
@@ -57,6 +50,6 @@ def finish(ax: Axes, path: str | Path | None, *, created: bool) -> Figure:
         target = Path(path)
         target.parent.mkdir(parents=True, exist_ok=True)
         figure.savefig(target, dpi=120)
-    if created and in_notebook():
+    if created and display.in_notebook():
         pyplot("plot()").close(figure)
     return figure

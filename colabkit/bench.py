@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import torch
 from torch import nn
 
-from colabkit import _notify, _plot
+from colabkit import _notify, _plot, display
 from colabkit import device as _device
 from colabkit.errors import ArgumentError
 from colabkit.train.batches import (
@@ -456,8 +456,6 @@ def compare_devices(
         >>> print(result)  # doctest: +SKIP
         >>> result.plot()  # doctest: +SKIP
     """
-    from tqdm.auto import tqdm
-
     timed_steps = None if steps == "auto" else _positive_int("steps", steps)
     if warmup != "auto" and (isinstance(warmup, bool) or not isinstance(warmup, int) or warmup < 0):
         raise ArgumentError(f"warmup={warmup!r} must be a non-negative integer or 'auto'")
@@ -479,7 +477,7 @@ def compare_devices(
 
     timings: list[PhaseTiming] = []
     work = [(d, p, b) for d in targets for b in pool for p in phases]
-    bar = tqdm(total=len(work), desc="compare_devices", disable=not progress, leave=False)
+    bar = display.bar(len(work), desc="compare_devices", unit="run", enabled=progress)
     try:
         for device in targets:
             name = _device_name(device)
@@ -489,7 +487,7 @@ def compare_devices(
             n_warmup = (2 if device.type == "cpu" else 5) if warmup == "auto" else int(warmup)
             for batch_size, batches in pool.items():
                 for phase in phases:
-                    bar.set_postfix_str(f"{device} {phase} batch {batch_size}")
+                    bar.note(f"{device} {phase} batch {batch_size}")
                     step = (
                         _train_step(replica, optimizer, criterion, device, policy)
                         if phase == "train"
@@ -735,8 +733,6 @@ def matmul_speed(
     Example:
         >>> print(colabkit.matmul_speed())  # doctest: +SKIP
     """
-    from tqdm.auto import tqdm
-
     targets, notes = _resolve_devices(devices)
     has_gpu = any(d.type != "cpu" for d in targets)
     if sizes == "auto":
@@ -759,9 +755,9 @@ def matmul_speed(
         wanted = (["float32"] if device.type == "cpu" else ["float32", "float16"]) if dtypes == "auto" else list(dtypes)
         plan += [(device, dtype, size) for dtype in wanted for size in chosen_sizes]
     timings = []
-    with tqdm(plan, desc="matmul_speed", disable=not progress, leave=False) as bar:
-        for device, dtype, size in bar:
-            bar.set_postfix_str(f"{device} {dtype} {size}")
+    with display.bar(len(plan), desc="matmul_speed", unit="size", enabled=progress) as bar:
+        for device, dtype, size in plan:
+            bar.note(f"{device} {dtype} {size}")
             a = torch.randn(size, size, device=device).to(_DTYPES[dtype])
             b = torch.randn(size, size, device=device).to(_DTYPES[dtype])
 
@@ -772,6 +768,7 @@ def matmul_speed(
                 step, [(None, None)], device, steps=timed_repeats, warmup=1 if device.type == "cpu" else 3
             )
             timings.append(MatmulTiming(str(device), _device_name(device), dtype, size, count, seconds))
+            bar.update(1)
             del a, b
     base = {t.size: t.tflops for t in timings if t.device == "cpu" and t.dtype == "float32"}
     with_speedup = tuple(

@@ -26,9 +26,10 @@ from collections.abc import Callable, Iterable
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from types import ModuleType, TracebackType
-from typing import Any, Protocol
+from typing import Any
 
-from colabkit import _io, _notify
+from colabkit import _io, _notify, display
+from colabkit.display import Handle
 from colabkit.errors import ArgumentError, PathNotFoundError, PlatformError
 from colabkit.runtime import current_probe, runtime
 
@@ -69,27 +70,15 @@ def _now() -> datetime:
     return current_probe().now()
 
 
-class DisplayHandle(Protocol):
-    """What a display function returns: something whose output can be replaced in place."""
-
-    def update(self, obj: Any) -> None: ...
-
-
 #: A display function: shows ``obj`` once and returns a handle for in-place updates
 #: (``IPython.display.display(obj, display_id=True)``), or None where it cannot.
-DisplayFunction = Callable[[Any], "DisplayHandle | None"]
+DisplayFunction = Callable[[Any], "Handle | None"]
 
 
-def _default_display(obj: Any) -> DisplayHandle | None:
-    """Show ``obj`` in the notebook with a display id; None outside a kernel."""
-    try:
-        from IPython import get_ipython
-        from IPython.display import display
-    except ImportError:
-        return None
-    if get_ipython() is None:
-        return None
-    return display(obj, display_id=True)
+def _default_display(obj: Any) -> Handle | None:
+    """Show ``obj`` in the notebook cell with a display id (:mod:`colabkit.display`); None elsewhere."""
+    screen = display.screen()
+    return screen.show(obj) if screen.notebook else None
 
 
 # -- session clock --------------------------------------------------------------------------------
@@ -250,7 +239,7 @@ class Keepalive:
         self._display = display
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
-        self._handle: DisplayHandle | None = None
+        self._handle: Handle | None = None
         self._started_at: datetime | None = None
         self._watch: SessionWatch | None = None
         self._warnings: list[str] = []

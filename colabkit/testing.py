@@ -16,6 +16,10 @@ record every call::
             assert mydrive.name == "MyDrive"
             assert colab.calls_to("drive.mount")
 
+:class:`FakeScreen` stands in for a notebook cell or a terminal
+(``with colabkit.display.use_screen(FakeScreen("notebook")) as cell: ...``) and
+records every output, in-place update and line, as a notebook would get them.
+
 Use them in your own tests too: nothing here needs Colab, Kaggle or a GPU.
 """
 
@@ -24,6 +28,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import errno
+import io
 import os
 import shutil
 import sys
@@ -36,10 +41,11 @@ from pathlib import Path
 from typing import Any
 
 from colabkit import _io, _notify
+from colabkit.display import Kind, Screen
 from colabkit.errors import ArgumentError
 from colabkit.runtime import PLATFORM_TOPS, GpuInfo, Probe, use_probe
 
-__all__ = ["GPUS", "FakePlatform", "MessageError", "fake_colab", "fake_kaggle"]
+__all__ = ["GPUS", "FakeHandle", "FakePlatform", "FakeScreen", "MessageError", "fake_colab", "fake_kaggle"]
 
 GiB = 1024**3
 
@@ -713,3 +719,74 @@ def fake_kaggle(
         colab_package=not tpu,
     ) as fake:
         yield fake
+
+
+# -- a fake notebook cell / terminal --------------------------------------------------------------
+
+
+def _mimebundle(obj: Any) -> dict[str, str]:
+    """What IPython's display formatter sends for ``obj``: its repr, and its HTML when it has one."""
+    bundle = {"text/plain": repr(obj)}
+    html = getattr(obj, "_repr_html_", None)
+    if callable(html):
+        text = html()
+        if text is not None:
+            bundle["text/html"] = text
+    return bundle
+
+
+class FakeHandle:
+    """One display output of a :class:`FakeScreen`: every version it showed, the last one current."""
+
+    def __init__(self, obj: Any) -> None:
+        self.versions: list[dict[str, str]] = [_mimebundle(obj)]
+
+    def update(self, obj: Any) -> None:
+        """Replace the output in place (``DisplayHandle.update``)."""
+        self.versions.append(_mimebundle(obj))
+
+    @property
+    def current(self) -> dict[str, str]:
+        """The mime bundle shown now."""
+        return self.versions[-1]
+
+
+class FakeScreen(Screen):
+    """A notebook cell, terminal or log that records what colabkit sends it.
+
+    Args:
+        kind: ``"notebook"`` (a kernel without ipywidgets), ``"widgets"``, ``"terminal"`` or ``"log"``.
+
+    Attributes:
+        outputs: Display outputs in the order they were created (notebook kinds).
+        lines: Lines printed (they stay).
+        stderr: What text bars wrote (terminal), escape codes included.
+        widget_bars: Keyword arguments of each ``tqdm.notebook`` bar asked for (widgets);
+            the bar itself is a tqdm text bar writing to :attr:`stderr`.
+    """
+
+    def __init__(self, kind: Kind = "notebook") -> None:
+        super().__init__(kind)
+        self.outputs: list[FakeHandle] = []
+        self.lines: list[str] = []
+        self.stderr = io.StringIO()
+        self.widget_bars: list[dict[str, Any]] = []
+
+    def show(self, obj: Any) -> FakeHandle:
+        if not self.notebook:
+            raise AssertionError(f"show() on a {self.kind!r} screen: only notebooks have display outputs")
+        handle = FakeHandle(obj)
+        self.outputs.append(handle)
+        return handle
+
+    def line(self, text: str) -> None:
+        self.lines.extend(text.splitlines() or [""])
+
+    def text_bar(self, **options: Any) -> Any:
+        from tqdm.std import tqdm
+
+        return tqdm(file=self.stderr, ncols=100, **options)
+
+    def widget_bar(self, **options: Any) -> Any:
+        self.widget_bars.append(dict(options))
+        return self.text_bar(**options)

@@ -20,6 +20,7 @@ Escape hatch, for a test that legitimately leaves one of these behind (say so in
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import sys
@@ -163,3 +164,21 @@ def subprocess_env() -> dict[str, str]:
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
     return env
+
+
+#: The Jupyter kernel notebook tests run in: this virtualenv's Python (see :func:`kernel_dir`).
+KERNEL = "colabkit-tests"
+
+
+@pytest.fixture(scope="session")
+def kernel_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A JUPYTER_PATH folder whose kernelspec ``colabkit-tests`` runs this virtualenv's Python.
+
+    Written to a temporary folder, so no system-wide "python3" kernel can be picked by mistake.
+    """
+    folder = tmp_path_factory.mktemp("jupyter")
+    spec = folder / "kernels" / KERNEL
+    spec.mkdir(parents=True)
+    argv = [sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}"]
+    (spec / "kernel.json").write_text(json.dumps({"argv": argv, "display_name": KERNEL, "language": "python"}))
+    return folder

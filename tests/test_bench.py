@@ -10,8 +10,10 @@ import pytest
 import torch
 from torch import nn
 
-from colabkit import _plot, bench
+from colabkit import bench
+from colabkit.display import use_screen
 from colabkit.errors import ArgumentError, MissingDependencyError
+from colabkit.testing import FakeScreen
 from colabkit.train import lr_find as lrf
 from colabkit.train.batches import DEFAULT_BATCH_SIZE
 
@@ -226,10 +228,10 @@ def test_plots_return_the_figure_as_history_plot_does(agg: None, monkeypatch: py
         mine, ax = plt.subplots()
         assert result.plot(ax=ax) is mine and plt.fignum_exists(mine.number)
     # In a notebook the returned figure is the one display: closed for the inline backend.
-    monkeypatch.setattr(_plot, "in_notebook", lambda: True)
-    for result in results:
-        figure = result.plot()
-        assert not plt.fignum_exists(figure.number) and len(figure.axes) == 1
+    with use_screen(FakeScreen("notebook")):
+        for result in results:
+            figure = result.plot()
+            assert not plt.fignum_exists(figure.number) and len(figure.axes) == 1
     _, ax = plt.subplots()
     assert plt.fignum_exists(results[0].plot(ax=ax).number)
 

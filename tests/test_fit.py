@@ -86,12 +86,17 @@ def test_progress_false_prints_nothing(tmp_path: Path, capfd: pytest.CaptureFixt
     assert steps.span == (17, 24)  # it did resume (8 steps an epoch), silently
 
 
-def test_progress_bars_show_epochs_and_metrics(tmp_path: Path, capfd: pytest.CaptureFixture[str]) -> None:
+def test_progress_in_a_log_is_one_line_per_epoch_and_a_resumed_run_repeats_earlier_ones(
+    tmp_path: Path, capfd: pytest.CaptureFixture[str]
+) -> None:
     fit(mlp(), blobs(), epochs=2, batch_size=8, checkpoint_dir=tmp_path)
     fit(mlp(), blobs(), epochs=3, batch_size=8, checkpoint_dir=tmp_path)
     out, err = capfd.readouterr()
-    assert "epochs" in err and "accuracy=" in err and "3/3" in err
+    epochs = [line.split("  ")[0] for line in out.splitlines() if line.startswith("epoch ")]
+    assert epochs == ["epoch 1/2", "epoch 2/2", "epoch 1/3", "epoch 2/3", "epoch 3/3"]
+    assert all(" loss " in line and " accuracy " in line for line in out.splitlines() if line.startswith("epoch "))
     assert "resuming from" in out
+    assert "\r" not in out + err and "\x1b[" not in out + err  # pytest's capture is no terminal: no bars
 
 
 def test_dict_batches_and_custom_loss() -> None:

@@ -7,7 +7,9 @@ from pathlib import Path
 
 import pytest
 
+from colabkit.display import use_screen
 from colabkit.errors import ArgumentError, MissingDependencyError
+from colabkit.testing import FakeScreen
 from colabkit.train.history import History, metric_mode
 
 RECORDS = [
@@ -82,14 +84,12 @@ def test_plot_in_a_notebook_is_shown_once(monkeypatch: pytest.MonkeyPatch) -> No
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from colabkit.train import history as history_module
-
     plt.close("all")
     figure = History(RECORDS).plot()
     assert plt.fignum_exists(figure.number)  # a script keeps it for plt.show()
     plt.close("all")
-    monkeypatch.setattr(history_module, "_in_notebook", lambda: True)
-    figure = History(RECORDS).plot()
+    with use_screen(FakeScreen("notebook")):
+        figure = History(RECORDS).plot()
     assert not plt.fignum_exists(figure.number) and len(figure.axes) == 2  # only the returned figure displays
 
 

@@ -19,7 +19,9 @@ import pytest
 
 from colabkit.data import sources
 from colabkit.data.stage import stage
+from colabkit.display import use_screen
 from colabkit.errors import ChecksumError, DownloadError, MissingDependencyError
+from colabkit.testing import FakeScreen
 
 
 def zip_bytes(members: dict[str, bytes]) -> bytes:
@@ -164,9 +166,10 @@ def test_checksum_mismatch_deletes_the_download(
         stage(server.url + "/digits.zip", tmp_path, md5="0" * 32, progress=False)
     assert list(tmp_path.iterdir()) == []  # no partial download kept, nothing published
     assert capsys.readouterr().err == ""  # progress=False: no download bar
-    root = stage(server.url + "/digits.zip", tmp_path, md5=hashlib.md5(PAYLOAD).hexdigest(), progress=True)
+    with use_screen(FakeScreen("terminal")) as terminal:
+        root = stage(server.url + "/digits.zip", tmp_path, md5=hashlib.md5(PAYLOAD).hexdigest(), progress=True)
     assert (root / "0" / "1.txt").read_bytes() == MEMBERS["digits/0/1.txt"]
-    assert "download digits.zip" in capsys.readouterr().err
+    assert "download digits.zip" in terminal.stderr.getvalue()
 
 
 def test_http_errors_are_clear(tmp_path: Path, server: Server) -> None:

@@ -23,8 +23,9 @@ from colabkit import _io
 from colabkit.data import archive, sources
 from colabkit.data import stage as stage_mod
 from colabkit.data.stage import MARKER, cli_stage, stage
+from colabkit.display import use_screen
 from colabkit.errors import ChecksumError, InsufficientSpaceError, UnsafeArchiveError
-from colabkit.testing import fake_colab
+from colabkit.testing import FakeScreen, fake_colab
 
 MEMBERS = {f"flowers/{kind}/{i:03d}.jpg": f"{kind}{i}".encode() * 300 for kind in ("rose", "tulip") for i in range(60)}
 
@@ -487,18 +488,25 @@ def test_progress_false_is_silent_for_every_step(tmp_path: Path, capsys: pytest.
         archive.make_archive(colab.path("/content/data/flowers"), tmp_path / "out.zip", progress=False)
         captured = capsys.readouterr()
         assert (captured.out, captured.err) == ("", "")
-        stage(zipped, colab.path("/content/other"), workers=2, progress=True)
-        assert "copy flowers.zip" in capsys.readouterr().err
+        with use_screen(FakeScreen("terminal")) as terminal:
+            stage(zipped, colab.path("/content/other"), workers=2, progress=True)
+        assert "copy flowers.zip" in terminal.stderr.getvalue()
 
 
 def test_progress_bars_show_and_can_be_silenced(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     src = write_zip(tmp_path / "flowers.zip")
-    stage(src, tmp_path / "a", workers=2, progress=True)
-    assert "extract flowers.zip" in capsys.readouterr().err
+    with use_screen(FakeScreen("notebook")) as cell:
+        stage(src, tmp_path / "a", workers=2, progress=True)
+    # In a notebook: one output replaced in place (through the display seam), gone when done.
+    (bar,) = cell.outputs
+    assert bar.versions[0]["text/plain"].startswith("extract flowers.zip:")
+    assert bar.current["text/plain"] == "" and not any("\x1b[" in v["text/plain"] for v in bar.versions)
+    assert capsys.readouterr().err == ""
     folder = tmp_path / "a" / "flowers" / "flowers"
-    stage(folder, tmp_path / "b", progress=False)
+    with use_screen(FakeScreen("notebook")) as cell:
+        stage(folder, tmp_path / "b", progress=False)
     captured = capsys.readouterr()
-    assert captured.err == "" and captured.out == ""
+    assert captured.err == "" and captured.out == "" and cell.outputs == []
 
 
 def test_concurrent_calls_stage_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -54,11 +54,11 @@ import unicodedata
 import warnings
 import zipfile
 import zlib
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import IO, Any, Literal
 
-from colabkit import _io
+from colabkit import _io, display
 from colabkit.data.zipdir import LOCAL_HEADER, LOCAL_SIG, read_central
 from colabkit.errors import (
     ArgumentError,
@@ -929,29 +929,6 @@ def _auto_workers(workers: int | Literal["auto"], files: int, total: int) -> int
     return max(1, min(os.cpu_count() or 1, 8))
 
 
-@contextlib.contextmanager
-def _progress_bar(total: int | None, desc: str, enabled: bool, unit: str = "file") -> Iterator[Callable[[int], None]]:
-    if not enabled:
-        yield lambda n: None
-        return
-    from tqdm.auto import tqdm
-
-    in_bytes = unit == "B"
-    bar = tqdm(
-        total=total,
-        desc=desc,
-        unit=unit,
-        unit_scale=in_bytes,
-        unit_divisor=1024 if in_bytes else 1000,
-        leave=False,
-        dynamic_ncols=True,
-    )
-    try:
-        yield bar.update
-    finally:
-        bar.close()
-
-
 def _decompress_stream(src: str, fmt: Format, out_path: Path, limits: ArchiveLimits, progress: bool, what: str) -> int:
     """Decompress a .gz / .bz2 / .xz / .zst stream into ``out_path`` (a new file), enforcing the bomb limits."""
     openers: dict[str, Any] = {"gz": gzip.open, "bz2": bz2.open, "xz": lzma.open, "zst": _zstd_open}
@@ -960,7 +937,10 @@ def _decompress_stream(src: str, fmt: Format, out_path: Path, limits: ArchiveLim
     produced = 0
     fd = _io.ops.create(os.fspath(out_path), 0o644)
     try:
-        with opener(src, "rb") as stream, _progress_bar(packed, f"decompress {what}", progress, "B") as tick:
+        with (
+            opener(src, "rb") as stream,
+            display.bar(packed, desc=f"decompress {what}", unit="B", enabled=progress) as bar,
+        ):
             last = 0
 
             def write(block: bytes) -> None:
@@ -975,7 +955,7 @@ def _decompress_stream(src: str, fmt: Format, out_path: Path, limits: ArchiveLim
                 _io.write_all(fd, block)
                 position = _compressed_position(stream)
                 if position is not None:
-                    tick(position - last)
+                    bar.update(position - last)
                     last = position
 
             _io.copy_stream(stream.read, write, chunk_size=_BIG)
@@ -1159,14 +1139,14 @@ def _extract_plan(path: str, fmt: Format, root: Path, options: _Options, label: 
     base = os.fspath(root)
     _make_dirs(base, plan, itertools.chain(plan.files, plan.external.values()))
     count = _auto_workers(options.workers, len(plan.files), plan.total)
-    with _progress_bar(count_files, f"extract {label}", options.progress) as tick:
+    with display.bar(count_files, desc=f"extract {label}", unit="file", enabled=options.progress) as bar:
 
         def task(jobs: Sequence[Any]) -> int:
             return _extract_chunk(path, base, jobs)
 
-        _run_chunks(task, plan.files, count, tick)
+        _run_chunks(task, plan.files, count, bar.update)
         if plan.external:
-            _extract_external(path, base, plan, tick)
+            _extract_external(path, base, plan, bar.update)
     for name, target in plan.hardlinks:
         os.link(f"{base}/{target}", f"{base}/{name}")
     for name, target in plan.symlinks:
@@ -1289,7 +1269,7 @@ def _extract_7z(path: str, root: Path, label: str, options: _Options) -> Extract
         _check_ratio(path, "the archive", plan.total, max(packed_total, os.path.getsize(path)), limits)
         _io.ensure_free_space(root, plan.total, what=f"the extracted {label} ({len(plan.files)} files)")
         try:
-            with _progress_bar(None, f"extract {label}", options.progress):
+            with display.bar(None, desc=f"extract {label}", unit="file", enabled=options.progress):
                 archive.extract(path=root, targets=wanted)
         except Exception as exc:
             raise ChecksumError(f"{path}: the 7z archive is damaged ({exc}); re-download or re-create it") from exc
@@ -1356,7 +1336,7 @@ def make_archive(
     with (
         _io.atomic_open(target, "wb") as handle,
         zipfile.ZipFile(handle, "w", allowZip64=True) as zf,
-        _progress_bar(total, f"pack {src.name}", progress, "B") as tick,
+        display.bar(total, desc=f"pack {src.name}", unit="B", enabled=progress) as bar,
     ):
         for file, arcname in entries:
             if arcname.endswith("/"):
@@ -1365,5 +1345,5 @@ def make_archive(
             stored = compression == "store" or (compression == "auto" and file.suffix.lower() in COMPRESSED_SUFFIXES)
             method = zipfile.ZIP_STORED if stored else zipfile.ZIP_DEFLATED
             zf.write(file, arcname, compress_type=method, compresslevel=None if stored else 6)
-            tick(file.stat().st_size)
+            bar.update(file.stat().st_size)
     return target

@@ -39,8 +39,7 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any, Literal, Protocol, TypeVar
 
-from colabkit import _io, drive
-from colabkit.data.archive import _progress_bar
+from colabkit import _io, display, drive
 from colabkit.errors import ArgumentError, ColabkitIOError, DownloadError, missing_dependency
 from colabkit.runtime import runtime
 
@@ -170,11 +169,6 @@ def _strip_archive_suffix(name: str) -> str:
     return name
 
 
-def _bar(total: int | None, desc: str, enabled: bool) -> contextlib.AbstractContextManager[Callable[[int], None]]:
-    """A bytes progress bar (tqdm.auto) whose update function is yielded; a no-op when not ``enabled``."""
-    return _progress_bar(total, desc, enabled, "B")
-
-
 # -- local paths (and Drive) ------------------------------------------------------------------------
 
 
@@ -220,8 +214,8 @@ class PathSource:
 
         def attempt() -> dict[str, str]:
             hashers = {name: hashlib.new(name) for name in ctx.hash_names}
-            with _bar(size, f"copy {self.path.name}", ctx.progress) as tick:
-                copy_file(self.path, local, hashers=hashers.values(), progress=tick)
+            with display.bar(size, desc=f"copy {self.path.name}", unit="B", enabled=ctx.progress) as bar:
+                copy_file(self.path, local, hashers=hashers.values(), progress=bar.update)
             return {name: h.hexdigest() for name, h in hashers.items()}
 
         try:
@@ -293,11 +287,11 @@ def copy_tree(
     def one(pair: tuple[str, str]) -> int:
         return copy_file(*pair, retries=retries)
 
-    with _progress_bar(len(files), f"copy {src.name}", progress) as tick:
+    with display.bar(len(files), desc=f"copy {src.name}", unit="file", enabled=progress) as bar:
         if workers <= 1 or len(files) < 2:
             for pair in files:
                 total_bytes += one(pair)
-                tick(1)
+                bar.update(1)
         else:
             with ThreadPoolExecutor(max_workers=min(workers, len(files)), thread_name_prefix="colabkit-copy") as pool:
                 futures = [pool.submit(one, pair) for pair in files]
@@ -306,7 +300,7 @@ def copy_tree(
                         # A copier that lost Drive (errno 107) waits for a remount only this thread may make.
                         drive.wait_recovering(functools.partial(_settled, future))
                         total_bytes += future.result()
-                        tick(1)
+                        bar.update(1)
                 except BaseException:
                     for future in futures:
                         future.cancel()
@@ -550,9 +544,13 @@ class HttpSource:
             if total is not None:
                 _io.ensure_free_space(part.parent, total - have, what=f"the download of {self.url}")
             received = have
-            with open(part, mode) as out, _bar(total, f"download {self._basename() or 'file'}", ctx.progress) as tick:
-                tick(have)
-                received += _io.copy_stream(response.read, out.write, chunk_size=_MiB, progress=tick)
+            with (
+                open(part, mode) as out,
+                display.bar(
+                    total, desc=f"download {self._basename() or 'file'}", unit="B", enabled=ctx.progress, initial=have
+                ) as bar,
+            ):
+                received += _io.copy_stream(response.read, out.write, chunk_size=_MiB, progress=bar.update)
             if total is not None and received != total:
                 raise http.client.IncompleteRead(b"", total - received)
             return _disposition_name(response.headers)
@@ -630,9 +628,9 @@ class FsspecSource:
             with (
                 fs.open(path, "rb", block_size=_io.CHUNK) as remote,
                 open(local, "wb") as out,
-                _bar(size, f"download {name}", ctx.progress) as tick,
+                display.bar(size, desc=f"download {name}", unit="B", enabled=ctx.progress) as bar,
             ):
-                _io.copy_stream(remote.read, out.write, progress=tick, hashers=hashers.values())
+                _io.copy_stream(remote.read, out.write, progress=bar.update, hashers=hashers.values())
             return {algorithm: h.hexdigest() for algorithm, h in hashers.items()}
 
         try:

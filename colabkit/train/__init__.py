@@ -13,7 +13,10 @@ Modules (each imports torch, so nothing here is imported by ``import colabkit``)
 * :mod:`colabkit.train.budget`: ``time_limit``'s bookkeeping of step, validation and save costs.
 * :mod:`colabkit.train.lr_find`: the learning-rate range test, on fit()'s contract and optimizer.
 * :mod:`colabkit.train.metrics`: metrics and the on-device running sums.
-* :mod:`colabkit.train.progress`: tqdm progress bars.
+* :mod:`colabkit.train.progress`: the table of epochs that stays and the one live bar
+  (through :mod:`colabkit.display`).
+* :mod:`colabkit.train.hints`: the warning signs said once each with the fix, the host's wait
+  for batches, and the finish against the session's end.
 * :mod:`colabkit.train.state`: resumable sampler, per-sample worker seeding, position.
 * :mod:`colabkit.train.fastpath`: in-memory tensors batched by indexing on the sampler's order
   (bitwise the DataLoader's batches), kept on the GPU when they fit.

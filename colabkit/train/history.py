@@ -1,9 +1,10 @@
 """History: what fit() learned, one record per epoch.
 
 Records hold plain numbers only (``epoch``, ``loss``, ``accuracy``,
-``val_loss``, ``val_accuracy``, ``lr``, ``time``, ``samples_per_sec``), so a
-History travels inside a checkpoint and a resumed run returns the epochs
-trained before the interruption too.
+``val_loss``, ``val_accuracy``, ``lr``, ``time``, ``samples_per_sec``,
+``data_wait``, and on CUDA ``peak_gpu_gb`` / ``gpu_total_gb``), so a History
+travels inside a checkpoint and a resumed run returns the epochs trained
+before the interruption too, and the hints already given (``hints``).
 """
 
 from __future__ import annotations
@@ -12,18 +13,17 @@ import csv
 import io
 import math
 import os
-import sys
 from collections.abc import Iterator, Sequence
 from typing import Any
 
-from colabkit import _io
+from colabkit import _io, display
 from colabkit.errors import ArgumentError, missing_dependency
 
 __all__ = ["History", "metric_mode"]
 
 Record = dict[str, Any]
 
-_NOT_PLOTTED = {"epoch", "lr", "time", "samples_per_sec", "step"}
+_NOT_PLOTTED = {"epoch", "lr", "time", "samples_per_sec", "step", "data_wait", "peak_gpu_gb", "gpu_total_gb"}
 
 
 def metric_mode(monitor: str) -> str:
@@ -41,6 +41,8 @@ class History:
         stop_reason: Why training stopped: ``"completed"``, ``"max_steps"``,
             ``"early_stopping"``, ``"callback"``, ``"time_limit"``, ``"interrupted"``
             (SIGTERM or a notebook interrupt), or ``""`` while running.
+        hints: The warning signs fit() gave, each once: ``{"name", "epoch", "message"}``
+            dicts (see :mod:`colabkit.train.hints`).
 
     Example:
         >>> history = History([{"epoch": 0, "loss": 0.9}, {"epoch": 1, "loss": 0.5}])
@@ -50,9 +52,10 @@ class History:
         1
     """
 
-    def __init__(self, records: Sequence[Record] = (), *, stop_reason: str = "") -> None:
+    def __init__(self, records: Sequence[Record] = (), *, stop_reason: str = "", hints: Sequence[Record] = ()) -> None:
         self.records: list[Record] = [dict(record) for record in records]
         self.stop_reason = stop_reason
+        self.hints: list[Record] = [dict(hint) for hint in hints]
 
     def append(self, record: Record) -> None:
         """Add the record of a finished epoch."""
@@ -168,7 +171,7 @@ class History:
             ax.set_xlabel("epoch")
             ax.legend()
         fig.tight_layout()
-        if _in_notebook():
+        if display.in_notebook():
             plt.close(fig)
         return fig
 
@@ -182,24 +185,23 @@ class History:
 
     def state_dict(self) -> dict[str, Any]:
         """Plain data for a checkpoint."""
-        return {"records": [dict(record) for record in self.records], "stop_reason": self.stop_reason}
+        return {
+            "records": [dict(record) for record in self.records],
+            "stop_reason": self.stop_reason,
+            "hints": [dict(hint) for hint in self.hints],
+        }
 
     @classmethod
     def from_state_dict(cls, state: dict[str, Any]) -> History:
-        return cls(state.get("records", ()), stop_reason=str(state.get("stop_reason", "")))
+        return cls(
+            state.get("records", ()), stop_reason=str(state.get("stop_reason", "")), hints=state.get("hints", ())
+        )
 
     def __repr__(self) -> str:
         if not self.records:
             return f"History(no epochs, stop_reason={self.stop_reason!r})"
         last = ", ".join(f"{key}={_fmt(value)}" for key, value in self.records[-1].items())
         return f"History({len(self.records)} epochs, stop_reason={self.stop_reason!r}, last: {last})"
-
-
-def _in_notebook() -> bool:
-    """Whether an IPython kernel runs this code (Colab, Kaggle, Jupyter): the display seam."""
-    ipython = sys.modules.get("IPython")
-    shell = ipython.get_ipython() if ipython is not None else None
-    return shell is not None and getattr(shell, "kernel", None) is not None
 
 
 def _fmt(value: Any) -> str:

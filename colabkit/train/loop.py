@@ -51,6 +51,7 @@ from colabkit.errors import (
     CheckpointError,
     NonFiniteLossError,
 )
+from colabkit.runtime import runtime
 from colabkit.session import SessionWatch
 from colabkit.train import distributed as _dist
 from colabkit.train import resume
@@ -72,13 +73,14 @@ from colabkit.train.batches import (
 from colabkit.train.budget import TimeBudget
 from colabkit.train.callbacks import Callback, EarlyStopping, FitContext
 from colabkit.train.fastpath import TensorBatches, for_evaluation, for_training, path_notice
+from colabkit.train.hints import DATA_WAIT, Advisor, EpochClock, FinishEstimate, RunFacts
 from colabkit.train.history import History
 from colabkit.train.metrics import Totals, resolve_metrics
 from colabkit.train.oom import Backoff, batch_length, is_out_of_memory, split_batch
 from colabkit.train.optim import make_optimizer, make_scheduler
 from colabkit.train.options import FitOptions, check_model, parse_duration
 from colabkit.train.precision import Precision, resolve_precision
-from colabkit.train.progress import REFRESH_SECONDS, Bars
+from colabkit.train.progress import MEMORY_KEYS, REFRESH_SECONDS, Bars
 from colabkit.train.state import TrainPosition, make_resumable, ordered_loader
 
 __all__ = ["evaluate", "fit", "parse_duration", "predict"]
@@ -124,6 +126,7 @@ def fit(
     time_limit: str | float | timedelta | None = None,
     callbacks: Iterable[Any] = (),
     progress: bool = True,
+    hints: bool | Iterable[str] = True,
     seed: int | None = None,
     compile: bool = False,
     channels_last: bool = False,
@@ -171,7 +174,13 @@ def fit(
             session time minus 10 minutes; warns when 30 and 10 minutes are left). The
             stop leaves room for the final save, Drive copy included.
         callbacks: :class:`Callback` objects (or anything with some of its methods).
-        progress: Show tqdm progress bars and notices; False prints nothing.
+        progress: Show the table of epochs (one HTML table in a notebook, a line per epoch
+            elsewhere), the live bar and notices; False prints nothing.
+        hints: Say the warning signs (loss not falling, overfitting, GPU memory near full,
+            waiting for data) once each, with the fix: True, False, or the names to keep
+            (``"lr"``, ``"overfitting"``, ``"memory"``, ``"input"``). Given hints are kept in
+            ``History.hints``. After the first epoch fit() also says when the run will finish,
+            against the session's end on Colab and Kaggle.
         seed: Seed for python, numpy and torch, data order and augmentation; saved in the
             checkpoint (without it, one is derived from torch's initial seed).
         compile: Run the model through ``torch.compile``.
@@ -393,7 +402,9 @@ class _Trainer:
         self.last_save_time = self.epoch_start = self.next_read = 0.0
         self.watch = SessionWatch() if o.session_time and self.is_main else None  # 30 / 10 minutes left
         self.signal_flag = SignalFlag()  # save_on_signal's flag while run() runs
-        self.bars = Bars(not self.quiet)
+        self.bars = Bars(not self.quiet)  # the table of epochs and the live bar
+        self.epoch_clock = EpochClock(_clock)  # the wait for batches, the epochs' wall time
+        self.finish = None if self.quiet else _finish_estimate(o)  # the finish against the session's end
 
         # 1. Data first, so a bad dataset fails before anything is created, loaded or moved.
         #    The seed (0 here) is set once the checkpoint is known; validation order is fixed anyway.
@@ -436,6 +447,14 @@ class _Trainer:
             checkpoint_dir=o.directory,
             is_main=self.is_main,
             monitored=self._monitored(),
+        )
+        # Warning signs, once each: not those a resumed run's History says were given already.
+        loader = self.train.loader
+        size = loader.batch_size or getattr(loader.batch_sampler, "batch_size", None)  # colabkit's own sampler
+        self.advisor = Advisor(
+            o.hint_names,
+            given=[str(hint.get("name")) for hint in self.history.hints],
+            facts=RunFacts(batch_size=size, grad_accum=o.grad_accum, num_workers=loader.num_workers),
         )
 
     def _loader(self, data: Any, argument: str, *, shuffle: bool) -> Any:
@@ -558,7 +577,7 @@ class _Trainer:
                 self.model.train()
                 for callback in o.callback_list:
                     _hook(callback, "on_fit_start", self.ctx)
-                self.bars.start_fit(o.epochs, self.pos.epoch)
+                self.bars.start_fit(o.epochs, self.pos.epoch, history=self.history.records)
                 while not stop_reason and self.pos.epoch < o.epochs:
                     stop_reason = self._train_epoch()
                 stop_reason = stop_reason or "completed"
@@ -609,7 +628,10 @@ class _Trainer:
         if not pos.batch:
             self.totals = Totals(self.metric_names)
             self.elapsed_before = 0.0
-        batches = self._epoch_batches(epoch)
+        self.epoch_clock.start(whole=not pos.batch)
+        batches = self.epoch_clock.timed(self._epoch_batches(epoch))
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
         self.epoch_start = _clock()
         self.budget.epoch_started(self.epoch_start)
         self.next_read = self.epoch_start + (REFRESH_SECONDS if not self.quiet else QUIET_CHECK_SECONDS)
@@ -821,6 +843,7 @@ class _Trainer:
         train_totals = self.totals.summed(self._all_sum)  # this rank's sums stay as they are (saved)
         record: dict[str, Any] = {"epoch": pos.epoch, **train_totals.means("")}
         seconds = self.elapsed_before + _clock() - self.epoch_start
+        waited = self.epoch_clock.wait_share()
         if self.val is not None:
             started = _clock()
             validation = self._validate()
@@ -834,8 +857,14 @@ class _Trainer:
         record["lr"] = float(self.optimizer.param_groups[0]["lr"])
         record["time"] = round(seconds, 3)
         record["samples_per_sec"] = round(train_totals.samples / seconds, 1) if seconds > 0 else float("nan")
+        if waited is not None:
+            record[DATA_WAIT] = waited
+        record.update(_peak_memory(self.device))
         self.history.append(record)
         self.bars.end_epoch(record)
+        for hint in self.advisor.check(self.history.records):
+            self.history.hints.append(hint.state_dict())  # saved with the History: not repeated after a resume
+            self.bars.note(hint.name, f"hint: {hint.message}")
         pos.epoch += 1
         pos.batch = 0
         if self.scheduler is not None and not self.per_step_scheduler:
@@ -855,9 +884,25 @@ class _Trainer:
         if o.save_epoch or self.save_after_epoch or reason or pos.epoch >= o.epochs:
             self._save(metrics=record)
         self.stop_after_epoch, self.save_after_epoch = "", False
+        self._say_finish()
         self.totals = Totals(self.metric_names)
         self.elapsed_before = 0.0
         return reason
+
+    def _say_finish(self) -> None:
+        """After each epoch, validated and saved: when the run will end, against the session's end."""
+        self.epoch_clock.end()
+        if self.finish is None:
+            return
+        o, pos = self.o, self.pos
+        left: float = o.epochs - pos.epoch
+        if o.max_steps is not None and self.epoch_length:
+            left = min(left, (o.max_steps - pos.step) * o.grad_accum / self.epoch_length)
+        message = self.finish.check(
+            epochs_left=left, seconds_per_epoch=self.epoch_clock.seconds_per_epoch(), now=_clock()
+        )
+        if message:
+            self.bars.note("finish", message)
 
     def _write_history(self, path: Path) -> None:
         """history.csv beside the checkpoints; on Drive a lost connection (errno 107) is remounted here."""
@@ -940,6 +985,29 @@ class _Trainer:
             with contextlib.suppress(CheckpointError):  # each failure was warned about when it happened
                 self.manager.wait()
             self.budget.flushed(_clock() - self.last_save_time)
+
+
+def _finish_estimate(o: FitOptions) -> FinishEstimate:
+    return FinishEstimate(
+        platform={"colab": "Colab", "kaggle": "Kaggle"}.get(runtime().kind, ""),
+        stops_at_session_end=o.session_time,
+        resumable=o.directory is not None,
+    )
+
+
+def _peak_memory(device: torch.device) -> dict[str, float]:
+    """This epoch's peak GPU memory and the device's total, in GB (CUDA only).
+
+    The caching allocator keeps these numbers on the host: reading them does not wait for the GPU.
+    Reserved, not allocated, memory: what the process holds, as nvidia-smi and Colab show it.
+    """
+    if device.type != "cuda":
+        return {}
+    total = torch.cuda.get_device_properties(device).total_memory
+    return {
+        MEMORY_KEYS[0]: round(torch.cuda.max_memory_reserved(device) / 2**30, 2),
+        MEMORY_KEYS[1]: round(total / 2**30, 2),
+    }
 
 
 def _overrides(callback: Any, name: str) -> bool:

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import torch
 from torch import nn
 
-from colabkit import _plot
+from colabkit import _plot, display
 from colabkit import device as _device
 from colabkit.errors import ArgumentError
 from colabkit.train.batches import LossFn, check_loss_fn, forever, forward, inputs_and_targets
@@ -164,8 +164,6 @@ def lr_find(
         >>> result.plot()  # doctest: +SKIP
         >>> history = colabkit.fit(model, train_loader, lr=result.suggestion)  # doctest: +SKIP
     """
-    from tqdm.auto import tqdm
-
     if not (0 < start_lr < end_lr) or not math.isfinite(end_lr):
         raise ArgumentError(f"start_lr={start_lr!r}, end_lr={end_lr!r}: need 0 < start_lr < end_lr, e.g. 1e-7 and 10")
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 5:
@@ -209,7 +207,7 @@ def lr_find(
         if saved_opt is not None and target != home:
             opt.load_state_dict(saved_opt)  # moves the optimizer's state to the parameters' new device
         model.train()
-        for index in tqdm(range(steps), desc="lr_find", disable=not progress, leave=False):
+        for index in display.bar(steps, desc="lr_find", unit="step", enabled=progress).each(range(steps)):
             lr = start_lr * ratio**index
             for group in opt.param_groups:
                 group["lr"] = lr

@@ -16,6 +16,7 @@ from colabkit import _notify
 from colabkit.errors import ArgumentError
 from colabkit.train.batches import check_loss_fn
 from colabkit.train.callbacks import EarlyStopping
+from colabkit.train.hints import resolve_hints
 from colabkit.train.metrics import resolve_metrics
 
 __all__ = [
@@ -100,6 +101,7 @@ class FitOptions:
     time_limit: Any
     callbacks: Any
     progress: bool
+    hints: Any
     seed: int | None
     compile: bool
     channels_last: bool
@@ -114,6 +116,7 @@ class FitOptions:
     callback_list: list[Any] = dataclasses.field(init=False)
     time_limit_seconds: float | None = dataclasses.field(init=False)
     session_time: bool = dataclasses.field(init=False)
+    hint_names: frozenset[str] = dataclasses.field(init=False)
 
     @classmethod
     def of(cls, arguments: dict[str, Any], *, has_val: bool) -> FitOptions:
@@ -143,6 +146,7 @@ class FitOptions:
         self.time_limit_seconds = parse_time_limit(self.time_limit)
         self.session_time = isinstance(self.time_limit, str) and self.time_limit == "session"
         self.progress = bool(self.progress)
+        self.hint_names = resolve_hints(self.hints)
         if self.seed is not None and (not is_int(self.seed) or not 0 <= self.seed < 2**32):
             raise ArgumentError(f"seed={self.seed!r} must be None or an integer between 0 and 2**32 - 1, e.g. seed=42")
         self.compile = bool(self.compile)
