@@ -449,12 +449,17 @@ class _Trainer:
             monitored=self._monitored(),
         )
         # Warning signs, once each: not those a resumed run's History says were given already.
-        loader = self.train.loader
-        size = loader.batch_size or getattr(loader.batch_sampler, "batch_size", None)  # colabkit's own sampler
+        size: int | None
+        if isinstance(self.train, TensorBatches):
+            size, workers = self.train.batch_sampler.batch_size, 0  # indexed in this process
+        else:
+            loader = self.train.loader
+            size = loader.batch_size or getattr(loader.batch_sampler, "batch_size", None)  # colabkit's own sampler
+            workers = loader.num_workers
         self.advisor = Advisor(
             o.hint_names,
             given=[str(hint.get("name")) for hint in self.history.hints],
-            facts=RunFacts(batch_size=size, grad_accum=o.grad_accum, num_workers=loader.num_workers),
+            facts=RunFacts(batch_size=size, grad_accum=o.grad_accum, num_workers=workers),
         )
 
     def _loader(self, data: Any, argument: str, *, shuffle: bool) -> Any:
