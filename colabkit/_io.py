@@ -31,6 +31,7 @@ __all__ = [
     "atomic_open",
     "atomic_write_bytes",
     "copy_file",
+    "discard",
     "ensure_free_space",
     "free_space",
     "fsync_dir",
@@ -278,3 +279,31 @@ def ensure_free_space(path: str | os.PathLike[str], needed: int, *, what: str, m
             f"({needed} bytes) but {path} has {human_bytes(available)} ({available} bytes) free; "
             "free some space (delete old checkpoints or datasets) or pass a dest on a larger disk",
         )
+
+
+def discard(path: str | os.PathLike[str]) -> None:
+    """Delete a file after emptying it, so no trash or other link keeps its bytes.
+
+    Google Drive keeps deleted files in its trash for 30 days, counted against the
+    quota; a file truncated to zero bytes (and fsynced, so the empty version is the one
+    uploaded) leaves only an empty entry there. Elsewhere this is an ordinary delete.
+    A missing file is fine; a symbolic link is removed without touching its target.
+    Emptying is best effort (a read-only file is still unlinked); the unlink's own
+    errors propagate.
+    """
+    try:
+        fd = os.open(path, os.O_WRONLY | getattr(os, "O_NOFOLLOW", 0))
+    except FileNotFoundError:
+        return
+    except OSError:
+        fd = -1  # a symlink (ELOOP), a read-only file, a folder: nothing to empty here
+    if fd >= 0:
+        try:
+            os.ftruncate(fd, 0)
+            ops.fsync(fd)
+        except OSError:
+            pass  # the unlink below is what matters; an unemptied file only costs trash space
+        finally:
+            os.close(fd)
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(path)
