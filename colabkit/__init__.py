@@ -42,7 +42,7 @@ _LAZY: dict[str, str] = {
     "download": "colabkit.session",
     "compare_devices": "colabkit.bench",
     "matmul_speed": "colabkit.bench",
-    "lr_find": "colabkit.bench",
+    "lr_find": "colabkit.train.lr_find",
     "load_for_inference": "colabkit.inference",
     "predict_images": "colabkit.inference",
     "export": "colabkit.inference",
@@ -60,7 +60,7 @@ __all__ = sorted(_LAZY)
 
 if TYPE_CHECKING:
     from colabkit._signals import save_on_signal
-    from colabkit.bench import compare_devices, lr_find, matmul_speed
+    from colabkit.bench import compare_devices, matmul_speed
     from colabkit.checkpoint import CheckpointManager
     from colabkit.data.archive import make_archive
     from colabkit.data.stage import stage
@@ -73,6 +73,7 @@ if TYPE_CHECKING:
     from colabkit.train.distributed import launch
     from colabkit.train.history import History
     from colabkit.train.loop import evaluate, fit, predict
+    from colabkit.train.lr_find import lr_find
 
 
 def __getattr__(name: str) -> Any:

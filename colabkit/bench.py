@@ -1,9 +1,9 @@
-"""How much faster is the GPU? Device comparisons, matmul throughput and the learning-rate range test.
+"""How much faster is the GPU? Device comparisons and matmul throughput.
 
 :func:`compare_devices` times training steps and inference of one model on
-every usable device (CPU first, as the baseline), :func:`matmul_speed`
-measures raw matrix-multiply TFLOP/s per device and dtype, and :func:`lr_find`
-runs the learning-rate range test. Each returns a small result object that
+every usable device (CPU first, as the baseline), taking the data as
+:func:`colabkit.fit` does (:mod:`colabkit.train.batches`); :func:`matmul_speed`
+measures raw matrix-multiply TFLOP/s per device and dtype. Each returns a small result object that
 prints as a table, renders as HTML in notebooks and draws a chart with
 ``.plot()``, which returns the matplotlib Figure, the same convention as
 :meth:`colabkit.History.plot` (shown once as a notebook cell's result; saved with
@@ -23,19 +23,33 @@ import contextlib
 import copy
 import dataclasses
 import html
+import itertools
 import math
-import sys
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 from torch import nn
 
-from colabkit import _notify
+from colabkit import _notify, _plot
 from colabkit import device as _device
-from colabkit.errors import ArgumentError, missing_dependency
+from colabkit.errors import ArgumentError
+from colabkit.train.batches import (
+    LossFn,
+    call_model,
+    check_loss_fn,
+    concat,
+    forever,
+    forward,
+    inputs_and_targets,
+    inputs_only,
+    model_mode,
+)
+from colabkit.train.oom import batch_length, slice_batch
+from colabkit.train.precision import Precision, resolve_precision
+from colabkit.train.state import ordered_loader
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
@@ -43,19 +57,16 @@ if TYPE_CHECKING:
 
 __all__ = [
     "DeviceComparison",
-    "LRFinderResult",
     "MatmulResult",
     "MatmulTiming",
     "PhaseTiming",
     "clock",
     "compare_devices",
-    "lr_find",
     "matmul_speed",
     "synchronize",
 ]
 
 Phase = Literal["train", "inference"]
-LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 #: Seconds each timed measurement aims for when ``steps="auto"``.
 _AUTO_BUDGET = 1.0
@@ -137,89 +148,6 @@ def _device_name(device: torch.device) -> str:
     return f"CPU, {torch.get_num_threads()} threads"
 
 
-def _split_batch(batch: Any) -> tuple[Any, Any]:
-    """``(inputs, targets)`` from a batch: a pair (or longer sequence) or a dict with input and target keys."""
-    if isinstance(batch, dict):
-        for inputs_key, target_key in (("input", "target"), ("inputs", "targets"), ("x", "y"), ("image", "label")):
-            if inputs_key in batch and target_key in batch:
-                return batch[inputs_key], batch[target_key]
-        raise ArgumentError(
-            f"a batch is a dict with keys {sorted(batch)}; colabkit needs ('input', 'target') or ('x', 'y') keys, "
-            "or batches that are (inputs, targets) pairs"
-        )
-    if isinstance(batch, (list, tuple)) and len(batch) >= 2:
-        return batch[0], batch[1]
-    raise ArgumentError(
-        f"a batch of type {type(batch).__name__} is not (inputs, targets); make the data yield pairs "
-        "such as a DataLoader over a TensorDataset(x, y) or an ImageFolder"
-    )
-
-
-def _batch_len(inputs: Any) -> int:
-    if isinstance(inputs, torch.Tensor):
-        return int(inputs.shape[0])
-    if isinstance(inputs, (list, tuple)) and inputs:
-        return _batch_len(inputs[0])
-    if isinstance(inputs, dict) and inputs:
-        return _batch_len(next(iter(inputs.values())))
-    raise ArgumentError(f"cannot tell the batch size of inputs of type {type(inputs).__name__}; pass tensors")
-
-
-def _iterate(data: Any, *, batch_size: int | None = None) -> Iterable[Any]:
-    """Batches from a DataLoader / iterable of batches, a Dataset, or an ``(x, y)`` pair of tensors."""
-    from torch.utils.data import DataLoader, Dataset, TensorDataset
-
-    if isinstance(data, DataLoader):
-        return data
-    if isinstance(data, (tuple, list)) and len(data) == 2 and all(isinstance(t, torch.Tensor) for t in data):
-        if data[0].shape[0] != data[1].shape[0]:
-            raise ArgumentError(
-                f"data=(x, y) has {data[0].shape[0]} inputs but {data[1].shape[0]} targets; they must match"
-            )
-        return DataLoader(TensorDataset(data[0], data[1]), batch_size=batch_size or 64, shuffle=False)
-    if isinstance(data, Dataset) and hasattr(data, "__len__"):
-        return DataLoader(data, batch_size=batch_size or 64, shuffle=False)
-    if isinstance(data, Iterable):
-        return data
-    raise ArgumentError(
-        f"data of type {type(data).__name__} is not something to train on; pass a DataLoader, a Dataset "
-        "or an (inputs, targets) pair of tensors"
-    )
-
-
-def _cycle(data: Iterable[Any]) -> Iterator[Any]:
-    """Batches forever, restarting the data when it runs out (and refusing empty data)."""
-    while True:
-        empty = True
-        for batch in data:
-            empty = False
-            yield batch
-        if empty:
-            raise ArgumentError("data yielded no batches; pass a non-empty DataLoader or dataset")
-
-
-def _auto_loss(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Cross-entropy for class indices, mean squared error for same-shaped float targets."""
-    if not targets.is_floating_point() and outputs.dim() >= 2:
-        return nn.functional.cross_entropy(outputs, targets)
-    if targets.is_floating_point() and outputs.shape == targets.shape:
-        return nn.functional.mse_loss(outputs, targets)
-    raise ArgumentError(
-        f"loss_fn='auto' cannot pick a loss for outputs of shape {tuple(outputs.shape)} and targets of "
-        f"dtype {targets.dtype} / shape {tuple(targets.shape)}; pass loss_fn=, e.g. torch.nn.CrossEntropyLoss()"
-    )
-
-
-def _loss_fn(loss_fn: LossFn | str) -> LossFn:
-    if isinstance(loss_fn, str):
-        if loss_fn != "auto":
-            raise ArgumentError(f"loss_fn={loss_fn!r}: pass 'auto' or a callable such as torch.nn.CrossEntropyLoss()")
-        return _auto_loss
-    if not callable(loss_fn):
-        raise ArgumentError(f"loss_fn={loss_fn!r} is not callable; pass e.g. torch.nn.CrossEntropyLoss()")
-    return loss_fn
-
-
 def _positive_int(name: str, value: object) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ArgumentError(f"{name}={value!r} must be a positive integer or 'auto'")
@@ -250,49 +178,6 @@ def _html_table(headers: Sequence[str], rows: Sequence[Sequence[str]], notes: Se
     body = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>" for row in rows)
     foot = "".join(f"<p><i>{html.escape(note)}</i></p>" for note in notes)
     return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>{foot}"
-
-
-def _pyplot(purpose: str) -> Any:
-    try:
-        import matplotlib.pyplot as plt
-    except ImportError:
-        raise missing_dependency("matplotlib", "plot", purpose=purpose) from None
-    return plt
-
-
-def _in_notebook() -> bool:
-    """Whether an IPython kernel runs this code (Colab, Kaggle, Jupyter): the display seam."""
-    ipython = sys.modules.get("IPython")
-    shell = ipython.get_ipython() if ipython is not None else None
-    return shell is not None and getattr(shell, "kernel", None) is not None
-
-
-def _axes(ax: Axes | None, purpose: str, figsize: tuple[float, float] = (7.0, 4.0)) -> tuple[Axes, bool]:
-    """The Axes to draw on, and whether this call created its figure."""
-    if ax is not None:
-        return ax, False
-    _, new = _pyplot(purpose).subplots(figsize=figsize)
-    return new, True
-
-
-def _finish(ax: Axes, path: str | Path | None, *, created: bool) -> Figure:
-    """Lay out, save to ``path`` if given, and return the figure, as History.plot() does.
-
-    A figure this call created is closed in a notebook: the returned Figure is then shown
-    once, as the cell's result, not a second time by the inline backend at the cell's end.
-    A figure the caller passed an Axes of is left open: it is theirs.
-    """
-    figure: Any = ax.figure
-    figure = getattr(figure, "figure", figure)  # the root Figure, also when ax sits in a SubFigure
-    if created or path is not None:
-        figure.tight_layout()
-    if path is not None:
-        target = Path(path)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        figure.savefig(target, dpi=120)
-    if created and _in_notebook():
-        _pyplot("plot()").close(figure)
-    return figure
 
 
 # -- compare_devices --------------------------------------------------------------------------------
@@ -435,7 +320,7 @@ class DeviceComparison:
         Raises:
             MissingDependencyError: matplotlib is not installed.
         """
-        ax, created = _axes(ax, "DeviceComparison.plot()")
+        ax, created = _plot.axes(ax, "DeviceComparison.plot()")
         groups = list(dict.fromkeys((t.phase, t.batch_size) for t in self.timings))
         devices = self.devices
         width = 0.8 / max(len(devices), 1)
@@ -464,47 +349,37 @@ class DeviceComparison:
             ax.margins(y=0.15)  # room for the labels above the tallest bar
         ax.set_title("Training and inference throughput by device" + ("" if self.gpu_found else " (no GPU found)"))
         ax.legend()
-        return _finish(ax, path, created=created)
+        return _plot.finish(ax, path, created=created)
 
 
-def _pool(data: Any, batch_sizes: Sequence[int] | None) -> dict[int, list[tuple[Any, Any]]]:
+def _pool(data: Any, batch_sizes: Sequence[int] | None) -> dict[int, list[Any]]:
     """A few CPU batches per batch size, gathered before any clock starts (data loading is not timed)."""
-    loader = _iterate(data, batch_size=None if batch_sizes is None else max(batch_sizes))
+    size = None if batch_sizes is None else max(batch_sizes)
+    loader = ordered_loader(data, argument="data", batch_size=size, num_workers=0, pin_memory=False)
     if batch_sizes is None:
-        batches = []
-        for batch in loader:
-            batches.append(_split_batch(batch))
-            if len(batches) >= _POOL_BATCHES:
-                break
+        batches = list(itertools.islice(loader, _POOL_BATCHES))
         if not batches:
-            raise ArgumentError("data yielded no batches; pass a non-empty DataLoader or dataset")
-        return {_batch_len(batches[0][0]): batches}
+            raise ArgumentError("data gave no batches; pass a non-empty Dataset or DataLoader")
+        return {batch_length(batches[0]) or 1: batches}
     # Re-batch samples to each requested size from one pool of samples.
     needed = max(batch_sizes) * _POOL_BATCHES
-    xs: list[torch.Tensor] = []
-    ys: list[torch.Tensor] = []
+    taken: list[Any] = []
     count = 0
-    for batch in _cycle(loader):
-        x, y = _split_batch(batch)
-        if not isinstance(x, torch.Tensor) or not isinstance(y, torch.Tensor):
-            raise ArgumentError("batch_sizes= needs batches of tensors (inputs, targets); pass batch_sizes='auto'")
-        xs.append(x)
-        ys.append(y)
-        count += x.shape[0]
+    for batch in forever(loader):
+        taken.append(batch)
+        count += batch_length(batch) or 1
         if count >= needed:
             break
-    all_x, all_y = torch.cat(xs), torch.cat(ys)
-    pool: dict[int, list[tuple[Any, Any]]] = {}
-    for size in batch_sizes:
-        pool[size] = [
-            (all_x[i * size : (i + 1) * size], all_y[i * size : (i + 1) * size]) for i in range(_POOL_BATCHES)
-        ]
-    return pool
+    samples = concat(taken)
+    return {
+        size: [slice_batch(samples, i * size, (i + 1) * size, count) for i in range(_POOL_BATCHES)]
+        for size in batch_sizes
+    }
 
 
 def _time_steps(
-    step: Callable[[tuple[Any, Any]], None],
-    batches: Sequence[tuple[Any, Any]],
+    step: Callable[[Any], None],
+    batches: Sequence[Any],
     device: torch.device,
     *,
     steps: int | None,
@@ -539,7 +414,7 @@ def compare_devices(
     steps: int | Literal["auto"] = "auto",
     batch_sizes: Sequence[int] | Literal["auto"] = "auto",
     phases: Sequence[Phase] = ("train", "inference"),
-    loss_fn: LossFn | Literal["auto"] = "auto",
+    loss_fn: Callable[..., torch.Tensor] | Literal["auto"] = "auto",
     precision: str = "fp32",
     warmup: int | Literal["auto"] = "auto",
     progress: bool = True,
@@ -554,14 +429,15 @@ def compare_devices(
 
     Args:
         model: The model to time.
-        data: A DataLoader (or any iterable) of ``(inputs, targets)`` batches, a Dataset,
-            or an ``(inputs, targets)`` pair of tensors.
+        data: What :func:`colabkit.fit` takes: a Dataset or DataLoader of ``(inputs, targets)``
+            batches (or dicts with a ``"labels"`` key), or an ``(inputs, targets)`` pair of tensors;
+            a Dataset is batched by 32, fit()'s default.
         devices: ``"all"`` (CPU and every usable GPU), one device or a list such as ``["cpu", "cuda"]``.
         steps: Timed steps per measurement; ``"auto"`` runs about one second's worth (3 to 200).
         batch_sizes: Batch sizes to time; ``"auto"`` keeps the data's own batch size.
         phases: ``"train"`` (forward, loss, backward, SGD step) and/or ``"inference"`` (forward only).
-        loss_fn: Loss for the train phase; ``"auto"``: cross-entropy for class labels,
-            mean squared error for float targets of the output's shape.
+        loss_fn: Loss for the train phase, as in :func:`colabkit.fit`; ``"auto"``: fit()'s default,
+            cross-entropy for integer labels.
         precision: ``"fp32"`` (the same arithmetic everywhere: a like-for-like comparison), or
             ``"auto"`` for what :func:`colabkit.fit` would use on each device (fp16 autocast with a
             GradScaler on a T4, bf16 on newer GPUs, fp32 on the CPU), or ``"fp16"`` / ``"bf16"``.
@@ -590,9 +466,7 @@ def compare_devices(
         raise ArgumentError("batch_sizes=[] names no batch size; pass 'auto' or e.g. [32, 128]")
     if not phases or any(p not in ("train", "inference") for p in phases):
         raise ArgumentError(f"phases={phases!r}: use a non-empty list of 'train' and 'inference'")
-    criterion = _loss_fn(loss_fn)
-    from colabkit.train.precision import resolve_precision
-
+    criterion = LossFn(check_loss_fn(None if loss_fn == "auto" else loss_fn))
     resolve_precision(precision, torch.device("cpu"))  # rejects an unknown name before any work
     targets, notes = _resolve_devices(devices)
     pool = _pool(data, sizes)
@@ -621,7 +495,7 @@ def compare_devices(
                         if phase == "train"
                         else _infer_step(replica, device, policy)
                     )
-                    with _mode(replica, train=phase == "train"):
+                    with model_mode(replica, train=phase == "train"), _no_grad_unless(phase == "train"):
                         count, seconds = _time_steps(step, batches, device, steps=timed_steps, warmup=n_warmup)
                     timings.append(
                         PhaseTiming(str(device), name, phase, batch_size, count, seconds, precision=policy.name)
@@ -635,30 +509,29 @@ def compare_devices(
     return DeviceComparison(tuple(_with_speedups(timings)), tuple(notes))
 
 
-@contextlib.contextmanager
-def _mode(model: nn.Module, *, train: bool) -> Iterator[None]:
-    was = model.training
-    model.train(train)
-    try:
-        with contextlib.nullcontext() if train else torch.inference_mode():
-            yield
-    finally:
-        model.train(was)
+def _no_grad_unless(training: bool) -> contextlib.AbstractContextManager[Any]:
+    return contextlib.nullcontext() if training else torch.inference_mode()
 
 
-def _pin(batch: tuple[Any, Any]) -> tuple[Any, Any]:
-    return tuple(t.pin_memory() if isinstance(t, torch.Tensor) else t for t in batch)  # type: ignore[return-value]
+def _pin(batch: Any) -> Any:
+    """``batch`` in page-locked memory, as DataLoader(pin_memory=True) gives it in real training."""
+    if isinstance(batch, torch.Tensor):
+        return batch.pin_memory()
+    if isinstance(batch, Mapping):
+        return {key: _pin(value) for key, value in batch.items()}
+    if isinstance(batch, (tuple, list)):
+        return type(batch)(_pin(value) for value in batch)
+    return batch
 
 
 def _train_step(
-    model: nn.Module, optimizer: torch.optim.Optimizer, criterion: LossFn, device: torch.device, policy: Any
-) -> Callable[[tuple[Any, Any]], None]:
+    model: nn.Module, optimizer: torch.optim.Optimizer, criterion: LossFn, device: torch.device, policy: Precision
+) -> Callable[[Any], None]:
     scaler = policy.make_scaler()
 
-    def step(batch: tuple[Any, Any]) -> None:
-        inputs, targets = _device.to_device(batch, device)
-        with policy.autocast():
-            loss = criterion(model(inputs), targets)
+    def step(batch: Any) -> None:
+        inputs, targets = inputs_and_targets(_device.to_device(batch, device))
+        _, loss = forward(model, inputs, targets, criterion, policy.autocast)
         if scaler is None:
             loss.backward()
             optimizer.step()
@@ -671,10 +544,10 @@ def _train_step(
     return step
 
 
-def _infer_step(model: nn.Module, device: torch.device, policy: Any) -> Callable[[tuple[Any, Any]], None]:
-    def step(batch: tuple[Any, Any]) -> None:
+def _infer_step(model: nn.Module, device: torch.device, policy: Precision) -> Callable[[Any], None]:
+    def step(batch: Any) -> None:
         with policy.autocast():
-            model(_device.to_device(batch[0], device))
+            call_model(model, inputs_only(_device.to_device(batch, device)))
 
     return step
 
@@ -808,7 +681,7 @@ class MatmulResult:
         Raises:
             MissingDependencyError: matplotlib is not installed.
         """
-        ax, created = _axes(ax, "MatmulResult.plot()")
+        ax, created = _plot.axes(ax, "MatmulResult.plot()")
         sizes = sorted({t.size for t in self.timings})
         series = list(dict.fromkeys((t.device, t.dtype) for t in self.timings))
         width = 0.8 / max(len(series), 1)
@@ -825,7 +698,7 @@ class MatmulResult:
         ax.set_yscale("log")
         ax.set_title("Matrix multiply throughput")
         ax.legend(fontsize=8)
-        return _finish(ax, path, created=created)
+        return _plot.finish(ax, path, created=created)
 
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -892,7 +765,7 @@ def matmul_speed(
             a = torch.randn(size, size, device=device).to(_DTYPES[dtype])
             b = torch.randn(size, size, device=device).to(_DTYPES[dtype])
 
-            def step(_: tuple[Any, Any], a: torch.Tensor = a, b: torch.Tensor = b) -> None:
+            def step(_: Any, a: torch.Tensor = a, b: torch.Tensor = b) -> None:
                 torch.mm(a, b)
 
             count, seconds = _time_steps(
@@ -906,238 +779,3 @@ def matmul_speed(
         for t in timings
     )
     return MatmulResult(with_speedup, tuple(notes))
-
-
-# -- lr_find ----------------------------------------------------------------------------------------
-@dataclasses.dataclass(frozen=True)
-class LRFinderResult:
-    """The learning-rate range test's curve and its suggestion (see :func:`lr_find`).
-
-    ``float(result)`` is the suggested learning rate.
-
-    Attributes:
-        lrs: Learning rate of each step.
-        losses: Smoothed (bias-corrected exponential moving average) loss of each step.
-        raw_losses: Loss of each step as computed.
-        suggestion: The suggested learning rate: where the smoothed loss falls fastest.
-        min_loss_lr: The learning rate where the smoothed loss was lowest (one tenth of it
-            is a common, more cautious choice).
-        diverged: Whether the sweep stopped early because the loss blew up.
-    """
-
-    lrs: tuple[float, ...]
-    losses: tuple[float, ...]
-    raw_losses: tuple[float, ...]
-    suggestion: float
-    min_loss_lr: float
-    diverged: bool
-
-    def __float__(self) -> float:
-        return self.suggestion
-
-    def __str__(self) -> str:
-        end = "stopped when the loss diverged" if self.diverged else "ran the full sweep"
-        return (
-            f"lr_find: suggested lr {self.suggestion:.2e} (steepest descent of the smoothed loss); "
-            f"lowest loss at lr {self.min_loss_lr:.2e}; {len(self.lrs)} steps, {end}"
-        )
-
-    def plot(self, *, ax: Axes | None = None, path: str | Path | None = None) -> Figure:
-        """Smoothed loss against learning rate (log scale), the suggestion marked.
-
-        Args:
-            ax: Axes to draw on; default: a new figure.
-            path: Also save the chart there.
-
-        Returns:
-            The matplotlib Figure, as :meth:`colabkit.History.plot` returns. In a notebook it is
-            shown once, as the cell's result (so end the cell with this call, without ``;``);
-            in a script call ``plt.show()`` or pass ``path=``. With ``ax=`` it is that Axes'
-            figure, left open for you to finish.
-
-        Raises:
-            MissingDependencyError: matplotlib is not installed.
-        """
-        ax, created = _axes(ax, "LRFinderResult.plot()")
-        ax.plot(self.lrs, self.losses, label="smoothed loss")
-        ax.plot(self.lrs, self.raw_losses, alpha=0.3, label="raw loss")
-        index = min(range(len(self.lrs)), key=lambda i: abs(math.log(self.lrs[i]) - math.log(self.suggestion)))
-        ax.scatter(
-            [self.lrs[index]], [self.losses[index]], color="red", zorder=3, label=f"suggested {self.suggestion:.1e}"
-        )
-        ax.set_xscale("log")
-        ax.set_xlabel("learning rate")
-        ax.set_ylabel("loss")
-        ax.set_title("Learning-rate range test")
-        finite = [v for v in self.losses if math.isfinite(v)]
-        if finite:
-            # The divergent tail would squash the interesting part of the curve.
-            low, high = min(finite), min(max(finite), 2.5 * finite[0] if finite[0] > 0 else max(finite))
-            ax.set_ylim(low - 0.05 * (high - low + 1e-12), high + 0.05 * (high - low + 1e-12))
-        ax.legend()
-        return _finish(ax, path, created=created)
-
-
-def _suggest(lrs: Sequence[float], losses: Sequence[float]) -> tuple[float, float]:
-    """(steepest-descent lr, lowest-loss lr) of a smoothed curve."""
-    lowest = min(range(len(losses)), key=lambda i: losses[i])
-    min_loss_lr = lrs[lowest]
-    # The first points are dominated by the moving average warming up; the part after the
-    # minimum is divergence. The steepest fall lies in between.
-    start = max(1, len(losses) // 10)
-    if lowest - start < 2:
-        return min_loss_lr / 10, min_loss_lr
-    logs = [math.log10(lr) for lr in lrs]
-    slopes = [(losses[i + 1] - losses[i - 1]) / (logs[i + 1] - logs[i - 1]) for i in range(start, lowest)]
-    best = min(range(len(slopes)), key=lambda i: slopes[i])
-    return lrs[start + best], min_loss_lr
-
-
-def lr_find(
-    model: nn.Module,
-    data: Any,
-    *,
-    optimizer: torch.optim.Optimizer | Callable[..., torch.optim.Optimizer] | None = None,
-    loss_fn: LossFn | Literal["auto"] = "auto",
-    start_lr: float = 1e-7,
-    end_lr: float = 10.0,
-    steps: int = 100,
-    smoothing: float = 0.98,
-    diverge_factor: float = 4.0,
-    device: str | torch.device = "auto",
-    progress: bool = True,
-) -> LRFinderResult:
-    """The learning-rate range test: train briefly while the lr grows exponentially, watch the loss.
-
-    The lr goes from ``start_lr`` to ``end_lr`` over ``steps`` batches; the loss is
-    smoothed with a bias-corrected moving average, and the sweep stops once it exceeds
-    ``diverge_factor`` times its best value (or is not finite). Afterwards the model's
-    weights, buffers, train/eval mode and device, and the optimizer's state and learning
-    rates are exactly as before, so training can start right away.
-
-    Args:
-        model: The model.
-        data: A DataLoader (or iterable) of ``(inputs, targets)`` batches, a Dataset, or an
-            ``(inputs, targets)`` pair; it is cycled if shorter than ``steps``.
-        optimizer: The optimizer you will train with (its state is restored afterwards), a
-            factory as :func:`colabkit.fit` takes (``torch.optim.SGD``, a ``functools.partial``),
-            or None for AdamW, fit()'s default.
-        loss_fn: The loss; ``"auto"``: cross-entropy for class labels, MSE for float targets.
-        start_lr: First learning rate.
-        end_lr: Last learning rate.
-        steps: Batches in the sweep.
-        smoothing: Moving-average factor of the loss (0 = none, closer to 1 = smoother).
-        diverge_factor: Stop when the smoothed loss exceeds this multiple of the lowest one.
-        device: Where to run; ``"auto"``: where the model is if that is a GPU, else
-            :func:`colabkit.get_device`.
-        progress: Show a progress bar.
-
-    Returns:
-        An :class:`LRFinderResult`; ``.suggestion`` (or ``float(result)``) is the lr to use,
-        ``.plot()`` draws the curve.
-
-    Raises:
-        ArgumentError: An option is out of range or the data cannot be used.
-
-    Example:
-        >>> result = colabkit.lr_find(model, train_loader)  # doctest: +SKIP
-        >>> result.plot()  # doctest: +SKIP
-        >>> history = colabkit.fit(model, train_loader, lr=result.suggestion)  # doctest: +SKIP
-    """
-    from tqdm.auto import tqdm
-
-    if not (0 < start_lr < end_lr) or not math.isfinite(end_lr):
-        raise ArgumentError(f"start_lr={start_lr!r}, end_lr={end_lr!r}: need 0 < start_lr < end_lr, e.g. 1e-7 and 10")
-    steps = _positive_int("steps", steps)
-    if steps < 5:
-        raise ArgumentError(f"steps={steps!r} is too few for a curve; use at least 5 (100 is typical)")
-    if not 0 <= smoothing < 1:
-        raise ArgumentError(f"smoothing={smoothing!r} must be in [0, 1), e.g. 0.98")
-    if not diverge_factor > 1:
-        raise ArgumentError(f"diverge_factor={diverge_factor!r} must be above 1, e.g. 4")
-    criterion = _loss_fn(loss_fn)
-    first = next(iter(model.parameters()), None)
-    if first is None:
-        raise ArgumentError("model has no parameters, so there is no learning rate to find")
-    home = first.device
-    # "auto": a model already on an accelerator stays there; a CPU model goes to the best device.
-    if device != "auto":
-        target = _device.get_device(device)
-    elif home.type != "cpu":
-        target = home
-    else:
-        target = _device.get_device()
-    batches = _cycle(_iterate(data))
-    was_training = model.training
-    # Copies, not references: the sweep changes the tensors in place.
-    saved_model = copy.deepcopy(model.state_dict())
-    saved_opt: dict[str, Any] | None = None
-    if optimizer is None:
-        # fit()'s default, so the suggestion is the lr to pass to fit() as it is.
-        opt: torch.optim.Optimizer = torch.optim.AdamW(model.parameters(), lr=start_lr)
-    elif isinstance(optimizer, torch.optim.Optimizer):
-        opt = optimizer
-        saved_opt = copy.deepcopy(optimizer.state_dict())
-    elif callable(optimizer):
-        # Factories as fit() takes them: torch.optim.SGD, functools.partial(...), or a lambda of the params.
-        try:
-            opt = optimizer(model.parameters(), lr=start_lr)
-        except TypeError:
-            opt = optimizer(model.parameters())
-    else:
-        raise ArgumentError(f"optimizer={optimizer!r}: pass a torch optimizer, a function of the parameters, or None")
-
-    lrs: list[float] = []
-    raw: list[float] = []
-    smooth: list[float] = []
-    diverged = False
-    average = 0.0
-    best = math.inf
-    ratio = (end_lr / start_lr) ** (1 / (steps - 1))
-    try:
-        model.to(target)
-        if saved_opt is not None and target != home:
-            opt.load_state_dict(saved_opt)  # moves the optimizer's state to the parameters' new device
-        model.train()
-        for index in tqdm(range(steps), desc="lr_find", disable=not progress, leave=False):
-            lr = start_lr * ratio**index
-            for group in opt.param_groups:
-                group["lr"] = lr
-            inputs, targets = _device.to_device(_split_batch(next(batches)), target)
-            loss = criterion(model(inputs), targets)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            # One sync per step is the point here: each step's loss decides whether to go on.
-            value = float(loss.detach())
-            lrs.append(lr)
-            raw.append(value)
-            average = smoothing * average + (1 - smoothing) * value
-            smoothed = average / (1 - smoothing ** (index + 1))
-            smooth.append(smoothed)
-            if not math.isfinite(smoothed) or smoothed > diverge_factor * best:
-                diverged = True
-                break
-            best = min(best, smoothed)
-    finally:
-        opt.zero_grad(set_to_none=True)
-        model.to(home)
-        model.load_state_dict(saved_model)
-        model.train(was_training)
-        if saved_opt is not None:
-            opt.load_state_dict(saved_opt)  # also puts back each group's lr
-
-    finite = [(lr, s, r) for lr, s, r in zip(lrs, smooth, raw, strict=True) if math.isfinite(s)]
-    if len(finite) < 2:
-        raise ArgumentError(
-            f"the loss diverged at once (start_lr={start_lr!r}); start lower, e.g. start_lr={start_lr / 100:g}"
-        )
-    suggestion, min_loss_lr = _suggest([f[0] for f in finite], [f[1] for f in finite])
-    return LRFinderResult(
-        lrs=tuple(lrs),
-        losses=tuple(smooth),
-        raw_losses=tuple(raw),
-        suggestion=suggestion,
-        min_loss_lr=min_loss_lr,
-        diverged=diverged,
-    )

@@ -6,6 +6,7 @@ working for code that does not know colabkit::
 
     ColabkitError
     ├── ArgumentError            (ValueError)     bad argument value
+    │   └── MagicUsageError                       a %%cuda line could not be parsed
     ├── MissingDependencyError   (ImportError)    optional package absent
     ├── PlatformError            (RuntimeError)   wrong runtime for the call
     ├── DeviceError              (RuntimeError)   accelerator unusable
@@ -18,7 +19,10 @@ working for code that does not know colabkit::
     ├── ChecksumError            (ValueError)     data does not match its hash
     ├── UnsafeArchiveError       (ValueError)     archive member rejected
     ├── CheckpointNotFoundError  (FileNotFoundError)
+    ├── PathNotFoundError        (FileNotFoundError) a path given to colabkit does not exist
     ├── CheckpointMismatchError  (ValueError)     checkpoint is for another model
+    ├── ExportError              (RuntimeError)   the exporter could not translate the model
+    ├── ExportMismatchError      (ValueError)     the exported model computes something else
     └── TrainingError            (RuntimeError)
         ├── NonFiniteLossError                    loss became NaN or inf
         └── OutOfMemoryBackoffError               OOM back-off ran out of room
@@ -41,10 +45,14 @@ __all__ = [
     "DeviceError",
     "DownloadError",
     "DriveError",
+    "ExportError",
+    "ExportMismatchError",
     "InsufficientSpaceError",
+    "MagicUsageError",
     "MissingDependencyError",
     "NonFiniteLossError",
     "OutOfMemoryBackoffError",
+    "PathNotFoundError",
     "PlatformError",
     "TrainingError",
     "UnsafeArchiveError",
@@ -99,6 +107,10 @@ class CheckpointInUseError(CheckpointError):
     """
 
 
+class MagicUsageError(ArgumentError):
+    """A notebook magic's line (``%%cuda ...``) could not be understood; the message is its usage hint."""
+
+
 class ChecksumError(ColabkitError, ValueError):
     """Data does not match the checksum it was promised to have."""
 
@@ -109,6 +121,18 @@ class UnsafeArchiveError(ColabkitError, ValueError):
 
 class CheckpointNotFoundError(ColabkitError, FileNotFoundError):
     """No usable checkpoint exists where one was asked for."""
+
+
+class PathNotFoundError(ColabkitError, FileNotFoundError):
+    """A path given to colabkit does not exist."""
+
+
+class ExportError(ColabkitError, RuntimeError):
+    """The exporter could not translate the model."""
+
+
+class ExportMismatchError(ColabkitError, ValueError):
+    """The exported model's outputs differ from the PyTorch model's beyond the tolerance."""
 
 
 class CheckpointMismatchError(ColabkitError, ValueError):

@@ -30,9 +30,9 @@ from colabkit import device as _device
 from colabkit.errors import (
     ArgumentError,
     CheckpointError,
-    CheckpointMismatchError,
     CheckpointNotFoundError,
-    ColabkitError,
+    ExportError,
+    ExportMismatchError,
     MissingDependencyError,
     missing_dependency,
 )
@@ -42,78 +42,34 @@ if TYPE_CHECKING:
 
 __all__ = ["ExportError", "ExportMismatchError", "Prediction", "export", "load_for_inference", "predict_images"]
 
-#: Keys under which tutorials and trainers store the model's weights, most specific first.
-_STATE_KEYS = ("model_state_dict", "model_state", "state_dict", "model", "weights", "net")
-#: Prefixes that wrappers add to every key: DataParallel / DDP and torch.compile.
-_WRAPPER_PREFIXES = ("module.", "_orig_mod.")
-
-
-class ExportError(ColabkitError, RuntimeError):
-    """The exporter could not translate the model."""
-
-
-class ExportMismatchError(ColabkitError, ValueError):
-    """The exported model's outputs differ from the PyTorch model's beyond the tolerance."""
-
-
 # -- load_for_inference -----------------------------------------------------------------------------
 #: Metrics ``monitor="auto"`` looks for in checkpoint manifests, in order of preference.
 _AUTO_MONITORS = ("val_loss", "val_accuracy", "val_acc", "loss")
 
 
 def _pick_from_folder(folder: Path, monitor: str | None) -> Path:
-    """The best checkpoint of a CheckpointManager folder by ``monitor``, else the latest one."""
-    from colabkit.checkpoint import CheckpointManager
+    """The best checkpoint of a CheckpointManager folder by ``monitor``, else the latest one (read only)."""
+    from colabkit.checkpoint import CheckpointListing
     from colabkit.train.history import metric_mode
 
-    # staging_dir=None: reading must not set up Drive staging or background copies.
-    with CheckpointManager(folder, staging_dir=None) as manager:
-        infos = manager.checkpoints()  # valid ones only, oldest first
+    listing = CheckpointListing(folder)
+    infos = listing.checkpoints()  # valid ones only, oldest first
     if not infos:
         raise CheckpointNotFoundError(
             f"load_for_inference: {folder} holds no complete checkpoint; train with "
             f"fit(..., checkpoint_dir={str(folder)!r}) first, or pass the path of a checkpoint file"
         )
+    recorded = sorted({name for info in infos for name in info.metrics})
     if monitor == "auto":
-        recorded = {name for info in infos for name in info.metrics}
         monitor = next((name for name in _AUTO_MONITORS if name in recorded), None)
-    if monitor is None:
-        return infos[-1].path
-    scored = [info for info in infos if isinstance(info.metrics.get(monitor), (int, float))]
-    if not scored:
+    # Ties go to the newer checkpoint: it trained longer for the same score.
+    chosen = listing.latest() if monitor is None else listing.best(monitor, metric_mode(monitor))
+    if chosen is None:
         raise ArgumentError(
             f"load_for_inference(monitor={monitor!r}): no checkpoint in {folder} recorded that metric; "
-            f"recorded: {sorted({name for info in infos for name in info.metrics})}; pass monitor=None for the latest"
+            f"recorded: {recorded}; pass monitor=None for the latest"
         )
-    sign = 1.0 if metric_mode(monitor) == "min" else -1.0
-    # Ties go to the newer checkpoint: it trained longer for the same score.
-    best = min(enumerate(scored), key=lambda pair: (sign * float(pair[1].metrics[monitor]), -pair[0]))[1]
-    return best.path
-
-
-def _model_weights(state: Any, source: Path) -> Mapping[str, Any]:
-    """The model's state dict inside a loaded checkpoint of any common layout."""
-    if isinstance(state, Mapping):
-        for key in _STATE_KEYS:
-            inner = state.get(key)
-            if isinstance(inner, Mapping) and inner and all(isinstance(k, str) for k in inner):
-                return inner
-        if state and all(isinstance(v, torch.Tensor) for v in state.values()):
-            return state  # a bare state_dict
-    keys = sorted(state)[:8] if isinstance(state, Mapping) else type(state).__name__
-    raise CheckpointError(
-        f"load_for_inference: {source} holds no model weights colabkit recognises (found {keys}); "
-        f"save {{'model_state_dict': model.state_dict()}} or a bare model.state_dict()"
-    )
-
-
-def _strip_wrappers(weights: Mapping[str, Any], model: nn.Module) -> dict[str, Any]:
-    expected = set(model.state_dict())
-    result = dict(weights)
-    for prefix in _WRAPPER_PREFIXES:
-        if result and all(k.startswith(prefix) for k in result) and not any(k.startswith(prefix) for k in expected):
-            result = {k[len(prefix) :]: v for k, v in result.items()}
-    return result
+    return chosen.path
 
 
 def load_for_inference(
@@ -147,40 +103,31 @@ def load_for_inference(
     Example:
         >>> model = colabkit.load_for_inference(dirs.checkpoints, Net())  # doctest: +SKIP
     """
-    from colabkit.checkpoint import load_checkpoint, unwrap_model
+    from colabkit.checkpoint import find_weights, load_checkpoint, load_weights
 
     source = Path(checkpoint_or_dir).expanduser()
     target = _device.get_device() if device == "auto" else _device.get_device(device)
     if source.is_dir():
         source = _pick_from_folder(source, monitor)
-    if source.is_file():
-        # Hash-checked against its manifest when it has one; weights_only, never unsafe unpickling.
-        weights = _model_weights(load_checkpoint(source, map_location="cpu"), source)
-    else:
+    if not source.is_file():
         raise CheckpointNotFoundError(
             f"load_for_inference: {str(checkpoint_or_dir)!r} does not exist; pass a checkpoint folder "
             "(e.g. project_dirs(...).checkpoints) or a file saved with torch.save"
         )
-    inner = unwrap_model(model)  # DDP / torch.compile wrappers: load into the plain model
-    weights = _strip_wrappers(weights, inner)
-    missing = sorted(set(inner.state_dict()) - set(weights))
-    unexpected = sorted(set(weights) - set(inner.state_dict()))
-    if missing or unexpected:
-        problems = [
-            f"{label} keys {names[:6]}{' ...' if len(names) > 6 else ''}"
-            for label, names in (("missing", missing), ("unexpected", unexpected))
-            if names
-        ]
-        raise CheckpointMismatchError(
-            f"load_for_inference: {source} does not fit {type(inner).__name__}: {', '.join(problems)}; "
-            "build the model with the same architecture and settings as in training"
+    # Hash-checked against its manifest when it has one; weights_only, never unsafe unpickling.
+    state = load_checkpoint(source, map_location="cpu")
+    found = find_weights(state)
+    if found is None:
+        raise CheckpointError(
+            f"load_for_inference: {source} holds no model weights colabkit recognises (found {sorted(state)[:8]}); "
+            f"save {{'model_state_dict': model.state_dict()}} or a bare model.state_dict()"
         )
-    try:
-        inner.load_state_dict(weights)
-    except RuntimeError as exc:  # same names, other shapes
-        raise CheckpointMismatchError(
-            f"load_for_inference: {source} does not fit {type(model).__name__}: {exc}"
-        ) from exc
+    load_weights(
+        model,  # DDP / torch.compile wrappers: loaded into the plain model
+        found[1],
+        what=f"load_for_inference: the weights in {source}",
+        fix="build the model with the same architecture and settings as in training",
+    )
     return model.to(target).eval()
 
 

@@ -42,6 +42,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, TextIO
 
+from colabkit.errors import MagicUsageError
+
 __all__ = ["CudaResult", "load_ipython_extension", "run_cuda_cell"]
 
 USAGE = """usage: %%cuda [-a "NVCC FLAGS"] [-r "PROGRAM ARGS"]
@@ -89,10 +91,6 @@ class CudaResult:
     command: tuple[str, ...] = ()
 
 
-class _UsageError(ValueError):
-    pass
-
-
 # -- seams ----------------------------------------------------------------------------------------
 def _find_nvcc() -> str | None:
     """Path of nvcc: on PATH, else where CUDA toolkits usually live."""
@@ -130,7 +128,7 @@ def parse_line(line: str) -> tuple[list[str], list[str]]:
     try:
         tokens = shlex.split(line)
     except ValueError as exc:
-        raise _UsageError(f"cannot parse the %%cuda line ({exc}); check the quotes") from None
+        raise MagicUsageError(f"cannot parse the %%cuda line ({exc}); check the quotes") from None
     flags: list[str] = []
     args: list[str] = []
     i = 0
@@ -138,7 +136,7 @@ def parse_line(line: str) -> tuple[list[str], list[str]]:
         token = tokens[i]
         name, eq, inline = token.partition("=")
         if name in ("-h", "--help"):
-            raise _UsageError("")
+            raise MagicUsageError("")
         if name in ("-a", "--flags", "-r", "--args"):
             if eq:
                 value = inline
@@ -146,10 +144,10 @@ def parse_line(line: str) -> tuple[list[str], list[str]]:
                 i += 1
                 value = tokens[i]
             else:
-                raise _UsageError(f'{name} needs a value, e.g. {name} "..."')
+                raise MagicUsageError(f'{name} needs a value, e.g. {name} "..."')
             (flags if name in ("-a", "--flags") else args).extend(shlex.split(value))
         else:
-            raise _UsageError(f"unknown option {token!r}")
+            raise MagicUsageError(f"unknown option {token!r}")
         i += 1
     return flags, args
 
@@ -233,7 +231,7 @@ def run_cuda_cell(line: str, cell: str, *, out: TextIO | None = None, err: TextI
     err = err if err is not None else sys.stderr
     try:
         flags, args = parse_line(line)
-    except _UsageError as exc:
+    except MagicUsageError as exc:
         if str(exc):
             err.write(f"%%cuda: {exc}\n")
         err.write(USAGE)

@@ -22,7 +22,6 @@ import os
 import sys
 import tempfile
 import threading
-import weakref
 import zipfile
 from collections.abc import Callable, Iterable
 from datetime import datetime, timedelta, timezone
@@ -31,7 +30,7 @@ from types import ModuleType, TracebackType
 from typing import Any, Protocol
 
 from colabkit import _io, _notify
-from colabkit.errors import ArgumentError, ColabkitError, PlatformError
+from colabkit.errors import ArgumentError, PathNotFoundError, PlatformError
 from colabkit.runtime import current_probe, runtime
 
 __all__ = [
@@ -42,9 +41,7 @@ __all__ = [
     "download",
     "end_session",
     "keepalive",
-    "register_waiter",
     "session_time_left",
-    "unregister_waiter",
 ]
 
 #: Time-left thresholds at which the heartbeat (and fit) warn.
@@ -54,10 +51,6 @@ THREAD_NAME = "colabkit-keepalive"
 _JOIN_TIMEOUT = 10.0
 # files.download streams the file through the browser tab; past this it is slow and fragile.
 _BIG_DOWNLOAD = 2 * 1024**3
-
-
-class PathNotFoundError(ColabkitError, FileNotFoundError):
-    """A path given to colabkit does not exist."""
 
 
 # -- seams ----------------------------------------------------------------------------------------
@@ -419,55 +412,19 @@ def _stop_running_keepalive() -> bool:
 
 
 # -- end of session -------------------------------------------------------------------------------
-_waiters: list[Callable[[], Callable[[], None] | None]] = []
-_waiters_lock = threading.Lock()
-
-
-def register_waiter(fn: Callable[[], None]) -> None:
-    """Have :func:`end_session` call ``fn`` (which blocks until its pending work is done).
-
-    ``CheckpointManager`` registers its mirror's wait here so background
-    copies to Drive finish before the session is flushed or released. Bound
-    methods are held weakly (a dropped manager is forgotten).
-
-    Args:
-        fn: A callable taking no arguments.
-    """
-    ref: Callable[[], Callable[[], None] | None]
-    if _is_bound_method(fn):
-        ref = weakref.WeakMethod(fn)
-    else:
-
-        def ref() -> Callable[[], None]:
-            return fn
-
-    with _waiters_lock:
-        _waiters[:] = [r for r in _waiters if r() is not None]  # forget dropped managers
-        _waiters.append(ref)
-
-
-def _is_bound_method(fn: object) -> bool:
-    return getattr(fn, "__self__", None) is not None and hasattr(fn, "__func__")
-
-
-def unregister_waiter(fn: Callable[[], None]) -> None:
-    """Forget a waiter given to :func:`register_waiter` (no error if unknown)."""
-    with _waiters_lock:
-        _waiters[:] = [ref for ref in _waiters if ref() not in (fn, None)]
-
-
 def _pending_waiters() -> list[Callable[[], None]]:
-    with _waiters_lock:
-        alive = [(ref, ref()) for ref in _waiters]
-        _waiters[:] = [ref for ref, fn in alive if fn is not None]
-        return [fn for _, fn in alive if fn is not None]
+    """The wait() of every live CheckpointManager (none when checkpoints were never imported)."""
+    checkpoints = sys.modules.get("colabkit.checkpoint")
+    if checkpoints is None:
+        return []  # no manager can exist, and importing it would import torch
+    return [manager.wait for manager in checkpoints.live_managers()]
 
 
 def end_session(*, flush: bool = True, unassign: bool = False) -> None:
     """Finish the session cleanly: wait for saves, flush Drive, optionally release the runtime.
 
     In order: stops a running :func:`keepalive`; waits for pending work
-    registered with :func:`register_waiter` (checkpoint mirrors to Drive);
+    of every open ``CheckpointManager`` (commits and mirrors to Drive);
     with ``flush``, syncs disks and flushes Drive (Colab; Drive is remounted
     unless ``unassign`` follows); with ``unassign``, releases the Colab
     runtime (``google.colab.runtime.unassign()``) so the GPU quota is not

@@ -10,8 +10,10 @@ import pytest
 import torch
 from torch import nn
 
-from colabkit import bench
+from colabkit import _plot, bench
 from colabkit.errors import ArgumentError, MissingDependencyError
+from colabkit.train import lr_find as lrf
+from colabkit.train.batches import DEFAULT_BATCH_SIZE
 
 
 @pytest.fixture(autouse=True)
@@ -70,7 +72,7 @@ def test_compare_devices_cpu_only_says_no_gpu_and_leaves_the_model_alone(capsys:
     result = bench.compare_devices(model, _classification(), steps=2, warmup=1, progress=False)
 
     assert [(t.device, t.phase) for t in result.timings] == [("cpu", "train"), ("cpu", "inference")]
-    assert all(t.steps == 2 and t.batch_size == 64 and t.seconds > 0 for t in result.timings)
+    assert all(t.steps == 2 and t.batch_size == DEFAULT_BATCH_SIZE and t.seconds > 0 for t in result.timings)
     assert result.speedup("cpu", "train") == pytest.approx(1.0)
     assert not result.gpu_found
     assert any("no GPU was found" in note for note in result.notes)
@@ -95,7 +97,7 @@ def test_compare_devices_times_only_the_timed_steps_between_synchronisations(mon
     for timing in result.timings:
         # One virtual second per forward: warm-up steps are not counted, timed ones all are.
         assert timing.seconds == pytest.approx(5.0)
-        assert timing.samples_per_s == pytest.approx(64 * 5 / 5.0)
+        assert timing.samples_per_s == pytest.approx(DEFAULT_BATCH_SIZE * 5 / 5.0)
     assert virtual.forwards == 2 * (3 + 5)
     # Each warm-up and timed run is bracketed by a synchronisation of the timed device.
     assert {device for device, _ in synced} == {"cpu"}
@@ -177,7 +179,7 @@ def test_compare_devices_rejects_unusable_devices_and_bad_options() -> None:
         bench.compare_devices(_model(), data, phases=["eval"], progress=False)  # type: ignore[list-item]
     with pytest.raises(ArgumentError, match="inputs but"):
         bench.compare_devices(_model(), (data[0], data[1][:3]), progress=False)
-    with pytest.raises(ArgumentError, match="no batches"):
+    with pytest.raises(ArgumentError, match="is empty"):
         bench.compare_devices(_model(), [], progress=False)
 
 
@@ -213,7 +215,7 @@ def test_plots_return_the_figure_as_history_plot_does(agg: None, monkeypatch: py
     results = [
         bench.DeviceComparison((bench.PhaseTiming("cpu", "CPU", "train", 8, 1, 1.0, 1.0),)),
         bench.MatmulResult((bench.MatmulTiming("cpu", "CPU", "float32", 64, 2, 0.5, 1.0),)),
-        bench.LRFinderResult((1e-3, 1e-2, 1e-1), (2.0, 1.0, 3.0), (2.0, 1.0, 3.0), 1e-2, 1e-2, False),
+        lrf.LRFinderResult((1e-3, 1e-2, 1e-1), (2.0, 1.0, 3.0), (2.0, 1.0, 3.0), 1e-2, 1e-2, False),
     ]
     history_figure = History([{"epoch": 0, "loss": 1.0}]).plot()
     for result in results:
@@ -224,7 +226,7 @@ def test_plots_return_the_figure_as_history_plot_does(agg: None, monkeypatch: py
         mine, ax = plt.subplots()
         assert result.plot(ax=ax) is mine and plt.fignum_exists(mine.number)
     # In a notebook the returned figure is the one display: closed for the inline backend.
-    monkeypatch.setattr(bench, "_in_notebook", lambda: True)
+    monkeypatch.setattr(_plot, "in_notebook", lambda: True)
     for result in results:
         figure = result.plot()
         assert not plt.fignum_exists(figure.number) and len(figure.axes) == 1
@@ -274,7 +276,7 @@ def test_suggestion_is_where_the_loss_falls_fastest() -> None:
     losses = [
         2.0 - 1.5 / (1 + math.exp(-4 * (math.log10(lr) + 3))) + (50 * (lr - 0.1) if lr > 0.1 else 0.0) for lr in lrs
     ]
-    suggestion, min_loss_lr = bench._suggest(lrs, losses)
+    suggestion, min_loss_lr = lrf._suggest(lrs, losses)
     assert 10**-3.2 < suggestion < 10**-2.8
     assert 0.05 < min_loss_lr < 0.2
 
@@ -292,7 +294,7 @@ def test_lr_find_sweeps_until_divergence_and_restores_model_and_optimizer(agg: N
     momentum = {i: s["momentum_buffer"].clone() for i, s in enumerate(optimizer.state.values())}
     loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=32, shuffle=True)
 
-    result = bench.lr_find(model, loader, optimizer=optimizer, start_lr=1e-5, end_lr=1e3, steps=60, progress=False)
+    result = lrf.lr_find(model, loader, optimizer=optimizer, start_lr=1e-5, end_lr=1e3, steps=60, progress=False)
 
     assert result.diverged and len(result.lrs) < 60
     assert result.lrs[0] == pytest.approx(1e-5)
@@ -323,7 +325,7 @@ def test_lr_find_restores_the_model_even_when_the_loss_function_fails() -> None:
         return nn.functional.cross_entropy(outputs, targets)
 
     with pytest.raises(RuntimeError, match="boom"):
-        bench.lr_find(model, _classification(), loss_fn=flaky_loss, start_lr=1e-5, end_lr=1e-3, progress=False)
+        lrf.lr_find(model, _classification(), loss_fn=flaky_loss, start_lr=1e-5, end_lr=1e-3, progress=False)
     assert all(torch.equal(weights[k], v) for k, v in model.state_dict().items())
     assert model.training
 
@@ -334,15 +336,15 @@ def test_lr_find_accepts_optimizer_factories_like_fit() -> None:
     model = _model()
     weights = {k: v.clone() for k, v in model.state_dict().items()}
     factory = functools.partial(torch.optim.SGD, momentum=0.5)  # gets lr= from the sweep
-    result = bench.lr_find(model, _classification(), optimizer=factory, steps=20, progress=False)
+    result = lrf.lr_find(model, _classification(), optimizer=factory, steps=20, progress=False)
     assert len(result.lrs) >= 5
     assert all(torch.equal(weights[k], v) for k, v in model.state_dict().items())
 
 
 def test_lr_find_rejects_bad_ranges() -> None:
     with pytest.raises(ArgumentError, match="0 < start_lr < end_lr"):
-        bench.lr_find(_model(), _classification(), start_lr=1.0, end_lr=0.1, progress=False)
+        lrf.lr_find(_model(), _classification(), start_lr=1.0, end_lr=0.1, progress=False)
     with pytest.raises(ArgumentError, match="steps=2 is too few"):
-        bench.lr_find(_model(), _classification(), steps=2, progress=False)
-    with pytest.raises(ArgumentError, match="loss_fn='auto' cannot pick"):
-        bench.lr_find(_model(), (torch.randn(16, 8), torch.randn(16, 5)), progress=False)
+        lrf.lr_find(_model(), _classification(), steps=2, progress=False)
+    with pytest.raises(ArgumentError, match="loss_fn=None means cross-entropy"):
+        lrf.lr_find(_model(), (torch.randn(16, 8), torch.randn(16, 5)), progress=False)

@@ -20,14 +20,20 @@ import numpy as np
 import pytest
 import torch
 
-from colabkit import _io, checkpoint
+from colabkit import _io, _notify
 from colabkit.checkpoint import (
+    CheckpointInfo,
+    CheckpointListing,
     CheckpointManager,
-    capture_rng_state,
     load_checkpoint,
-    restore_rng_state,
+    load_weights,
+    registry,
     unwrap_model,
+    weights_problems,
 )
+from colabkit.checkpoint import mirror as mirror_module
+from colabkit.checkpoint import state as state_module
+from colabkit.checkpoint import store as store_module
 from colabkit.errors import (
     ArgumentError,
     CheckpointError,
@@ -35,6 +41,7 @@ from colabkit.errors import (
     CheckpointNotFoundError,
     ColabkitWarning,
 )
+from colabkit.train.state import capture_rng_state, restore_rng_state
 
 WORKER = Path(__file__).with_name("_ckpt_worker.py")
 
@@ -65,7 +72,7 @@ def assert_clean(folder: Path) -> None:
 
 @pytest.fixture
 def no_retry_sleep(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(checkpoint, "_mirror_retry", lambda fn: _io.retry(fn, retries=3, sleep=lambda _s: None))
+    monkeypatch.setattr(mirror_module, "_mirror_retry", lambda fn: _io.retry(fn, retries=3, sleep=lambda _s: None))
 
 
 # --------------------------------------------------------------------------- basics
@@ -131,7 +138,7 @@ def test_consecutive_saves_keep_their_own_values(tmp_path: Path) -> None:
 
 
 def test_large_states_are_written_before_save_returns(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(checkpoint, "SNAPSHOT_MAX_BYTES", 0)
+    monkeypatch.setattr(state_module, "SNAPSHOT_MAX_BYTES", 0)
     gate = threading.Event()
     with CheckpointManager(tmp_path) as ckpt:
         original = ckpt._commit
@@ -346,11 +353,11 @@ def test_bad_options_are_rejected(tmp_path: Path) -> None:
 
 
 def test_old_torch_warns_about_the_cve(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(checkpoint, "_torch_version", lambda: "2.9.1+cu121")
+    monkeypatch.setattr(store_module, "_torch_version", lambda: "2.9.1+cu121")
     with pytest.warns(ColabkitWarning, match="CVE-2026-24747"):
         CheckpointManager(tmp_path).close()
-    monkeypatch.setattr(checkpoint, "_torch_version", lambda: "2.10.0")
-    checkpoint._notify.reset_once()
+    monkeypatch.setattr(store_module, "_torch_version", lambda: "2.10.0")
+    _notify.reset_once()
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         CheckpointManager(tmp_path).close()
@@ -862,7 +869,7 @@ def test_end_session_waits_for_pending_mirror_copies(tmp_path: Path) -> None:
 
     manager = CheckpointManager(tmp_path / "local", mirror=tmp_path / "mirror")
     manager.save({"model_state_dict": {"w": torch.ones(3)}, "epoch": 1}, step=1)
-    assert manager.wait in session._pending_waiters()
+    assert manager in registry.live_managers()
     session.end_session(flush=False)
     mirrored = CheckpointManager(tmp_path / "mirror").latest()
     assert mirrored is not None
@@ -874,8 +881,7 @@ def test_end_session_waits_for_pending_mirror_copies(tmp_path: Path) -> None:
 EXIT_SCRIPT = r"""
 import atexit, sys, time
 import torch
-from colabkit import checkpoint
-from colabkit.checkpoint import CheckpointManager
+from colabkit.checkpoint import CheckpointManager, mirror
 
 ckpt = CheckpointManager(sys.argv[1] + "/local", mirror=sys.argv[1] + "/mirror")
 ckpt.wait()  # the mirror lane's thread is gone: the copy below needs a new one
@@ -889,7 +895,7 @@ def forbid_threads(thread):
 
 
 # Registered last, so it runs first: from here on threads cannot start, as on Python 3.12+.
-atexit.register(lambda: setattr(checkpoint, "_start_thread", forbid_threads))
+atexit.register(lambda: setattr(mirror, "_start_thread", forbid_threads))
 """
 
 
@@ -913,7 +919,7 @@ def test_lanes_run_inline_when_threads_cannot_start(tmp_path: Path, monkeypatch:
     def forbid(thread: threading.Thread) -> None:
         raise RuntimeError("can't create new thread at interpreter shutdown")
 
-    monkeypatch.setattr(checkpoint, "_start_thread", forbid)
+    monkeypatch.setattr(mirror_module, "_start_thread", forbid)
     with CheckpointManager(tmp_path / "local", mirror=tmp_path / "mirror") as ckpt:
         path = ckpt.save(tiny_state(1), step=1)
         assert path.exists()  # done in this thread
@@ -935,10 +941,10 @@ def test_interrupted_close_still_flushes_later(tmp_path: Path, monkeypatch: pyte
         ckpt.close()  # Ctrl-C while closing
     with pytest.raises(CheckpointError, match="is closed"):
         ckpt.save(tiny_state(2), step=2)
-    assert ckpt in checkpoint._LIVE, "the exit flush would skip a manager whose close() was interrupted"
+    assert registry.is_live(ckpt), "the exit flush would skip a manager whose close() was interrupted"
     monkeypatch.setattr(ckpt, "wait", real_wait)
     ckpt.close()
-    assert ckpt not in checkpoint._LIVE
+    assert not registry.is_live(ckpt)
     assert sorted(manifests(tmp_path / "mirror")) == [1]
 
 
@@ -955,16 +961,16 @@ def test_wait_retries_a_failed_mirror_copy_once(
 
 def test_a_copy_superseded_by_a_resave_is_not_an_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     ckpt = CheckpointManager(tmp_path / "local", mirror=tmp_path / "mirror")
-    original = ckpt._mirror_one
+    original = ckpt._mirror.mirror_one
     calls: list[int] = []
 
-    def resaved_meanwhile(info: checkpoint.CheckpointInfo, remote: Any) -> bool:
+    def resaved_meanwhile(info: CheckpointInfo, remote: Any) -> bool:
         calls.append(info.step)
         if len(calls) == 1:
             info.path.unlink()  # what committing a re-save of this step does to the old file
         return original(info, remote)
 
-    monkeypatch.setattr(ckpt, "_mirror_one", resaved_meanwhile)
+    monkeypatch.setattr(ckpt._mirror, "mirror_one", resaved_meanwhile)
     ckpt.save(tiny_state(1), step=1)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
@@ -987,3 +993,69 @@ def test_a_background_commit_failure_surfaces_at_the_next_save(tmp_path: Path, m
     ckpt.close()
     assert sorted(manifests(tmp_path)) == [2]
     assert_clean(tmp_path)
+
+
+OLD_FOLDER = Path(__file__).parent / "data" / "old_checkpoint"
+
+
+def test_checkpoints_written_by_the_old_single_module_still_load(tmp_path: Path) -> None:
+    """tests/data/old_checkpoint was written by colabkit/checkpoint.py before it became a package."""
+    import shutil
+
+    folder = tmp_path / "old"
+    shutil.copytree(OLD_FOLDER, folder)
+    torch.manual_seed(0)
+    expected = torch.nn.Linear(3, 2).state_dict()  # the weights saved at step 5 (doubled at step 9)
+    with CheckpointManager(folder, keep_last=2, monitor="val_loss", staging_dir=None) as ckpt:
+        assert [info.step for info in ckpt.checkpoints()] == [5, 9]
+        latest, best = ckpt.latest(), ckpt.best()
+        assert latest is not None and latest.name.startswith("step-000000009-")
+        assert best is not None and best.name.startswith("step-000000005-")
+        model = torch.nn.Linear(3, 2)
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
+        rest = ckpt.restore(model, optimizer, path=best)
+    assert rest["epoch"] == 1 and rest["metrics"] == {"val_loss": 0.5}
+    assert optimizer.param_groups[0]["lr"] == 0.1
+    for key, value in expected.items():
+        assert torch.equal(model.state_dict()[key], value)
+    newest = load_checkpoint(folder)
+    assert torch.equal(newest["model_state_dict"]["bias"], expected["bias"] * 2)
+    assert sorted(p.name for p in folder.iterdir()) == sorted(p.name for p in OLD_FOLDER.iterdir())
+
+
+def test_one_weights_check_names_missing_unexpected_and_reshaped_keys() -> None:
+    model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.Linear(3, 2))
+    saved = {f"module.{k}": v for k, v in model.state_dict().items()}  # DDP keys fit once stripped
+    assert weights_problems(torch.nn.DataParallel(model), saved) == []
+    saved["module.1.weight"] = torch.zeros(5, 3)
+    del saved["module.0.bias"]
+    saved["module.head.weight"] = torch.zeros(1)
+    problems = weights_problems(model, saved)
+    assert problems == [
+        "missing keys ['0.bias']",
+        "unexpected keys ['head.weight']",
+        "size mismatch for '1.weight': [5, 3] saved, [2, 3] in the model",
+    ]
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(CheckpointMismatchError, match=r"weights do not fit Sequential: missing keys \['0\.bias'\]"):
+        load_weights(model, saved)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items()), "a failed load changed the model"
+
+
+def test_a_listing_reads_like_the_manager_and_writes_nothing(tmp_path: Path) -> None:
+    with CheckpointManager(tmp_path, keep_last=None, monitor="val_loss") as ckpt:
+        for step, loss in ((1, 0.3), (2, 0.1), (3, 0.2)):
+            ckpt.save(tiny_state(step), step=step, metrics={"val_loss": loss})
+        ckpt.wait()
+        expected = (ckpt.latest(), ckpt.best(), [i.step for i in ckpt.checkpoints()])
+    leftover = tmp_path / "step-000000009-0123abcd.pt"
+    leftover.write_bytes(b"x")
+    os.utime(leftover, (1, 1))  # stale and unreferenced: a manager's start would delete it
+    listing = CheckpointListing(tmp_path)
+    latest, best = listing.latest(), listing.best("val_loss")
+    assert latest is not None and best is not None
+    assert (latest.path, best.path, [i.step for i in listing.checkpoints()]) == expected
+    worst = listing.best("val_loss", "max")
+    assert worst is not None and worst.step == 1
+    assert listing.load()["step"] == 3
+    assert leftover.exists()

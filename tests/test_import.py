@@ -100,3 +100,20 @@ def test_unknown_attribute() -> None:
 
     with pytest.raises(AttributeError, match="no attribute 'nope'"):
         colabkit.nope  # noqa: B018
+
+
+def test_only_train_resume_uses_checkpoint_code() -> None:
+    """The loop reaches checkpoints through train/resume.py alone (one seam for resuming)."""
+    import ast
+    from pathlib import Path
+
+    train = Path(colabkit.__file__).parent / "train"
+    users = set()
+    for path in sorted(train.glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = [node.module or ""] if isinstance(node, ast.ImportFrom) else []
+            if isinstance(node, ast.Import):
+                names = [alias.name for alias in node.names]
+            if any(name == "colabkit.checkpoint" or name.startswith("colabkit.checkpoint.") for name in names):
+                users.add(path.name)
+    assert users == {"resume.py"}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 import warnings
 from pathlib import Path
@@ -10,8 +11,8 @@ import pytest
 import torch
 from torch import nn
 
-from colabkit import inference
-from colabkit.checkpoint import CheckpointManager
+from colabkit import _io, inference
+from colabkit.checkpoint import CheckpointManager, live_managers
 from colabkit.errors import (
     ArgumentError,
     CheckpointError,
@@ -71,6 +72,23 @@ def test_a_checkpoint_folder_gives_its_best_checkpoint(tmp_path: Path) -> None:
     assert _same_weights(by_accuracy, nets[2])
     with pytest.raises(ArgumentError, match=r"monitor='f1'.*recorded: \['val_accuracy', 'val_loss'\]"):
         inference.load_for_inference(tmp_path / "ckpt", _net(9), device="cpu", monitor="f1")
+
+
+def test_reading_a_folder_changes_nothing_in_it(tmp_path: Path) -> None:
+    with CheckpointManager(tmp_path, keep_last=None) as manager:
+        manager.save({"model_state_dict": _net(1).state_dict()}, step=1, metrics={"val_loss": 0.1})
+    # Leftovers a CheckpointManager would clean up at start: an old unreferenced data file
+    # and the temporary of a writer that is gone (pid 2**22 + 1 is never a live process here).
+    orphan = tmp_path / "step-000000007-0123abcd.pt"
+    orphan.write_bytes(b"half")
+    os.utime(orphan, (1, 1))
+    temp = tmp_path / f".step-000000008-0123abcd.pt{_io.TEMP_MARK}{2**22 + 1}-x"
+    temp.write_bytes(b"half")
+    before = sorted(p.name for p in tmp_path.iterdir())
+    live = len(live_managers())
+    assert _same_weights(inference.load_for_inference(tmp_path, _net(9), device="cpu"), _net(1))
+    assert sorted(p.name for p in tmp_path.iterdir()) == before
+    assert len(live_managers()) == live  # nothing registered for the exit flush
 
 
 def test_a_folder_without_metrics_gives_the_latest(tmp_path: Path) -> None:

@@ -8,11 +8,12 @@ import zipfile
 from collections.abc import Iterator
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import pytest
 
 from colabkit import drive, session
+from colabkit.checkpoint import registry
 from colabkit.drive import mount_drive
 from colabkit.errors import PlatformError
 from colabkit.session import (
@@ -22,9 +23,7 @@ from colabkit.session import (
     download,
     end_session,
     keepalive,
-    register_waiter,
     session_time_left,
-    unregister_waiter,
 )
 from colabkit.testing import fake_colab, fake_kaggle
 
@@ -38,13 +37,37 @@ def _keepalive_threads() -> list[threading.Thread]:
 @pytest.fixture(autouse=True)
 def _isolated(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     monkeypatch.setattr(drive, "_last_mount", drive._MountOptions())
-    monkeypatch.setattr(session, "_waiters", [])
     monkeypatch.delenv("COLABKIT_SESSION_HOURS", raising=False)
     yield
+    for pending in PendingSave.made:
+        registry.forget(pending)
+    PendingSave.made.clear()
     running = session._running
     if running is not None:
         running.stop()
     assert _keepalive_threads() == [], "a keepalive thread was left behind"
+
+
+class PendingSave:
+    """Stands in for a CheckpointManager with work in flight: what end_session() waits for."""
+
+    directory = Path("checkpoints")
+    made: ClassVar[list[PendingSave]] = []  # the registry holds managers weakly; the test's fixture drops these
+
+    def __init__(self, wait: Any, *, keep: bool = True) -> None:
+        self._wait = wait
+        registry.register(self)
+        if keep:
+            PendingSave.made.append(self)
+
+    def wait(self) -> None:
+        self._wait()
+
+    def close(self) -> None:
+        registry.forget(self)
+
+    def detach_after_fork(self) -> None:
+        pass
 
 
 class Clock:
@@ -265,7 +288,7 @@ def test_end_session_on_colab_waits_flushes_and_unassigns(capsys: pytest.Capture
     with fake_colab() as colab:
         mydrive = mount_drive()
         (mydrive / "final.pt").write_bytes(b"w")
-        register_waiter(lambda: order.append("mirror done"))
+        PendingSave(lambda: order.append("mirror done"))
         beat = keepalive(3600, display=FakeDisplay(), clock=Clock()).start()
         end_session(unassign=True)
         assert not beat.running
@@ -291,7 +314,7 @@ def test_end_session_without_unassign_remounts_drive() -> None:
 def test_end_session_elsewhere_says_what_it_skipped(capsys: pytest.CaptureFixture[str]) -> None:
     called: list[int] = []
     with fake_kaggle():
-        register_waiter(lambda: called.append(1))
+        PendingSave(lambda: called.append(1))
         end_session(unassign=True)
     assert called == [1]
     out = capsys.readouterr().out
@@ -308,8 +331,8 @@ def test_end_session_survives_a_failing_waiter_and_skips_unmounted_drive(
 
     later: list[int] = []
     with fake_colab() as colab, caplog.at_level(logging.ERROR, logger="colabkit"):
-        register_waiter(broken)
-        register_waiter(lambda: later.append(1))
+        PendingSave(broken)
+        PendingSave(lambda: later.append(1))
         end_session()
         assert colab.calls_to("drive.flush_and_unmount") == []
     assert later == [1]
@@ -325,7 +348,7 @@ def test_end_session_keeps_the_runtime_when_a_save_failed(capsys: pytest.Capture
 
     with fake_colab() as colab:
         mount_drive()
-        register_waiter(broken)
+        PendingSave(broken)
         with pytest.warns(UserWarning, match=r"not releasing the runtime because 1 pending save\(s\) failed"):
             end_session(unassign=True)
         assert not colab.unassigned  # the local copy is the only good one
@@ -334,31 +357,16 @@ def test_end_session_keeps_the_runtime_when_a_save_failed(capsys: pytest.Capture
     assert "skipped releasing the runtime (a save failed" in capsys.readouterr().out
 
 
-def test_waiters_hold_bound_methods_weakly_and_can_be_removed() -> None:
-    class Mirror:
-        def __init__(self) -> None:
-            self.waited = 0
-
-        def wait(self) -> None:
-            self.waited += 1
-
-    kept, dropped = Mirror(), Mirror()
-    register_waiter(kept.wait)
-    register_waiter(dropped.wait)
-    del dropped
+def test_end_session_forgets_dropped_and_closed_managers() -> None:
+    waited: list[str] = []
+    kept = PendingSave(lambda: waited.append("kept"))
+    PendingSave(lambda: waited.append("dropped"), keep=False)
     gc.collect()
-    plain: list[int] = []
-
-    def fn() -> None:
-        plain.append(1)
-
-    register_waiter(fn)
-    unregister_waiter(fn)
-    assert len(session._waiters) == 1  # the dropped one was pruned when fn registered
+    PendingSave(lambda: waited.append("closed")).close()
     with fake_kaggle():
         end_session(flush=False)
-    assert kept.waited == 1
-    assert plain == []
+    assert waited == ["kept"]
+    assert kept in registry.live_managers()
 
 
 def test_unassign_failure_is_a_platform_error(monkeypatch: pytest.MonkeyPatch) -> None:

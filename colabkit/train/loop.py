@@ -10,20 +10,19 @@ progress (at most every 0.5 s), the stop checks (signal, callback,
 value back from the GPU: losses and metrics stay on the device in a list and
 are read in one go when progress, a save or the epoch's end needs them.
 
-Resume: the checkpoint holds model, optimizer, scheduler and scaler states,
-the position (epoch, batches done in the epoch, optimizer steps), the run
-seed, the partial epoch's sums, the History, callback states and every RNG
-state. The data order of an epoch depends only on ``(seed, epoch)`` (see
-:mod:`colabkit.train.state`), so the loader skips the finished batches
-without loading them; the RNG states are restored after that, right before
-the first new batch.
+Resume (:mod:`colabkit.train.resume`): the checkpoint holds model, optimizer,
+scheduler and scaler states, the position, the run seed, the partial epoch's
+sums, the History, callback states and every RNG state. The data order of an
+epoch depends only on ``(seed, epoch)`` (see :mod:`colabkit.train.state`), so
+the loader skips the finished batches without loading them; the RNG states
+are restored after that, right before the first new batch
+(``_Trainer._epoch_batches``, the one place an epoch's batches come from).
 
 Ending: the checkpoint manager is closed however the run ends; an error on
 its way out (a NaN loss, another model's checkpoints) wins over a failure
 while closing (a Drive copy), which is warned about. ``time_limit`` keeps
-room for two more steps, a validation and a whole save: RAM copy, commit and
-copies, as timed at the first save of the run (estimated from the model's
-size before that).
+room for two more steps, a validation and a whole save
+(:mod:`colabkit.train.budget`).
 """
 
 from __future__ import annotations
@@ -41,33 +40,39 @@ import torch
 
 from colabkit import _notify
 from colabkit import device as _device
+from colabkit._signals import SignalFlag, save_on_signal
 from colabkit.errors import (
     ArgumentError,
     CheckpointError,
-    CheckpointMismatchError,
-    ColabkitError,
     NonFiniteLossError,
 )
+from colabkit.session import SessionWatch
 from colabkit.train import distributed as _dist
+from colabkit.train import resume
 from colabkit.train.batches import (
+    LossFn,
     call_model,
+    check_loss_fn,
     concat,
     describe,
     detach_to_cpu,
+    forward,
     inputs_and_targets,
     inputs_only,
+    model_mode,
     safe_len,
     to_channels_last,
 )
+from colabkit.train.budget import TimeBudget
 from colabkit.train.callbacks import Callback, EarlyStopping, FitContext
-from colabkit.train.history import History, metric_mode
-from colabkit.train.metrics import LossFn, Totals, resolve_metrics
+from colabkit.train.history import History
+from colabkit.train.metrics import Totals, resolve_metrics
 from colabkit.train.oom import Backoff, batch_length, is_out_of_memory, split_batch
 from colabkit.train.optim import make_optimizer, make_scheduler
-from colabkit.train.options import FitOptions, check_loss_fn, check_model, is_int, parse_duration
+from colabkit.train.options import FitOptions, check_model, parse_duration
 from colabkit.train.precision import Precision, resolve_precision
 from colabkit.train.progress import REFRESH_SECONDS, Bars
-from colabkit.train.state import TrainPosition, make_resumable, resolve_workers
+from colabkit.train.state import TrainPosition, make_resumable, ordered_loader
 
 __all__ = ["evaluate", "fit", "parse_duration", "predict"]
 
@@ -80,10 +85,6 @@ QUIET_CHECK_SECONDS = 2.0
 MAX_BUFFER = 512
 #: With DDP, ranks agree on signals / time limits every this many optimizer steps.
 AGREE_EVERY = 8
-#: Write speed assumed for a checkpoint (Drive) until a save has been timed.
-SLOW_WRITE_BYTES_PER_SECOND = 20e6
-
-_CHECKPOINT_VERSION = 1
 
 
 # --------------------------------------------------------------------------- public API
@@ -149,7 +150,7 @@ def fit(
             ``"fp32"``, ``"fp16"`` or ``"bf16"``.
         grad_accum: Batches whose gradients add up before each optimizer step.
         clip_grad_norm: Clip the gradients' global norm to this value.
-        batch_size: Batch size when ``train``/``val`` are Datasets (default 32).
+        batch_size: Batch size when ``train``/``val`` are Datasets (default 32, as everywhere in colabkit).
         num_workers: DataLoader workers for Datasets (``"auto"``: 0 for in-memory tensors, else up to 4).
         checkpoint_dir: Folder for checkpoints (and ``history.csv``); enables resume.
         resume: Continue from the newest valid checkpoint in ``checkpoint_dir``.
@@ -183,42 +184,9 @@ def fit(
         ...                        checkpoint_dir="/content/drive/MyDrive/run1")  # doctest: +SKIP
         >>> history.plot()  # doctest: +SKIP
     """
-    options = FitOptions.check(
-        model=model,
-        epochs=epochs,
-        max_steps=max_steps,
-        lr=lr,
-        loss_fn=loss_fn,
-        metrics=metrics,
-        grad_accum=grad_accum,
-        clip_grad_norm=clip_grad_norm,
-        checkpoint_dir=checkpoint_dir,
-        resume=resume,
-        save_every=save_every,
-        keep_last=keep_last,
-        monitor=monitor,
-        early_stopping=early_stopping,
-        time_limit=time_limit,
-        callbacks=callbacks,
-        progress=progress,
-        seed=seed,
-        compile=compile,
-        channels_last=channels_last,
-        has_val=val is not None,
-    )
-    trainer = _Trainer(
-        options,
-        model=model,
-        train=train,
-        val=val,
-        optimizer=optimizer,
-        scheduler=scheduler,
-        device=device,
-        precision=precision,
-        batch_size=batch_size,
-        num_workers=num_workers,
-    )
-    return trainer.run()
+    check_model(model)
+    options = FitOptions.of(locals(), has_val=val is not None)  # every keyword argument, checked
+    return _Trainer(options, model, train, val).run()
 
 
 def evaluate(
@@ -242,7 +210,7 @@ def evaluate(
         metrics: As in :func:`fit`.
         device: ``"auto"`` keeps the model where its parameters are.
         precision: As in :func:`fit`.
-        batch_size: For a Dataset (default 32).
+        batch_size: For a Dataset (default 32, as everywhere in colabkit).
         num_workers: For a Dataset.
         progress: Show a progress bar.
 
@@ -256,7 +224,7 @@ def evaluate(
     metric_fns = resolve_metrics(metrics)
     losses = LossFn(check_loss_fn(loss_fn))
     model, where, policy, loader = _prepare_eval(model, data, device, precision, batch_size, num_workers)
-    with _eval_mode(model), Bars(progress) as bars:
+    with model_mode(model, train=False), Bars(progress) as bars:
         totals = _run_eval(model, loader, where, policy, losses, metric_fns, bars, "evaluate")
     assert totals is not None  # no stop condition given
     return totals.means("")
@@ -281,7 +249,7 @@ def predict(
         data: A Dataset, DataLoader or tensor of inputs.
         device: ``"auto"`` keeps the model where its parameters are.
         precision: As in :func:`fit`.
-        batch_size: For a Dataset or tensor (default 32).
+        batch_size: For a Dataset or tensor (default 32, as everywhere in colabkit).
         num_workers: For a Dataset.
         progress: Show a progress bar.
 
@@ -296,7 +264,7 @@ def predict(
         data = torch.utils.data.TensorDataset(data)
     model, where, policy, loader = _prepare_eval(model, data, device, precision, batch_size, num_workers)
     outputs: list[Any] = []
-    with _eval_mode(model), torch.no_grad(), Bars(progress) as bars:
+    with model_mode(model, train=False), torch.no_grad(), Bars(progress) as bars:
         bars.start_eval("predict", safe_len(loader))
         for batch in loader:
             batch = _device.to_device(batch, where) if where.type != "cpu" else batch
@@ -318,7 +286,9 @@ def _prepare_eval(
     model = check_model(model)
     where = _model_device(model, device)
     policy = resolve_precision(precision, where)
-    loader = _eval_loader(data, batch_size=batch_size, num_workers=num_workers, argument="data", where=where)
+    loader = ordered_loader(
+        data, argument="data", batch_size=batch_size, num_workers=num_workers, pin_memory=where.type == "cuda"
+    )
     model.to(where)
     return model, where, policy, loader
 
@@ -329,41 +299,6 @@ def _model_device(model: torch.nn.Module, device: str | torch.device) -> torch.d
             return parameter.device
         return _device.get_device()
     return _device.get_device(device)
-
-
-def _eval_loader(
-    data: Any, *, batch_size: int | None, num_workers: int | str, argument: str, where: torch.device
-) -> Any:
-    if isinstance(data, torch.utils.data.DataLoader):
-        return data
-    if not isinstance(data, (torch.utils.data.Dataset, torch.utils.data.IterableDataset)) and not (
-        hasattr(data, "__getitem__") and hasattr(data, "__len__")
-    ):
-        raise ArgumentError(f"{argument} is a {type(data).__name__}; pass a torch Dataset or DataLoader")
-    map_style = isinstance(data, torch.utils.data.Dataset) and not isinstance(data, torch.utils.data.IterableDataset)
-    if map_style and len(data) == 0:
-        raise ArgumentError(f"{argument} is empty (0 samples); check the dataset's path or filtering")
-    size = 32 if batch_size is None else batch_size
-    if not is_int(size) or size < 1:
-        raise ArgumentError(f"batch_size={batch_size!r} must be a positive integer")
-    return torch.utils.data.DataLoader(
-        data,
-        batch_size=size,
-        shuffle=False,
-        num_workers=resolve_workers(num_workers, data),
-        pin_memory=where.type == "cuda",
-        generator=torch.Generator().manual_seed(0),  # do not draw worker seeds from the global RNG
-    )
-
-
-@contextlib.contextmanager
-def _eval_mode(model: torch.nn.Module) -> Iterator[None]:
-    was_training = model.training
-    model.eval()
-    try:
-        yield
-    finally:
-        model.train(was_training)
 
 
 def _run_eval(
@@ -390,11 +325,7 @@ def _run_eval(
                 return None
             batch = _device.to_device(batch, where) if where.type != "cpu" else batch
             inputs, target = inputs_and_targets(batch)
-            with policy.autocast():
-                output = call_model(model, inputs)
-                if not loss_fn.checked:
-                    loss_fn.check(output, target)
-                loss = loss_fn(output, target)
+            output, loss = forward(model, inputs, target, loss_fn, policy.autocast)
             samples = batch_length(target) or 1
             totals.add(loss.detach(), samples, (0, 0, 0))
             for index, (_, fn) in enumerate(metrics):
@@ -414,236 +345,159 @@ def _run_eval(
 class _Trainer:
     """One fit() call: set up, resume, train epoch by epoch, save, report."""
 
-    def __init__(
-        self,
-        options: FitOptions,
-        *,
-        model: torch.nn.Module,
-        train: Any,
-        val: Any,
-        optimizer: Any,
-        scheduler: Any,
-        device: str | torch.device,
-        precision: str,
-        batch_size: int | None,
-        num_workers: int | str,
-    ) -> None:
-        self.o = options
+    def __init__(self, options: FitOptions, model: torch.nn.Module, train: Any, val: Any) -> None:
+        o = self.o = options
         self.model = model
-        chosen = _device.get_device(None if device == "auto" else device)
-        self.dist, self.device = _dist.setup(chosen)
+        self.dist, self.device = _dist.setup(_device.get_device(None if o.device == "auto" else o.device))
         self.is_main = self.dist.is_main
-        self.policy = resolve_precision(precision, self.device)
-        self.quiet = not (options.progress and self.is_main)
-        self.loss_fn = LossFn(options.loss_fn)
-        self.metric_fns = options.metrics
-        self.metric_names = [name for name, _ in options.metrics]
-        self.history = History()
+        self.policy = resolve_precision(o.precision, self.device)
+        self.quiet = not (o.progress and self.is_main)
+        self.loss_fn = LossFn(o.loss_fn)
+        self.metric_names = [name for name, _ in o.metric_fns]
+        self.step_callbacks = [cb for cb in o.callback_list if _overrides(cb, "on_step_end")]
+
+        # Where the run stands: a resume replaces these (see _resume), every save writes them.
         self.pos = TrainPosition()
+        self.history = History()
+        self.seed = 0  # the run seed, known once the checkpoint is (see _resume)
         self.backoff = Backoff()
-        self.totals = Totals(self.metric_names)
-        self.manager: Any = None
-        self._saved_step = -1
-        self._epoch_rng: Any = None
+        self.totals = Totals(self.metric_names)  # this epoch's sums so far, on the device
+        self.elapsed_before = 0.0  # seconds of this epoch spent before the resume
+        self.pending_rng: Any = None  # RNG states to restore right before the first new batch
+        self.epoch_rng: Any = None  # RNG states at the epoch's start (for a sampler drawing from them)
+        self.saved_step = -1
+
+        # Stop and save decisions: the budget, what is checked after every step, what the epoch's end does.
+        self.budget = TimeBudget(
+            o.time_limit_seconds, TimeBudget.guess_save_cost(model) if o.directory is not None else 0.0
+        )
+        # Whether some stop or save condition must be looked at after every step (else only
+        # at an epoch's end, a signal or a callback's request): keeps the usual step cheap.
+        self.check_every_step = (
+            o.time_limit_seconds is not None
+            or o.save_seconds is not None
+            or o.save_steps is not None
+            or o.max_steps is not None
+            or self.dist.enabled
+        )
+        self.stop_after_epoch = ""
+        self.save_after_epoch = False
+        self.last_save_time = self.epoch_start = self.next_read = 0.0
+        self.watch = SessionWatch() if o.session_time and self.is_main else None  # 30 / 10 minutes left
+        self.signal_flag = SignalFlag()  # save_on_signal's flag while run() runs
+        self.bars = Bars(not self.quiet)
 
         # 1. Data first, so a bad dataset fails before anything is created, loaded or moved.
-        #    The run seed is only known after looking for a checkpoint; it is filled in at step 4.
-        self.train = self._resumable(train, "train", batch_size, num_workers, shuffle=True)
-        self.val = None if val is None else self._val_loader(val, batch_size, num_workers)
+        #    The seed (0 here) is set once the checkpoint is known; validation order is fixed anyway.
+        self.train = self._loader(train, "train", shuffle=True)
+        self.val = None if val is None else self._val_loader(val)
         self.epoch_length = len(self.train) if self.train.has_length() else None
         if self.epoch_length == 0:
             raise ArgumentError("train gives 0 batches per epoch (batch_size larger than the dataset with drop_last?)")
 
         # 2. Model, optimizer, scheduler and scaler on the device.
         model.to(self.device)
-        if options.channels_last:
+        if o.channels_last:
             model.to(memory_format=torch.channels_last)
-        self.optimizer = make_optimizer(optimizer, model, options.lr)
-        self.scheduler, self.per_step_scheduler = make_scheduler(scheduler, self.optimizer)
+        self.optimizer = make_optimizer(o.optimizer, model, o.lr)
+        self.scheduler, self.per_step_scheduler = make_scheduler(o.scheduler, self.optimizer)
         self.scaler = self.policy.make_scaler()
+        self.forward_model: Any = model
 
         # 3.-5. From here a CheckpointManager may be open: an error (e.g. another model's
         #    checkpoints) closes it before propagating, so nothing is left waiting.
+        self.manager = resume.open_manager(o, is_main=self.is_main)
         try:
-            self._setup_run(options, model)
+            self._resume()
+            # 5. What runs the forward pass: DDP and/or torch.compile around the model.
+            self.forward_model = _dist.wrap_model(model, self.dist, self.device)
+            if o.compile:
+                self.forward_model = torch.compile(self.forward_model)
         except BaseException:
             if self.manager is not None:
                 self.manager.__exit__(*sys.exc_info())
                 self.manager = None
             raise
-
-    def _setup_run(self, options: FitOptions, model: torch.nn.Module) -> None:
-        """Resume (steps 3-4), wrap the model (5) and restore callback states."""
-        # 3. The newest valid checkpoint (rank 0 looks, every rank reads it): checked, then restored.
-        checkpoint = self._find_checkpoint()
-        fit_state = checkpoint.get("fit", {}) if checkpoint else {}
-        if checkpoint:
-            self._check_compatible(checkpoint)
-            self._restore(checkpoint, fit_state)
-
-        # 4. Seed: the checkpoint's, else the argument's, else derived from torch's initial seed.
-        if fit_state:
-            self.seed = int(fit_state["seed"])
-            if options.seed is not None and options.seed != self.seed:
-                self._say(f"resuming with the checkpoint's seed {self.seed} (seed={options.seed} applies to new runs)")
-        elif options.seed is not None:
-            self.seed = _device.seed_everything(options.seed)
-        else:
-            self.seed = int(_dist.broadcast_object(torch.initial_seed() % 2**32))
-        self.train.set_seed(self.seed)
-
-        # 5. What runs the forward pass: DDP and/or torch.compile around the model.
-        self.forward_model: Any = _dist.wrap_model(model, self.dist, self.device)
-        if options.compile:
-            self.forward_model = torch.compile(self.forward_model)
-
         self.ctx = FitContext(
             model=model,
             optimizer=self.optimizer,
             scheduler=self.scheduler,
             history=self.history,
-            epochs=options.epochs,
-            checkpoint_dir=options.checkpoint_dir,
+            epochs=o.epochs,
+            checkpoint_dir=o.directory,
             is_main=self.is_main,
             monitored=self._monitored(),
         )
-        self.step_callbacks = [cb for cb in options.callbacks if _overrides(cb, "on_step_end")]
-        self._ddp = self.dist.enabled
-        self._on_accelerator = self.device.type != "cpu"
-        if fit_state:
-            for callback, state in zip(options.callbacks, fit_state.get("callbacks", []), strict=False):
-                loader = getattr(callback, "load_state_dict", None)
-                if callable(loader) and state:
-                    loader(state)
 
-    # -- setup helpers
-
-    def _say(self, message: str) -> None:
-        _notify.logger.info(message)
-        if not self.quiet:
-            _notify.say(message)
-
-    def _find_checkpoint(self) -> dict[str, Any]:
-        o = self.o
-        if o.checkpoint_dir is None:
-            return {}
-        from colabkit.checkpoint import CheckpointManager
-
-        if self.is_main:
-            self.manager = CheckpointManager(
-                o.checkpoint_dir,
-                keep_last=o.keep_last,
-                keep_best=1,
-                monitor=o.monitor,
-                mode=metric_mode(o.monitor),  # type: ignore[arg-type]
-            )
-        _dist.barrier()  # rank 0 has cleaned up leftovers before anyone reads
-        if not o.resume:
-            return {}
-        latest = self.manager.latest() if self.is_main else None
-        path = _dist.broadcast_object(None if latest is None else str(latest))
-        if path is None:
-            return {}
-        if self.is_main:
-            checkpoint = self.manager.load(path)
-        else:
-            from colabkit.checkpoint import load_checkpoint
-
-            checkpoint = load_checkpoint(path)
-        self._say(f"resuming from {path}")
-        return checkpoint
-
-    def _check_compatible(self, checkpoint: Mapping[str, Any]) -> None:
-        saved = checkpoint.get("model_state_dict")
-        if not isinstance(saved, Mapping):
-            raise CheckpointMismatchError(
-                f"checkpoint_dir={str(self.o.checkpoint_dir)!r} holds a checkpoint that fit() did not write "
-                "(no model_state_dict); use another checkpoint_dir or resume=False"
-            )
-        own = self.model.state_dict()
-        problems = []
-        for key, value in own.items():
-            other = saved.get(key)
-            if other is None:
-                problems.append(f"{key!r} is missing")
-            elif isinstance(value, torch.Tensor) and isinstance(other, torch.Tensor) and value.shape != other.shape:
-                problems.append(f"{key!r} is {list(other.shape)} there but {list(value.shape)} here")
-        extra = [key for key in saved if key not in own]
-        if extra:
-            problems.append(f"{len(extra)} unknown entries such as {extra[0]!r}")
-        if problems:
-            raise CheckpointMismatchError(
-                f"checkpoint_dir={str(self.o.checkpoint_dir)!r} holds checkpoints of another model "
-                f"({'; '.join(problems[:3])}); pass a new checkpoint_dir for this model, or resume=False to "
-                "start over (old checkpoints there are then rotated away)"
-            )
-
-    def _restore(self, checkpoint: dict[str, Any], fit_state: Mapping[str, Any]) -> None:
-        from colabkit.checkpoint import restore_state
-
-        try:
-            restore_state(
-                checkpoint, model=self.model, optimizer=self.optimizer, scheduler=self.scheduler, scaler=self.scaler
-            )
-        except CheckpointMismatchError as exc:
-            raise CheckpointMismatchError(
-                f"checkpoint_dir={str(self.o.checkpoint_dir)!r}: {exc}; pass a new checkpoint_dir or resume=False"
-            ) from exc
-        if not fit_state:
-            self._say("the checkpoint was not written by fit(): starting at epoch 1 from its weights")
-            return
-        self.pos = TrainPosition.from_state_dict(fit_state["position"])
-        self.history = History.from_state_dict(fit_state.get("history", {}))
-        self.history.stop_reason = ""
-        self.backoff.chunks = int(fit_state.get("chunks", 1))
-        self.totals.load_state_dict(fit_state["totals"])
-        self._elapsed_before = float(fit_state.get("epoch_seconds", 0.0))
-        rngs = fit_state.get("rng", [])
-        rank = self.dist.rank
-        if len(rngs) != self.dist.world_size:
-            _notify.warn(
-                f"the checkpoint was written by {len(rngs)} process(es), this run has {self.dist.world_size}; "
-                "training continues, but random numbers will not repeat exactly"
-            )
-        self._pending_rng = rngs[min(rank, len(rngs) - 1)] if rngs else None
-        epoch_rngs = fit_state.get("epoch_rng") or []
-        self._epoch_rng = epoch_rngs[min(rank, len(epoch_rngs) - 1)] if epoch_rngs else None
-        saved_length = int(fit_state.get("epoch_length", -1))
-        length = -1 if self.epoch_length is None else self.epoch_length
-        if self.pos.batch and saved_length != length:
-            _notify.warn(
-                f"the checkpoint was saved with {saved_length} batches per epoch, this run has {length} "
-                f"(dataset or batch_size changed?); continuing at batch {self.pos.batch}, but not exactly as before"
-            )
-        if int(fit_state.get("grad_accum", self.o.grad_accum)) != self.o.grad_accum:
-            _notify.warn(
-                f"grad_accum was {fit_state['grad_accum']} when the checkpoint was saved and is {self.o.grad_accum} "
-                "now; the effective batch size changes from here on"
-            )
-        if self.backoff.chunks > 1:
-            self._say(f"resuming with {self.backoff.chunks} micro-batches per batch (after an earlier out-of-memory)")
-
-    def _resumable(
-        self, data: Any, argument: str, batch_size: int | None, num_workers: int | str, *, shuffle: bool
-    ) -> Any:
-        # The seed is filled in once the checkpoint is known (validation order is fixed anyway).
+    def _loader(self, data: Any, argument: str, *, shuffle: bool) -> Any:
         return make_resumable(
             data,
             argument=argument,
-            batch_size=batch_size,
+            batch_size=self.o.batch_size,
             shuffle=shuffle,
-            num_workers=num_workers,
+            num_workers=self.o.num_workers,
             pin_memory=self.device.type == "cuda",
             seed=0,
             rank=self.dist.rank,
             world_size=self.dist.world_size,
         )
 
-    def _val_loader(self, val: Any, batch_size: int | None, num_workers: int | str) -> Any:
+    def _val_loader(self, val: Any) -> Any:
         if self.dist.enabled and not isinstance(val, torch.utils.data.DataLoader):
             # Each rank validates its share; the sums are added up across ranks.
-            return self._resumable(val, "val", batch_size, num_workers, shuffle=False).loader
-        return _eval_loader(val, batch_size=batch_size, num_workers=num_workers, argument="val", where=self.device)
+            return self._loader(val, "val", shuffle=False).loader
+        return ordered_loader(
+            val,
+            argument="val",
+            batch_size=self.o.batch_size,
+            num_workers=self.o.num_workers,
+            pin_memory=self.device.type == "cuda",
+        )
+
+    def _resume(self) -> None:
+        """3. The newest valid checkpoint, checked and restored; 4. the run seed."""
+        o = self.o
+        checkpoint, path = resume.find_checkpoint(o, self.manager)
+        fit_state = checkpoint.get("fit", {})
+        if checkpoint:
+            self._say(f"resuming from {path}")
+            resume.check_compatible(checkpoint, self.model, o.directory)
+            resume.restore_weights(
+                checkpoint,
+                model=self.model,
+                optimizer=self.optimizer,
+                scheduler=self.scheduler,
+                scaler=self.scaler,
+                directory=o.directory,
+            )
+            if not fit_state:
+                self._say("the checkpoint was not written by fit(): starting at epoch 1 from its weights")
+        if fit_state:
+            saved = resume.read_fit_state(
+                fit_state,
+                rank=self.dist.rank,
+                world_size=self.dist.world_size,
+                epoch_length=self.epoch_length,
+                grad_accum=o.grad_accum,
+            )
+            self.pos, self.history, self.backoff.chunks = saved.position, saved.history, saved.chunks
+            self.totals.load_state_dict(saved.totals)
+            self.elapsed_before = saved.epoch_seconds
+            self.pending_rng, self.epoch_rng = saved.rng, saved.epoch_rng
+            if self.backoff.chunks > 1:
+                self._say(
+                    f"resuming with {self.backoff.chunks} micro-batches per batch (after an earlier out-of-memory)"
+                )
+            resume.restore_callbacks(o.callback_list, saved.callbacks)
+            # 4. Seed: the checkpoint's, else the argument's, else derived from torch's initial seed.
+            self.seed = saved.seed
+            if o.seed is not None and o.seed != self.seed:
+                self._say(f"resuming with the checkpoint's seed {self.seed} (seed={o.seed} applies to new runs)")
+        elif o.seed is not None:
+            self.seed = _device.seed_everything(o.seed)
+        else:
+            self.seed = int(_dist.broadcast_object(torch.initial_seed() % 2**32))
+        self.train.set_seed(self.seed)
 
     def _monitored(self) -> tuple[str, ...]:
         names = ["loss", *self.metric_names]
@@ -651,33 +505,18 @@ class _Trainer:
             names += [f"val_{name}" for name in names]
         return (*names, "lr")
 
-    # -- the run
+    def _say(self, message: str) -> None:
+        _notify.logger.info(message)
+        if not self.quiet:
+            _notify.say(message)
 
-    _pending_rng: Any = None
-    _elapsed_before = 0.0
+    # -- the run
 
     def run(self) -> History:
         o = self.o
-        from colabkit._signals import save_on_signal
-
-        self._start = _clock()
-        self._deadline = None if o.time_limit is None else self._start + o.time_limit
-        self._last_save_time = self._start
-        # Seconds a save costs until close() is done with it; measured at each save (see _save).
-        self._save_cost = self._guess_save_cost() if o.checkpoint_dir is not None else 0.0
-        self._step_cost = 0.0
-        self._val_cost = 0.0
-        # Whether some stop or save condition must be looked at after every step (else only
-        # at an epoch's end, a signal or a callback's request): keeps the usual step cheap.
-        self._check_every_step = (
-            self._deadline is not None
-            or o.save_seconds is not None
-            or o.save_steps is not None
-            or o.max_steps is not None
-            or self.dist.enabled
-        )
-        self._flush_cost: float | None = None  # commit + copies after a save, measured once (time_limit only)
-        self._watch = self._session_watch()
+        now = _clock()
+        self.budget.start(now)
+        self.last_save_time = now
         stop_reason = ""
         # The manager as a context: an error already propagating (a NaN loss, an interrupt) wins
         # over a failure while closing (a Drive copy that failed), which is then only warned about.
@@ -685,27 +524,25 @@ class _Trainer:
             cleanup.callback(_dist.barrier)
             if self.manager is not None:
                 cleanup.enter_context(self.manager)
-            with save_on_signal() as signal_flag, Bars(not self.quiet) as bars:
-                self.signal_flag = signal_flag
-                self.bars = bars
+            with save_on_signal() as self.signal_flag, self.bars:
                 if self._finished():
                     self._say(f"training already finished (epoch {self.pos.epoch}/{o.epochs}, step {self.pos.step})")
                     self.history.stop_reason = self._done_reason()
                     return self.history
                 self.model.train()
-                for callback in o.callbacks:
+                for callback in o.callback_list:
                     _hook(callback, "on_fit_start", self.ctx)
-                bars.start_fit(o.epochs, self.pos.epoch)
+                self.bars.start_fit(o.epochs, self.pos.epoch)
                 while not stop_reason and self.pos.epoch < o.epochs:
                     stop_reason = self._train_epoch()
                 stop_reason = stop_reason or "completed"
                 self._save(final=True)
                 self.history.stop_reason = stop_reason
-                for callback in o.callbacks:
+                for callback in o.callback_list:
                     _hook(callback, "on_fit_end", self.ctx)
                 if stop_reason == "interrupted":
                     self._say(
-                        f"stopped by {signal_flag.signal} at step {self.pos.step}; "
+                        f"stopped by {self.signal_flag.signal} at step {self.pos.step}; "
                         + ("checkpoint saved, rerun to continue" if self.manager else "returning the history so far")
                     )
                 elif stop_reason == "time_limit":
@@ -713,78 +550,62 @@ class _Trainer:
                 self._check_session()
         return self.history
 
-    def _guess_save_cost(self) -> float:
-        """Before the first save is timed: a few seconds plus writing model and optimizer state slowly."""
-        model_bytes = sum(
-            t.numel() * t.element_size() for t in self.model.state_dict().values() if isinstance(t, torch.Tensor)
-        )
-        return 5.0 + 3 * model_bytes / SLOW_WRITE_BYTES_PER_SECOND
-
-    def _session_watch(self) -> Any:
-        """time_limit="session": the 30- and 10-minute warnings (rank 0 only)."""
-        if not (self.o.session_time and self.is_main):
-            return None
-        from colabkit.session import SessionWatch
-
-        return SessionWatch()
-
     def _check_session(self) -> None:
-        if self._watch is not None:
-            for message in self._watch.check():
+        if self.watch is not None:
+            for message in self.watch.check():
                 _notify.warn(message, stacklevel=2)
 
     def _finished(self) -> bool:
-        done_epochs = self.pos.epoch >= self.o.epochs
         done_steps = self.o.max_steps is not None and self.pos.step >= self.o.max_steps
-        return done_epochs or done_steps
+        return self.pos.epoch >= self.o.epochs or done_steps
 
     def _done_reason(self) -> str:
         return "max_steps" if self.o.max_steps is not None and self.pos.step >= self.o.max_steps else "completed"
+
+    def _epoch_batches(self, epoch: int) -> Iterator[Any]:
+        """This epoch's batches from where the run stands: the one place an epoch's data comes from."""
+        resumed_inside = self.pos.batch > 0
+        if self.train.needs_epoch_rng:
+            if resumed_inside and self.epoch_rng is not None:
+                resume.restore_rng(self.epoch_rng)  # the unknown sampler draws this epoch's order again
+            self.epoch_rng = resume.capture_rngs()
+        iterator = self.train.epoch(epoch, skip=self.pos.batch)
+        if self.pending_rng is not None:
+            resume.restore_rng(self.pending_rng)  # after skipping, right before the first new batch
+            self.pending_rng = None
+        return iterator
 
     def _train_epoch(self) -> str:
         """One epoch (or its remainder after a resume). Returns a stop reason, or "" to go on."""
         o, pos = self.o, self.pos
         epoch = pos.epoch
         self.ctx.epoch, self.ctx.batch = epoch, pos.batch
-        resumed_inside = pos.batch > 0
-        if self.train.needs_epoch_rng:
-            from colabkit.checkpoint import capture_rng_state, restore_rng_state
-
-            if resumed_inside and self._epoch_rng is not None:
-                restore_rng_state(self._epoch_rng)  # the unknown sampler draws this epoch's order again
-            self._epoch_rng = _dist.gather_objects(capture_rng_state())
-        iterator = self.train.epoch(epoch, skip=pos.batch)
-        if self._pending_rng is not None:
-            from colabkit.checkpoint import restore_rng_state
-
-            restore_rng_state(self._pending_rng)  # after skipping, right before the first new batch
-            self._pending_rng = None
-        if not resumed_inside:
+        if not pos.batch:
             self.totals = Totals(self.metric_names)
-            self._elapsed_before = 0.0
-        self._epoch_start = self._last_step_end = _clock()
-        self._next_read = self._epoch_start + (REFRESH_SECONDS if not self.quiet else QUIET_CHECK_SECONDS)
+            self.elapsed_before = 0.0
+        batches = self._epoch_batches(epoch)
+        self.epoch_start = _clock()
+        self.budget.epoch_started(self.epoch_start)
+        self.next_read = self.epoch_start + (REFRESH_SECONDS if not self.quiet else QUIET_CHECK_SECONDS)
         self.bars.start_epoch(epoch, o.epochs, self.epoch_length, pos.batch)
-        for callback in o.callbacks:
+        for callback in o.callback_list:
             _hook(callback, "on_epoch_start", self.ctx)
 
-        accum = o.grad_accum
-        length = self.epoch_length
         group: list[Any] = []
         stop_reason = ""
-        for batch in iterator:
+        for batch in batches:
             group.append(batch)
             pos.batch += 1
-            if len(group) < accum and pos.batch != length:
+            if len(group) < o.grad_accum and pos.batch != self.epoch_length:
                 continue
-            self._optimizer_step(group)
+            self._step(group)
             group = []
-            stop_reason = self._after_step(epoch_ends=pos.batch == length)
+            stop_reason = self._after_step(epoch_ends=pos.batch == self.epoch_length)
             if stop_reason:
                 break
         else:
             if group:  # a loader without len() ended inside a group
-                self._optimizer_step(group)
+                self._step(group)
                 stop_reason = self._after_step(epoch_ends=True)
         if pos.batch == 0:
             raise ArgumentError(
@@ -797,133 +618,95 @@ class _Trainer:
                 )
                 + "; check that the dataset yields (inputs, targets) batches"
             )
-        if stop_reason and pos.batch != length:
+        if stop_reason and pos.batch != self.epoch_length:
             self._save()
             return stop_reason
         return self._end_epoch() or stop_reason
 
     # -- one optimizer step
 
-    def _optimizer_step(self, group: list[Any]) -> None:
-        """Forward and backward over ``group``'s batches, then one optimizer step; retried smaller on OOM."""
+    def _step(self, group: list[Any]) -> None:
+        """One optimizer step: forward and backward over ``group`` (retried smaller after an OOM), clip, step."""
         while True:
             mark = self.totals.mark()
-            failed_size = 0
             try:
                 samples = self._accumulate(group)
+                break
             except Exception as exc:
                 if not is_out_of_memory(exc):
                     self.optimizer.zero_grad(set_to_none=True)
                     raise
-                failed_size = batch_length(group[0]) or 1
-            if not failed_size:
-                break
-            # Outside the except block: the traceback and the tensors it holds are gone.
+            # Out of memory. Outside the except block: the traceback and the tensors it holds are gone.
             self.optimizer.zero_grad(set_to_none=True)
             self.totals.rollback(mark)
-            self.backoff.handle(failed_size, step=self.pos.step + 1, quiet=self.quiet)
+            self.backoff.handle(batch_length(group[0]) or 1, step=self.pos.step + 1, quiet=self.quiet)
 
         if self.o.clip_grad_norm is not None:
             if self.scaler is not None:
-                self.scaler.unscale_(self.optimizer)
+                self.scaler.unscale_(self.optimizer)  # clip the true gradients, not the fp16-scaled ones
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.o.clip_grad_norm)
         if self.scaler is not None:
-            self.scaler.step(self.optimizer)
+            self.scaler.step(self.optimizer)  # skips the step if the scaled gradients overflowed
             self.scaler.update()
         else:
             self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
+        self.optimizer.zero_grad(set_to_none=True)  # frees the gradients' memory until the next backward
         if self.per_step_scheduler:
             self.scheduler.step()
         self.pos.step += 1
         self.pos.samples += samples
 
     def _accumulate(self, group: list[Any]) -> int:
-        """Forward and backward of every batch in ``group``; returns the number of samples."""
-        if len(group) == 1 and self.backoff.chunks == 1 and not self._ddp:
-            return self._single_batch(group[0])
-        model, pos = self.forward_model, self.pos
-        total = 0
-        chunks = self.backoff.chunks
-        scale_group = 1.0 / len(group)
-        where = (pos.step + 1, pos.epoch, pos.batch)
-        last = len(group) - 1
+        """Forward and backward of every batch in ``group``, in micro-batches after an OOM; returns the samples.
+
+        Each piece's loss is weighted by its share of the group, so the gradients add up to those of
+        the group's mean loss. Losses and metrics stay on the device (read later, in one go).
+        """
+        chunks, total, last, share = self.backoff.chunks, 0, len(group) - 1, 1.0 / len(group)
+        where = (self.pos.step + 1, self.pos.epoch, self.pos.batch)
         for index, batch in enumerate(group):
-            inputs, target, samples = self._prepare(batch)
+            if self.device.type != "cpu":
+                batch = _device.to_device(batch, self.device)
+            inputs, target = inputs_and_targets(batch)
+            if self.o.channels_last:
+                inputs = to_channels_last(inputs)
+            samples = batch_length(target) or batch_length(inputs) or 1
             pieces = [((inputs, target), samples)] if chunks == 1 else split_batch((inputs, target), chunks, samples)
             for number, ((piece_inputs, piece_target), size) in enumerate(pieces):
-                weight = scale_group * size / samples
-                if self._ddp and not (index == last and number == len(pieces) - 1):
-                    with model.no_sync():  # gradients are all-reduced once, with the group's last backward
-                        output, loss = self._forward_backward(model, piece_inputs, piece_target, weight)
-                else:
-                    output, loss = self._forward_backward(model, piece_inputs, piece_target, weight)
-                self._record(output, loss, piece_target, size, where)
+                # With DDP, gradients are all-reduced once, with the group's last backward.
+                synced = not self.dist.enabled or (index == last and number == len(pieces) - 1)
+                with contextlib.nullcontext() if synced else self.forward_model.no_sync():
+                    first = not self.loss_fn.checked
+                    output, loss = forward(self.forward_model, piece_inputs, piece_target, self.loss_fn, self.autocast)
+                    if first:
+                        self._check_metrics(output, piece_target)
+                    weight = share * size / samples
+                    scaled = loss * weight if weight != 1.0 else loss
+                    # fp16: scale the loss so that small gradients do not underflow.
+                    (self.scaler.scale(scaled) if self.scaler is not None else scaled).backward()
+                self.totals.add(loss.detach(), size, where)
+                if self.o.metric_fns:
+                    detached = output.detach()
+                    for metric, (_, fn) in enumerate(self.o.metric_fns):
+                        value, count = fn(detached, piece_target)
+                        self.totals.add_metric(metric, value, count)
             total += samples
         return total
 
-    def _single_batch(self, batch: Any) -> int:
-        """The usual step (one batch, no back-off, one process): :meth:`_accumulate` without the splitting."""
-        inputs, target, samples = self._prepare(batch)
-        output, loss = self._forward_backward(self.forward_model, inputs, target, 1.0)
-        pos = self.pos
-        self._record(output, loss, target, samples, (pos.step + 1, pos.epoch, pos.batch))
-        return samples
+    @property
+    def autocast(self) -> Callable[[], Any] | None:
+        return None if self.policy.dtype is None else self.policy.autocast
 
-    def _prepare(self, batch: Any) -> tuple[Any, Any, int]:
-        """(inputs, targets, samples) of a batch, on the device and in the model's memory format."""
-        if self._on_accelerator:
-            batch = _device.to_device(batch, self.device)
-        inputs, target = inputs_and_targets(batch)
-        if self.o.channels_last:
-            inputs = to_channels_last(inputs)
-        return inputs, target, batch_length(target) or batch_length(inputs) or 1
-
-    def _record(self, output: Any, loss: torch.Tensor, target: Any, samples: int, where: tuple[int, int, int]) -> None:
-        """Keep the micro-batch's loss and metric terms on the device (read later, in one go)."""
-        totals = self.totals
-        totals.add(loss.detach(), samples, where)
-        if self.metric_fns:
-            detached = output.detach()
-            for index, (_, fn) in enumerate(self.metric_fns):
-                value, count = fn(detached, target)
-                totals.add_metric(index, value, count)
-
-    def _forward_backward(self, model: Any, inputs: Any, target: Any, weight: float) -> tuple[Any, torch.Tensor]:
-        """Forward and loss under autocast (fp16/bf16), then backward of ``loss * weight``."""
-        if self.policy.dtype is None:
-            output = call_model(model, inputs)
-        else:
-            with self.policy.autocast():
-                output = call_model(model, inputs)
-        if not self.loss_fn.checked:
-            self._first_batch_checks(output, target)
-        if self.policy.dtype is None:
-            loss = self.loss_fn(output, target)
-        else:
-            with self.policy.autocast():
-                loss = self.loss_fn(output, target)
-        scaled = loss * weight if weight != 1.0 else loss
-        if self.scaler is not None:
-            scaled = self.scaler.scale(scaled)
-        scaled.backward()
-        return output, loss
-
-    def _first_batch_checks(self, output: Any, target: Any) -> None:
-        try:
-            self.loss_fn.check(output, target)
-            for name, fn in self.metric_fns:
-                try:
-                    fn(output.detach(), target)
-                except Exception as exc:
-                    raise ArgumentError(
-                        f"metric {name!r} cannot be computed for outputs {describe(output)} and targets "
-                        f"{describe(target)} ({str(exc).strip()[:200]}); choose metrics that fit the task, "
-                        "e.g. metrics=() or metrics=('mae',) for regression"
-                    ) from exc
-        except ColabkitError:
-            self.optimizer.zero_grad(set_to_none=True)
-            raise
+    def _check_metrics(self, output: Any, target: Any) -> None:
+        for name, fn in self.o.metric_fns:
+            try:
+                fn(output.detach(), target)
+            except Exception as exc:
+                raise ArgumentError(
+                    f"metric {name!r} cannot be computed for outputs {describe(output)} and targets "
+                    f"{describe(target)} ({str(exc).strip()[:200]}); choose metrics that fit the task, "
+                    "e.g. metrics=() or metrics=('mae',) for regression"
+                ) from exc
 
     # -- at each step boundary
 
@@ -935,9 +718,9 @@ class _Trainer:
             self.ctx.step, self.ctx.batch, self.ctx.loss = pos.step, pos.batch, self.totals.losses[-1]
             for callback in self.step_callbacks:
                 callback.on_step_end(self.ctx)
-        if now >= self._next_read or len(self.totals.losses) >= MAX_BUFFER:
+        if now >= self.next_read or len(self.totals.losses) >= MAX_BUFFER:
             self._read(now)
-        if not (epoch_ends or self._check_every_step or self.signal_flag.requested or self.ctx.stop_requested):
+        if not (epoch_ends or self.check_every_step or self.signal_flag.requested or self.ctx.stop_requested):
             return ""  # the usual step: nothing to decide
         return self._decide(now, epoch_ends=epoch_ends)
 
@@ -950,9 +733,9 @@ class _Trainer:
             reason = "interrupted"
         elif self.ctx.stop_requested:
             reason = self.ctx.stop_reason
-        elif self._deadline is not None and now + self._reserve() >= self._deadline:
+        elif self.budget.expired(now):
             reason = "time_limit"
-        timed_save = o.save_seconds is not None and now - self._last_save_time >= o.save_seconds
+        timed_save = o.save_seconds is not None and now - self.last_save_time >= o.save_seconds
         if self.dist.enabled:
             if pos.step % AGREE_EVERY and not epoch_ends:
                 reason, timed_save = "", False
@@ -965,34 +748,23 @@ class _Trainer:
         save_due = (o.save_steps is not None and pos.step % o.save_steps == 0) or timed_save
         if epoch_ends:
             # The epoch's end saves (after validation) instead: one checkpoint, with the epoch's metrics.
-            self._stop_after_epoch = reason
-            self._save_after_epoch = save_due
+            self.stop_after_epoch = reason
+            self.save_after_epoch = save_due
         elif save_due and not reason:
             self._save()
-        # A slowly decaying maximum of the step time: what the next step may cost.
-        self._step_cost = max(self._step_cost * 0.9, now - self._last_step_end)
-        self._last_step_end = now
+        self.budget.step_ended(now)
         return reason
-
-    _stop_after_epoch = ""
-    _save_after_epoch = False
-
-    def _reserve(self) -> float:
-        """Seconds to keep free before time_limit: two more steps, a validation and a save, with margin."""
-        return 2 * self._step_cost + 1.5 * self._save_cost + self._val_cost
 
     def _read(self, now: float) -> None:
         """Read buffered losses and metrics from the device: NaN check, progress."""
         bad = self.totals.drain()
         if bad is not None:
             self._non_finite(bad)
-        if self._watch is not None:
-            self._check_session()
-        interval = REFRESH_SECONDS if not self.quiet else QUIET_CHECK_SECONDS
-        self._next_read = now + interval
+        self._check_session()
+        self.next_read = now + (REFRESH_SECONDS if not self.quiet else QUIET_CHECK_SECONDS)
         if not self.quiet:
             means = self.totals.means("")
-            seconds = self._elapsed_before + now - self._epoch_start
+            seconds = self.elapsed_before + now - self.epoch_start
             postfix = {key: value for key, value in means.items() if not math.isnan(value)}
             if seconds > 0:
                 postfix["samples/s"] = self.totals.samples / seconds
@@ -1001,8 +773,8 @@ class _Trainer:
     def _non_finite(self, where: tuple[int, int, int]) -> None:
         step, epoch, batch = where
         last = (
-            f"the last checkpoint (step {self._saved_step}) is intact"
-            if self._saved_step >= 0
+            f"the last checkpoint (step {self.saved_step}) is intact"
+            if self.saved_step >= 0
             else "no checkpoint was saved"
         )
         raise NonFiniteLossError(
@@ -1020,7 +792,7 @@ class _Trainer:
             self._non_finite(bad)
         train_totals = self.totals.summed(self._all_sum)  # this rank's sums stay as they are (saved)
         record: dict[str, Any] = {"epoch": pos.epoch, **train_totals.means("")}
-        seconds = self._elapsed_before + _clock() - self._epoch_start
+        seconds = self.elapsed_before + _clock() - self.epoch_start
         if self.val is not None:
             started = _clock()
             validation = self._validate()
@@ -1030,7 +802,7 @@ class _Trainer:
                 self._save()
                 return "interrupted"
             record.update(validation)
-            self._val_cost = _clock() - started
+            self.budget.val_cost = _clock() - started
         record["lr"] = float(self.optimizer.param_groups[0]["lr"])
         record["time"] = round(seconds, 3)
         record["samples_per_sec"] = round(train_totals.samples / seconds, 1) if seconds > 0 else float("nan")
@@ -1044,33 +816,33 @@ class _Trainer:
             else:
                 self.scheduler.step()
         self.ctx.logs, self.ctx.epoch, self.ctx.step = record, pos.epoch - 1, pos.step
-        for callback in o.callbacks:
+        for callback in o.callback_list:
             _hook(callback, "on_epoch_end", self.ctx)
-        reason = self._stop_after_epoch or self.ctx.stop_reason
+        reason = self.stop_after_epoch or self.ctx.stop_reason
         if self.dist.enabled:
             reason = (reason or "callback") if _dist.any_flags([bool(reason)], self.device)[0] else ""
-        if self.is_main and o.checkpoint_dir is not None:
-            self.history.to_csv(o.checkpoint_dir / "history.csv")
+        if self.is_main and o.directory is not None:
+            self.history.to_csv(o.directory / "history.csv")
         self._check_session()
-        if o.save_epoch or self._save_after_epoch or reason or pos.epoch >= o.epochs:
+        if o.save_epoch or self.save_after_epoch or reason or pos.epoch >= o.epochs:
             self._save(metrics=record)
-        self._stop_after_epoch, self._save_after_epoch = "", False
+        self.stop_after_epoch, self.save_after_epoch = "", False
         self.totals = Totals(self.metric_names)
-        self._elapsed_before = 0.0
+        self.elapsed_before = 0.0
         return reason
 
     def _validate(self) -> dict[str, float] | None:
         """Validation metrics (summed over ranks), or None if a signal arrived meanwhile (single process)."""
         # With DDP every rank must finish the same collectives, so validation runs to its end there.
         stop = None if self.dist.enabled else (lambda: self.signal_flag.requested)
-        with _eval_mode(self.model):
+        with model_mode(self.model, train=False):
             totals = _run_eval(
                 self.forward_model,
                 self.val,
                 self.device,
                 self.policy,
                 self.loss_fn,
-                self.metric_fns,
+                self.o.metric_fns,
                 self.bars,
                 "validate",
                 stop,
@@ -1086,61 +858,44 @@ class _Trainer:
 
     def _save(self, *, metrics: Mapping[str, Any] | None = None, final: bool = False) -> None:
         """Checkpoint at this step boundary (rank 0 writes; every rank contributes its RNG state)."""
-        if self.o.checkpoint_dir is None or self.pos.step == self._saved_step:
+        pos = self.pos
+        if self.o.directory is None or pos.step == self.saved_step or (final and pos.step == 0):
             return
-        if final and self.pos.step == 0:
-            return
-        from colabkit.checkpoint import capture_rng_state
-
         bad = self.totals.drain()  # never save a model that a NaN step already spoiled
         if bad is not None:
             self._non_finite(bad)
         started = _clock()
-        rngs = _dist.gather_objects(capture_rng_state())
-        if self.is_main:
-            state = self._state(rngs)
+        rngs = resume.capture_rngs()
+        if self.manager is not None:
+            state = resume.state_to_save(
+                model=self.model,
+                optimizer=self.optimizer,
+                scheduler=self.scheduler,
+                scaler=self.scaler,
+                position=pos,
+                seed=self.seed,
+                chunks=self.backoff.chunks,
+                grad_accum=self.o.grad_accum,
+                epoch_length=self.epoch_length,
+                world_size=self.dist.world_size,
+                rngs=rngs,
+                epoch_rng=self.epoch_rng if self.train.needs_epoch_rng and pos.batch else None,
+                totals=self.totals.state_dict(),
+                epoch_seconds=self.elapsed_before + (_clock() - self.epoch_start if pos.batch else 0.0),
+                history=self.history,
+                callbacks=self.o.callback_list,
+            )
             clean = {k: v for k, v in (metrics or {}).items() if isinstance(v, (int, float)) and math.isfinite(v)}
-            self.manager.save(state, step=self.pos.step, metrics=clean or None)
-        self._saved_step = self.pos.step
-        self._last_save_time = _clock()
-        self._save_cost = self._last_save_time - started
-        if self._deadline is not None and self.manager is not None and self._flush_cost is None:
+            self.manager.save(state, step=pos.step, metrics=clean or None)
+        self.saved_step = pos.step
+        self.last_save_time = _clock()
+        self.budget.saved(self.last_save_time - started)
+        if self.budget.times_flush and self.manager is not None:
             # The run's end waits for the commit and the copies (Drive) as well: time them once,
             # so time_limit stops early enough for the whole save to finish before the limit.
             with contextlib.suppress(CheckpointError):  # each failure was warned about when it happened
                 self.manager.wait()
-            self._flush_cost = _clock() - self._last_save_time
-        if self._flush_cost is not None:
-            self._save_cost += self._flush_cost
-
-    def _state(self, rngs: list[Any]) -> dict[str, Any]:
-        seconds = self._elapsed_before + (_clock() - self._epoch_start if self.pos.batch else 0.0)
-        fit_state = {
-            "version": _CHECKPOINT_VERSION,
-            "position": self.pos.state_dict(),
-            "seed": self.seed,
-            "chunks": self.backoff.chunks,
-            "grad_accum": self.o.grad_accum,
-            "epoch_length": -1 if self.epoch_length is None else self.epoch_length,
-            "world_size": self.dist.world_size,
-            "rng": rngs,
-            "epoch_rng": self._epoch_rng if self.train.needs_epoch_rng and self.pos.batch else None,
-            "totals": self.totals.state_dict(),
-            "epoch_seconds": seconds,
-            "history": self.history.state_dict(),
-            "callbacks": [_callback_state(cb) for cb in self.o.callbacks],
-        }
-        state: dict[str, Any] = {
-            "model_state_dict": self.model.state_dict(),
-            "optimizer_state_dict": self.optimizer.state_dict(),
-            "epoch": self.pos.epoch,
-            "fit": fit_state,
-        }
-        if self.scheduler is not None:
-            state["scheduler_state_dict"] = self.scheduler.state_dict()
-        if self.scaler is not None:
-            state["scaler_state_dict"] = self.scaler.state_dict()
-        return state
+            self.budget.flushed(_clock() - self.last_save_time)
 
 
 def _overrides(callback: Any, name: str) -> bool:
@@ -1152,8 +907,3 @@ def _hook(callback: Any, name: str, ctx: FitContext) -> None:
     method = getattr(callback, name, None)
     if callable(method):
         method(ctx)
-
-
-def _callback_state(callback: Any) -> dict[str, Any]:
-    method = getattr(callback, "state_dict", None)
-    return dict(method()) if callable(method) else {}

@@ -1,5 +1,5 @@
-"""Losses and metrics: the default loss and its first-batch checks, named and user metrics, and the
-on-device running sums that are read back only when progress, a save or an epoch's end needs them."""
+"""Metrics: named and user metrics, and the on-device running sums that are read back only when
+progress, a save or an epoch's end needs them (the default loss is part of :mod:`colabkit.train.batches`)."""
 
 from __future__ import annotations
 
@@ -8,74 +8,11 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 from colabkit.errors import ArgumentError
-from colabkit.train.batches import describe
 from colabkit.train.oom import batch_length
 
-__all__ = ["LossFn", "Totals", "resolve_metrics"]
-
-
-class LossFn:
-    """The user's loss, or cross-entropy chosen on the first batch, with the first-batch checks."""
-
-    def __init__(self, fn: Callable[..., torch.Tensor] | None) -> None:
-        self.fn = fn
-        self.checked = False
-
-    def __call__(self, output: Any, target: Any) -> torch.Tensor:
-        if self.fn is not None:
-            return self.fn(output, target)
-        return F.cross_entropy(output, target.long() if target.dtype != torch.long else target)
-
-    def check(self, output: Any, target: Any) -> None:
-        """Explain bad labels / losses in words before they turn into an opaque error or a silent bug."""
-        if self.fn is None:
-            _check_cross_entropy_inputs(output, target)
-        try:
-            loss = self(output, target)
-        except (RuntimeError, ValueError, IndexError, TypeError) as exc:
-            name = "loss_fn" if self.fn is not None else "the default cross-entropy loss"
-            raise ArgumentError(
-                f"{name} failed on the first batch (outputs {describe(output)}, targets {describe(target)}): "
-                f"{str(exc).strip()[:300]} -- check the labels' dtype and shape, or pass a matching loss_fn"
-            ) from exc
-        if not isinstance(loss, torch.Tensor) or loss.dim() != 0:
-            raise ArgumentError(f"loss_fn returned {describe(loss)}, not a scalar; reduce it, e.g. return loss.mean()")
-        if not loss.requires_grad and torch.is_grad_enabled():
-            raise ArgumentError(
-                "the loss does not depend on any trainable parameter (requires_grad=False); "
-                "check that loss_fn uses the model's outputs and that the parameters are not frozen"
-            )
-        self.checked = True
-
-
-def _check_cross_entropy_inputs(output: Any, target: Any) -> None:
-    if not isinstance(output, torch.Tensor) or not isinstance(target, torch.Tensor):
-        raise ArgumentError(
-            f"the default cross-entropy loss needs tensor outputs and labels, got {describe(output)} and "
-            f"{describe(target)}; pass loss_fn=..."
-        )
-    if target.is_floating_point():
-        raise ArgumentError(
-            f"labels are {describe(target)} but loss_fn=None means cross-entropy, which needs integer class "
-            "indices (torch.long); convert the labels with .long(), or for regression pass "
-            "loss_fn=torch.nn.MSELoss() (binary / multi-label: torch.nn.BCEWithLogitsLoss())"
-        )
-    if output.dim() < 2 or target.dim() != output.dim() - 1 or target.shape[0] != output.shape[0]:
-        raise ArgumentError(
-            f"labels {describe(target)} do not fit outputs {describe(output)} for cross-entropy: expected one "
-            "class index per sample (labels of shape [batch] for outputs [batch, classes]); "
-            "pass a matching loss_fn or fix the dataset's labels"
-        )
-    low, high = (int(v) for v in torch.stack([target.min(), target.max()]).tolist())
-    classes = output.shape[1]
-    if low < 0 or high >= classes:
-        raise ArgumentError(
-            f"labels range from {low} to {high} but the model outputs {classes} classes "
-            f"(valid labels: 0..{classes - 1}); make the last layer's size the number of classes, or relabel"
-        )
+__all__ = ["Totals", "resolve_metrics"]
 
 
 def _accuracy(output: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, int]:

@@ -71,23 +71,24 @@ def split_batch(batch: Any, chunks: int, length: int) -> list[tuple[Any, int]]:
     pieces = []
     for start, stop in itertools.pairwise(bounds):
         if stop > start:
-            pieces.append((_slice(batch, start, stop, length), stop - start))
+            pieces.append((slice_batch(batch, start, stop, length), stop - start))
     return pieces
 
 
-def _slice(obj: Any, start: int, stop: int, length: int) -> Any:
+def slice_batch(obj: Any, start: int, stop: int, length: int) -> Any:
+    """Samples ``start:stop`` of every per-sample part of ``obj`` (parts of another length are kept whole)."""
     if isinstance(obj, torch.Tensor):
         return obj[start:stop] if obj.dim() and obj.shape[0] == length else obj
     if isinstance(obj, Mapping):
-        return type(obj)({key: _slice(value, start, stop, length) for key, value in obj.items()})  # type: ignore[call-arg]
+        return type(obj)({key: slice_batch(value, start, stop, length) for key, value in obj.items()})  # type: ignore[call-arg]
     if isinstance(obj, tuple) and hasattr(obj, "_fields"):
-        return type(obj)(*(_slice(value, start, stop, length) for value in obj))
+        return type(obj)(*(slice_batch(value, start, stop, length) for value in obj))
     if isinstance(obj, tuple):
-        return tuple(_slice(value, start, stop, length) for value in obj)
+        return tuple(slice_batch(value, start, stop, length) for value in obj)
     if isinstance(obj, list):
         if len(obj) == length and not any(isinstance(value, torch.Tensor) for value in obj):
             return obj[start:stop]  # e.g. a list of file names, one per sample
-        return [_slice(value, start, stop, length) for value in obj]
+        return [slice_batch(value, start, stop, length) for value in obj]
     return obj
 
 

@@ -14,13 +14,13 @@ import torch
 
 from colabkit import _notify
 from colabkit.errors import ArgumentError
+from colabkit.train.batches import check_loss_fn
 from colabkit.train.callbacks import EarlyStopping
 from colabkit.train.metrics import resolve_metrics
 
 __all__ = [
     "SESSION_MARGIN",
     "FitOptions",
-    "check_loss_fn",
     "check_model",
     "is_int",
     "parse_duration",
@@ -71,132 +71,114 @@ def _valid_units(text: str) -> bool:
 
 @dataclasses.dataclass
 class FitOptions:
-    """fit()'s arguments after checking: nothing here has touched the model, the data or the disk."""
+    """fit()'s keyword arguments, checked and normalised when made: nothing here has touched the
+    model, the data or the disk. Each field is the fit() argument of that name (see :func:`colabkit.fit`).
 
-    model: torch.nn.Module
+    ``optimizer``, ``scheduler``, ``device``, ``precision``, ``batch_size`` and ``num_workers`` are
+    checked where the model, the device or the data they need is known.
+    """
+
     epochs: int
     max_steps: int | None
+    optimizer: Any
     lr: float
     loss_fn: Callable[..., torch.Tensor] | None
-    metrics: list[tuple[str, Callable[..., Any]]]
+    scheduler: Any
+    metrics: Any
+    device: str | torch.device
+    precision: str
     grad_accum: int
     clip_grad_norm: float | None
-    checkpoint_dir: Path | None
+    batch_size: int | None
+    num_workers: int | str
+    checkpoint_dir: Any
     resume: bool
-    save_steps: int | None
-    save_seconds: float | None
-    save_epoch: bool
+    save_every: str | int
     keep_last: int
     monitor: str
-    callbacks: list[Any]
-    time_limit: float | None
-    session_time: bool
+    early_stopping: Any
+    time_limit: Any
+    callbacks: Any
     progress: bool
     seed: int | None
     compile: bool
     channels_last: bool
+    has_val: dataclasses.InitVar[bool] = False
+
+    # Derived from the arguments above in __post_init__.
+    metric_fns: list[tuple[str, Callable[..., Any]]] = dataclasses.field(init=False)
+    directory: Path | None = dataclasses.field(init=False)
+    save_steps: int | None = dataclasses.field(init=False)
+    save_seconds: float | None = dataclasses.field(init=False)
+    save_epoch: bool = dataclasses.field(init=False)
+    callback_list: list[Any] = dataclasses.field(init=False)
+    time_limit_seconds: float | None = dataclasses.field(init=False)
+    session_time: bool = dataclasses.field(init=False)
 
     @classmethod
-    def check(
-        cls,
-        *,
-        model: Any,
-        epochs: Any,
-        max_steps: Any,
-        lr: Any,
-        loss_fn: Any,
-        metrics: Any,
-        grad_accum: Any,
-        clip_grad_norm: Any,
-        checkpoint_dir: Any,
-        resume: Any,
-        save_every: Any,
-        keep_last: Any,
-        monitor: Any,
-        early_stopping: Any,
-        time_limit: Any,
-        callbacks: Any,
-        progress: Any,
-        seed: Any,
-        compile: Any,
-        channels_last: Any,
-        has_val: bool,
-    ) -> FitOptions:
-        model = check_model(model)
-        if not is_int(epochs) or epochs < 1:
-            raise ArgumentError(f"epochs={epochs!r} must be an integer >= 1, e.g. epochs=10")
-        if max_steps is not None and (not is_int(max_steps) or max_steps < 1):
-            raise ArgumentError(f"max_steps={max_steps!r} must be None or an integer >= 1")
-        if not isinstance(lr, (int, float)) or isinstance(lr, bool) or not lr > 0:
-            raise ArgumentError(f"lr={lr!r} must be a positive number, e.g. lr=1e-3")
-        check_loss_fn(loss_fn)
-        if not is_int(grad_accum) or grad_accum < 1:
+    def of(cls, arguments: dict[str, Any], *, has_val: bool) -> FitOptions:
+        """The options among fit()'s ``locals()`` (every field by its name), checked."""
+        names = [field.name for field in dataclasses.fields(cls) if field.init]
+        return cls(**{name: arguments[name] for name in names}, has_val=has_val)
+
+    def __post_init__(self, has_val: bool) -> None:
+        _at_least("epochs", self.epochs, 1, "e.g. epochs=10")
+        if self.max_steps is not None:
+            _at_least("max_steps", self.max_steps, 1, "or None")
+        self.lr = _positive("lr", self.lr, "e.g. lr=1e-3")
+        check_loss_fn(self.loss_fn)
+        self.metric_fns = resolve_metrics(self.metrics)
+        _at_least("grad_accum", self.grad_accum, 1, "(1 = step after every batch), e.g. grad_accum=4")
+        if self.clip_grad_norm is not None:
+            self.clip_grad_norm = _positive("clip_grad_norm", self.clip_grad_norm, "or None, e.g. 1.0")
+        self.directory = None if self.checkpoint_dir is None else Path(self.checkpoint_dir).expanduser()
+        self.resume = bool(self.resume)
+        self.save_steps, self.save_seconds, self.save_epoch = _parse_save_every(self.save_every)
+        _at_least("keep_last", self.keep_last, 1, "e.g. keep_last=2")
+        if not isinstance(self.monitor, str) or not self.monitor:
+            raise ArgumentError(f"monitor={self.monitor!r} must be a record column such as 'val_loss'")
+        if not has_val and self.monitor.startswith("val_"):
+            self.monitor = self.monitor[4:]  # no validation set: rank by the training value
+        self.callback_list = _callbacks(self.callbacks, self.early_stopping, self.monitor)
+        self.time_limit_seconds = parse_time_limit(self.time_limit)
+        self.session_time = isinstance(self.time_limit, str) and self.time_limit == "session"
+        self.progress = bool(self.progress)
+        if self.seed is not None and (not is_int(self.seed) or not 0 <= self.seed < 2**32):
+            raise ArgumentError(f"seed={self.seed!r} must be None or an integer between 0 and 2**32 - 1, e.g. seed=42")
+        self.compile = bool(self.compile)
+        self.channels_last = bool(self.channels_last)
+
+
+def _at_least(name: str, value: Any, low: int, example: str) -> None:
+    if not is_int(value) or value < low:
+        raise ArgumentError(f"{name}={value!r} must be an integer >= {low} {example}")
+
+
+def _positive(name: str, value: Any, example: str) -> float:
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or not value > 0:
+        raise ArgumentError(f"{name}={value!r} must be a positive number {example}")
+    return float(value)
+
+
+def _callbacks(callbacks: Any, early_stopping: Any, monitor: str) -> list[Any]:
+    """The callbacks, with the EarlyStopping that ``early_stopping`` asks for appended."""
+    chosen = list(callbacks) if callbacks is not None else []
+    for callback in chosen:
+        if isinstance(callback, type):
             raise ArgumentError(
-                f"grad_accum={grad_accum!r} must be an integer >= 1 (1 = step after every batch), e.g. grad_accum=4"
+                f"callbacks holds the class {callback.__name__}; pass an instance: {callback.__name__}()"
             )
-        if clip_grad_norm is not None and (
-            not isinstance(clip_grad_norm, (int, float)) or isinstance(clip_grad_norm, bool) or not clip_grad_norm > 0
-        ):
-            raise ArgumentError(f"clip_grad_norm={clip_grad_norm!r} must be None or a positive number, e.g. 1.0")
-        save_steps, save_seconds, save_epoch = _parse_save_every(save_every)
-        if not is_int(keep_last) or keep_last < 1:
-            raise ArgumentError(f"keep_last={keep_last!r} must be an integer >= 1")
-        if not isinstance(monitor, str) or not monitor:
-            raise ArgumentError(f"monitor={monitor!r} must be a record column such as 'val_loss'")
-        if seed is not None and (not is_int(seed) or not 0 <= seed < 2**32):
-            raise ArgumentError(f"seed={seed!r} must be None or an integer between 0 and 2**32 - 1, e.g. seed=42")
-        metric_fns = resolve_metrics(metrics)
-        if not has_val and monitor.startswith("val_"):
-            monitor = monitor[4:]  # no validation set: rank by the training value
-        the_callbacks = list(callbacks) if callbacks is not None else []
-        for callback in the_callbacks:
-            if isinstance(callback, type):
-                raise ArgumentError(
-                    f"callbacks holds the class {callback.__name__}; pass an instance: {callback.__name__}()"
-                )
-        if early_stopping is not None:
-            if isinstance(early_stopping, EarlyStopping):
-                the_callbacks.append(early_stopping)
-            elif is_int(early_stopping) and early_stopping >= 1:
-                the_callbacks.append(EarlyStopping(monitor, patience=early_stopping))
-            else:
-                raise ArgumentError(
-                    f"early_stopping={early_stopping!r} must be a patience (int >= 1) or EarlyStopping(...)"
-                )
-        return cls(
-            model=model,
-            epochs=int(epochs),
-            max_steps=max_steps,
-            lr=float(lr),
-            loss_fn=loss_fn,
-            metrics=metric_fns,
-            grad_accum=int(grad_accum),
-            clip_grad_norm=None if clip_grad_norm is None else float(clip_grad_norm),
-            checkpoint_dir=None if checkpoint_dir is None else Path(checkpoint_dir).expanduser(),
-            resume=bool(resume),
-            save_steps=save_steps,
-            save_seconds=save_seconds,
-            save_epoch=save_epoch,
-            keep_last=int(keep_last),
-            monitor=monitor,
-            callbacks=the_callbacks,
-            time_limit=parse_time_limit(time_limit),
-            session_time=isinstance(time_limit, str) and time_limit == "session",
-            progress=bool(progress),
-            seed=seed,
-            compile=bool(compile),
-            channels_last=bool(channels_last),
-        )
+    if early_stopping is None:
+        return chosen
+    if isinstance(early_stopping, EarlyStopping):
+        return [*chosen, early_stopping]
+    if is_int(early_stopping) and early_stopping >= 1:
+        return [*chosen, EarlyStopping(monitor, patience=early_stopping)]
+    raise ArgumentError(f"early_stopping={early_stopping!r} must be a patience (int >= 1) or EarlyStopping(...)")
 
 
 def is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
-
-
-def check_loss_fn(loss_fn: Any) -> Any:
-    if loss_fn is not None and not callable(loss_fn):
-        raise ArgumentError(f"loss_fn={loss_fn!r} must be callable, e.g. loss_fn=torch.nn.CrossEntropyLoss()")
-    return loss_fn
 
 
 def check_model(model: Any) -> torch.nn.Module:

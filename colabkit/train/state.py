@@ -15,7 +15,9 @@ Exact mid-epoch resume needs three things (reliability.md section 4):
 
 :func:`make_resumable` turns a Dataset or an ordinary DataLoader into a
 :class:`ResumableLoader` built from those parts, keeping the DataLoader's own
-options (batch size, collate_fn, workers, pinning, ...).
+options (batch size, collate_fn, workers, pinning, ...). :func:`capture_rng_state`
+and :func:`restore_rng_state` save and put back every global RNG as tensors and
+primitives, so a checkpoint holding them loads with ``weights_only=True``.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ import os
 import random
 import signal
 import sys
-from collections.abc import Callable, Iterable, Iterator, Sized
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sized
 from typing import Any
 
 import torch
@@ -42,6 +44,7 @@ from torch.utils.data.distributed import DistributedSampler
 
 from colabkit import _notify
 from colabkit.errors import ArgumentError
+from colabkit.train.batches import as_dataset, check_batch_size
 
 __all__ = [
     "KeyedBatch",
@@ -50,8 +53,12 @@ __all__ = [
     "SeededDataset",
     "SkippingBatchSampler",
     "TrainPosition",
+    "capture_rng_state",
     "make_resumable",
     "mix_seed",
+    "ordered_loader",
+    "resolve_workers",
+    "restore_rng_state",
     "seed_sample",
 ]
 
@@ -395,7 +402,8 @@ def make_resumable(
 ) -> ResumableLoader:
     """Build a :class:`ResumableLoader` from a Dataset or an ordinary DataLoader.
 
-    A Dataset gets a DataLoader with ``batch_size`` (32 if None), shuffling as
+    A Dataset (or an ``(x, y)`` pair of tensors) gets a DataLoader with ``batch_size``
+    (:data:`~colabkit.train.batches.DEFAULT_BATCH_SIZE` if None), shuffling as
     asked and ``num_workers`` ("auto": see :func:`default_workers`). A DataLoader
     is rebuilt on the same dataset with the same options, with colabkit's
     sampler in place of a RandomSampler / SequentialSampler / DistributedSampler
@@ -415,19 +423,10 @@ def make_resumable(
     Raises:
         ArgumentError: ``data`` is neither, is empty, or ``batch_size`` / ``num_workers`` are invalid.
     """
+    data = as_dataset(data, argument)
     if isinstance(data, DataLoader):
         return _from_loader(data, argument=argument, seed=seed, rank=rank, world_size=world_size)
-    if not isinstance(data, (Dataset, IterableDataset)) and not (
-        hasattr(data, "__getitem__") and hasattr(data, "__len__")
-    ):
-        raise ArgumentError(
-            f"{argument} is a {type(data).__name__}; pass a torch Dataset or DataLoader, "
-            f"e.g. {argument}=TensorDataset(x, y)"
-        )
-    if batch_size is None:
-        batch_size = 32
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise ArgumentError(f"batch_size={batch_size!r} must be a positive integer, e.g. batch_size=64")
+    batch_size = check_batch_size(batch_size)
     workers = resolve_workers(num_workers, data)
     if isinstance(data, IterableDataset):
         loader = DataLoader(data, batch_size=batch_size, num_workers=workers, pin_memory=pin_memory)
@@ -444,6 +443,32 @@ def make_resumable(
         persistent_workers=workers > 0,
     )
     return ResumableLoader(loader, sampler, seed=seed, exact=True, needs_epoch_rng=False)
+
+
+def ordered_loader(
+    data: Any, *, argument: str, batch_size: int | None, num_workers: int | str, pin_memory: bool
+) -> Any:
+    """The data in its own order, once (evaluate, predict, validation, lr_find, compare_devices).
+
+    A DataLoader is used as it is; a Dataset or an ``(x, y)`` pair of tensors is batched as
+    fit() batches it (:func:`~colabkit.train.batches.check_batch_size`), without shuffling.
+
+    Raises:
+        ArgumentError: ``data`` is not a Dataset, DataLoader or tensor pair, or it is empty.
+    """
+    data = as_dataset(data, argument)
+    if isinstance(data, DataLoader):
+        return data
+    if not isinstance(data, IterableDataset):
+        _length(data, argument)
+    return DataLoader(
+        data,
+        batch_size=check_batch_size(batch_size),
+        shuffle=False,
+        num_workers=resolve_workers(num_workers, data),
+        pin_memory=pin_memory,
+        generator=torch.Generator().manual_seed(0),  # do not draw worker seeds from the global RNG
+    )
 
 
 def resolve_workers(num_workers: int | str, dataset: Any) -> int:
@@ -518,3 +543,87 @@ def _from_loader(loader: DataLoader, *, argument: str, seed: int, rank: int, wor
         options["in_order"] = loader.in_order
     rebuilt = DataLoader(SeededDataset(dataset, seed), batch_sampler=batch_sampler, **options)
     return ResumableLoader(rebuilt, batch_sampler, seed=seed, exact=True, needs_epoch_rng=needs_epoch_rng)
+
+
+# --------------------------------------------------------------------------- global RNG state
+
+
+def _import_numpy() -> Any:
+    try:
+        import numpy
+    except ImportError:
+        return None
+    return numpy
+
+
+def capture_rng_state() -> dict[str, Any]:
+    """Every global RNG state, as tensors and primitives only (loads with weights_only=True).
+
+    Covers python ``random``, numpy's legacy global generator (when numpy is
+    importable), torch CPU, and each CUDA device once CUDA is initialised
+    (capturing never initialises CUDA itself, which would break fork-based launchers).
+
+    Example:
+        >>> state = capture_rng_state()
+        >>> a = torch.rand(1); restore_rng_state(state); torch.equal(a, torch.rand(1))
+        True
+    """
+    version, internal, gauss_next = random.getstate()
+    out: dict[str, Any] = {
+        "python": {"version": int(version), "state": [int(x) for x in internal], "gauss_next": gauss_next},
+        "torch": torch.get_rng_state(),
+    }
+    np = _import_numpy()
+    if np is not None:
+        name, keys, pos, has_gauss, cached = np.random.get_state(legacy=True)
+        out["numpy"] = {
+            "bit_generator": str(name),
+            "state": torch.from_numpy(np.asarray(keys).astype(np.int64)),
+            "pos": int(pos),
+            "has_gauss": int(has_gauss),
+            "cached_gaussian": float(cached),
+        }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        out["cuda"] = list(torch.cuda.get_rng_state_all())
+    return out
+
+
+def restore_rng_state(state: Mapping[str, Any]) -> None:
+    """Put back RNG states made by :func:`capture_rng_state` (missing parts are left alone).
+
+    Raises:
+        ArgumentError: ``state`` is not such a dict.
+    """
+    if not isinstance(state, Mapping):
+        raise ArgumentError(f"restore_rng_state() needs the dict capture_rng_state() made, got {type(state).__name__}")
+    py = state.get("python")
+    if py is not None:
+        random.setstate((int(py["version"]), tuple(int(x) for x in py["state"]), py["gauss_next"]))
+    if state.get("torch") is not None:
+        torch.set_rng_state(torch.as_tensor(state["torch"], dtype=torch.uint8).cpu())
+    npstate = state.get("numpy")
+    if npstate is not None:
+        np = _import_numpy()
+        if np is None:
+            _notify.warn_once("rng-numpy-missing", "the checkpoint holds a numpy RNG state but numpy is not installed")
+        else:
+            keys = torch.as_tensor(npstate["state"]).cpu().numpy().astype(np.uint32)
+            np.random.set_state(
+                (
+                    str(npstate["bit_generator"]),
+                    keys,
+                    int(npstate["pos"]),
+                    int(npstate["has_gauss"]),
+                    float(npstate["cached_gaussian"]),
+                )
+            )
+    cuda = state.get("cuda")
+    if cuda and torch.cuda.is_available():
+        count = torch.cuda.device_count()
+        if len(cuda) != count:
+            _notify.warn(
+                f"the checkpoint holds RNG states for {len(cuda)} CUDA devices but {count} are visible; "
+                "restoring the first ones, so random numbers will not repeat exactly"
+            )
+        for index, rng in enumerate(list(cuda)[:count]):
+            torch.cuda.set_rng_state(torch.as_tensor(rng, dtype=torch.uint8).cpu(), index)
