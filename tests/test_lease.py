@@ -16,9 +16,9 @@ from pathlib import Path
 
 import pytest
 
-from colabkit import lease as lease_mod
+from colabkit.checkpoint import lease as lease_mod
+from colabkit.checkpoint.lease import LEASE_NAME, STALE_PERIODS, Holder, LeaseSystem, acquire, read_holder
 from colabkit.errors import CheckpointError, CheckpointInUseError
-from colabkit.lease import LEASE_NAME, STALE_PERIODS, Holder, LeaseSystem, acquire, read_holder
 
 
 class OtherHost(LeaseSystem):
@@ -70,7 +70,7 @@ HOLDER = textwrap.dedent(
     """
     import sys, time
     from pathlib import Path
-    from colabkit.lease import acquire
+    from colabkit.checkpoint.lease import acquire
     lease = acquire(sys.argv[1], period=float(sys.argv[2]))
     print("held", flush=True)
     stop = Path(sys.argv[1]) / "stop"
@@ -241,7 +241,7 @@ def test_same_host_racers_only_one_wins(tmp_path: Path, subprocess_env: dict[str
         """
         import contextlib, sys, time
         from pathlib import Path
-        from colabkit import lease
+        from colabkit.checkpoint import lease
         from colabkit.errors import CheckpointInUseError
 
         class Slow(lease.LeaseSystem):
@@ -341,7 +341,7 @@ def test_read_holder_needs_no_lease(tmp_path: Path) -> None:
 
 
 def test_release_at_exit(tmp_path: Path, subprocess_env: dict[str, str]) -> None:
-    code = f"from colabkit.lease import acquire; acquire({str(tmp_path)!r}, period=60)"
+    code = f"from colabkit.checkpoint.lease import acquire; acquire({str(tmp_path)!r}, period=60)"
     subprocess.run([sys.executable, "-c", code], check=True, env=subprocess_env, timeout=120)
     assert not (tmp_path / LEASE_NAME).exists()
     assert lease_mod.LEASE_NAME == LEASE_NAME

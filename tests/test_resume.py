@@ -261,10 +261,14 @@ def test_resume_with_fp16_grad_scaler(tmp_path: Path) -> None:
     assert_identical(reference, run(tmp_path / "b", Augmented(), batch_size=4, num_workers=0, precision="fp16"))
 
 
-def test_changed_batch_size_on_resume_is_warned_about(tmp_path: Path) -> None:
+def test_changed_batch_size_on_resume_is_said_and_goes_on_from_the_same_sample(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Every setting's behaviour on rerun is tested in test_rerun.py; this is the resume-side view.
     run(tmp_path, Augmented(), batch_size=4, num_workers=0, max_steps=3)
-    with pytest.warns(UserWarning, match="saved with 11 batches per epoch, this run has 6"):
-        _, _, history = run(tmp_path, Augmented(), batch_size=8, num_workers=0)
+    capsys.readouterr()
+    _, _, history = run(tmp_path, Augmented(), batch_size=8, num_workers=0)
+    assert "batch_size was 4 when the checkpoint was saved and is 8 now" in capsys.readouterr().out
     assert history.stop_reason == "completed"
 
 

@@ -58,6 +58,7 @@ __all__ = [
     "apply",
     "compare",
     "describe",
+    "effective",
     "group_settings",
     "samples_to_batches",
 ]
@@ -455,6 +456,17 @@ def apply(
                     continue
                 if key in group and not _same(_plain(group[key]), _plain(value)):
                     group[key] = value
+
+
+def effective(saved: Mapping[str, Any], current: Mapping[str, Any], plan: Plan) -> dict[str, Any]:
+    """The recipe a resumed run goes on with: this call's, except where the checkpoint's value won.
+
+    Saved in the run's next checkpoints, so a later rerun compares against what really trains.
+    """
+    result = dict(current)
+    if any(change.decision == CHECKPOINT for change in plan.changes):
+        result["scheduler_settings"] = saved.get("scheduler_settings", {})
+    return result
 
 
 def _set_lr(group: dict[str, Any], lr: float) -> None:

@@ -1,6 +1,6 @@
 """One writer per checkpoint folder: a lease file renewed by a heartbeat.
 
-A run that writes checkpoints holds ``colabkit-lease.json`` in the folder. It
+A run that writes checkpoints holds ``.colabkit-lease`` in the folder. It
 names the host, the process (pid and its start time), the program, a run id,
 when the lease was taken and when it was last renewed. A heartbeat thread
 renews it every :data:`PERIOD` seconds; a clean exit removes it.
@@ -24,7 +24,9 @@ machine, also on a FUSE mount. Across machines (two Colab runtimes on one
 Drive folder) there is no lock: the acquirer writes, waits ``settle`` seconds,
 reads the lease back and only holds it if its own run id is still there.
 
-Reading checkpoints never needs the lease. Everything that touches the world
+The lease is written atomically but not fsynced: after a power cut a lost or torn
+lease only means a dead holder, which is taken over anyway. Reading checkpoints
+never needs the lease. Everything that touches the world
 (clock, host name, processes, sleeping, the folder lock) goes through
 :class:`LeaseSystem`, so tests can play another host or a later time.
 """
@@ -65,7 +67,7 @@ __all__ = [
 ]
 
 #: The lease file's name inside the checkpoint folder.
-LEASE_NAME = "colabkit-lease.json"
+LEASE_NAME = ".colabkit-lease"
 
 #: Seconds between heartbeats.
 PERIOD = 60.0
@@ -309,7 +311,7 @@ class Lease:
                 if not self.folder.is_dir():
                     return True  # the folder was deleted: nothing to renew until a save recreates it
                 self.holder = dataclasses.replace(self.holder, renewed=self._system.now())
-                _io.atomic_write_bytes(self.path, self.holder.to_bytes())
+                _io.atomic_write_bytes(self.path, self.holder.to_bytes(), durable=False)
             self._renew_error_said = False
             return True
 
@@ -321,7 +323,7 @@ class Lease:
             "this run no longer saves checkpoints there"
         )
         _notify.say(message)
-        _notify.logger.warning(message)
+        _notify.logger.info(message)
 
     def check(self) -> None:
         """Raise :class:`CheckpointInUseError` if another run took this lease over."""
@@ -452,7 +454,7 @@ def acquire(
                     "; that run stops saving at its next heartbeat" if verdict == "live" else ""
                 )
         try:
-            _io.atomic_write_bytes(path, ours.to_bytes())
+            _io.atomic_write_bytes(path, ours.to_bytes(), durable=False)
         except OSError as exc:
             raise CheckpointError(
                 exc.errno or errno.EIO,
@@ -470,7 +472,7 @@ def acquire(
             )
     if notice:
         _notify.say(notice)
-        _notify.logger.warning(notice)
+        _notify.logger.info(notice)
     lease = Lease(root, ours, system=system)
     global _atexit_registered
     if not _atexit_registered:
