@@ -31,6 +31,7 @@ class Seen(Callback):
         self.group: dict[str, Any] = {}
         self.optimizer: Any = None
         self.scheduler: Any = None
+        self.last_epoch: int | None = None
         self.steps: list[int] = []
         self.dtypes: list[torch.dtype] = []
 
@@ -42,6 +43,7 @@ class Seen(Callback):
             self.group = {k: v for k, v in ctx.optimizer.param_groups[0].items() if k != "params"}
             self.optimizer = ctx.optimizer
             self.scheduler = ctx.scheduler
+            self.last_epoch = getattr(ctx.scheduler, "last_epoch", None)
         self.steps.append(ctx.step)
 
 
@@ -93,6 +95,8 @@ def test_a_new_optimizer_class_starts_fresh(tmp_path: Path, capsys: pytest.Captu
         tmp_path, {}, {"optimizer": lambda params, lr: torch.optim.SGD(params, lr=lr, momentum=0.9)}, capsys
     )
     assert isinstance(seen.optimizer, torch.optim.SGD)
+    assert "betas" not in seen.group  # AdamW's state was not loaded into it
+    assert not any("exp_avg" in state for state in seen.optimizer.state.values())
     assert "SGD starts with empty state" in out
 
 
@@ -104,6 +108,7 @@ def test_a_new_scheduler_starts_at_its_beginning(tmp_path: Path, capsys: pytest.
         capsys,
     )
     assert isinstance(seen.scheduler, torch.optim.lr_scheduler.CosineAnnealingLR)
+    assert seen.last_epoch == 0 and not hasattr(seen.scheduler, "step_size")  # StepLR's state not loaded
     assert seen.group["lr"] == pytest.approx(0.1)  # its own start, not StepLR's 0.05
     assert "CosineAnnealingLR starts at its beginning" in out
 
@@ -115,6 +120,9 @@ def test_changed_scheduler_settings_keep_the_checkpoints(tmp_path: Path, capsys:
     with pytest.warns(ColabkitWarning, match="checkpoint's value wins.*resume=False or a new checkpoint_dir"):
         seen, _ = first_then_rerun(tmp_path, {"scheduler": step_lr(1)}, {"scheduler": step_lr(7)}, capsys)
     assert seen.scheduler.step_size == 1
+    # The next rerun with 7 is told again: the checkpoint records what really trains (1).
+    with pytest.warns(ColabkitWarning, match="step_size was 1 when the checkpoint was saved and is 7 now"):
+        fit(model(), data(), epochs=3, checkpoint_dir=tmp_path / "ckpt", scheduler=step_lr(7), **BASE)
 
 
 def test_a_new_batch_size_applies(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -165,11 +173,20 @@ def test_a_new_dataset_length_applies(tmp_path: Path, capsys: pytest.CaptureFixt
     assert "the training set's length was 32 when the checkpoint was saved and is 48 now" in capsys.readouterr().out
 
 
-def test_another_model_is_refused(tmp_path: Path) -> None:
+def test_another_model_or_other_param_groups_are_refused(tmp_path: Path) -> None:
     folder = tmp_path / "ckpt"
     fit(model(), data(), epochs=1, checkpoint_dir=folder, **BASE)
-    with pytest.raises(CheckpointMismatchError, match="resume=False"):
+    with pytest.raises(CheckpointMismatchError, match=r"another model.*resume=False"):
         fit(model(hidden=9), data(), epochs=2, checkpoint_dir=folder, **BASE)
+
+    def two_groups(params: Any, lr: float) -> torch.optim.Optimizer:
+        params = list(params)
+        return torch.optim.AdamW([{"params": params[:2]}, {"params": params[2:]}], lr=lr)
+
+    seen = Seen()
+    with pytest.raises(CheckpointMismatchError, match=r"number of optimizer param groups was 1.*is 2 now"):
+        fit(model(), data(), epochs=2, checkpoint_dir=folder, optimizer=two_groups, callbacks=[seen], **BASE)
+    assert seen.steps == []
 
 
 def test_the_same_recipe_says_nothing(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
