@@ -6,7 +6,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.colabkit-installed
 
-.PHONY: venv demo test lint typecheck pytest bench dist clean
+.PHONY: venv tools demo test lint typecheck pytest bench dist clean
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -14,6 +14,11 @@ $(STAMP): pyproject.toml
 	@touch $(STAMP)
 
 venv: $(STAMP)
+
+# The archive tools the staging tests build archives with (zip, unzip, 7z, bsdtar, zstd), from
+# Debian's packages when missing; never fails (without root those tests skip).
+tools:
+	@.ci/debian-tools
 
 demo: venv
 	$(PY) examples/demo.py
@@ -27,7 +32,7 @@ lint: venv
 typecheck: venv
 	$(VENV)/bin/mypy
 
-pytest: venv
+pytest: venv tools
 	$(PY) -m pytest
 
 bench: venv

@@ -5,8 +5,11 @@ rename, fsync of the folder), retries on the transient errors Google Drive's
 FUSE mount throws (errno 5 ``EIO``, errno 107 ``ENOTCONN``), chunked copies,
 hashing and free-space checks.
 
-The raw system calls go through :data:`ops`, a :class:`FileOps` instance, so
-tests can make any single ``open``/``write``/``fsync``/``replace`` fail.
+Every file operation colabkit performs on data (checkpoint writes, copies
+from Drive, extracted archive members) goes through :data:`ops`, one
+:class:`FileOps` instance, so tests can slow down or fail any single
+``open``/``read``/``write``/``fsync``/``replace``; forked extraction workers
+inherit a replaced one. :func:`copy_stream` is the one chunked-copy loop.
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ import shutil
 import stat
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import IO, Any, TypeVar
 
@@ -33,6 +36,7 @@ __all__ = [
     "atomic_open",
     "atomic_write_bytes",
     "copy_file",
+    "copy_stream",
     "discard",
     "ensure_free_space",
     "free_space",
@@ -47,6 +51,7 @@ __all__ = [
     "space_margin",
     "temp_name",
     "temp_owner_alive",
+    "write_all",
 ]
 
 T = TypeVar("T")
@@ -58,12 +63,14 @@ TRANSIENT_ERRNOS = frozenset({errno.EIO, errno.ENOTCONN, errno.ETIMEDOUT, errno.
 TEMP_MARK = ".colabkit-tmp-"
 
 CHUNK = 8 * 1024 * 1024
+_CREATE_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
 
 
 class FileOps:
-    """The system calls durable writes are built from: the seam for fault injection."""
+    """The system calls file data moves through: the one seam for latency and fault injection."""
 
     def open(self, path: str | os.PathLike[str], mode: str) -> IO[Any]:
+        """Open a buffered file (atomic writes, and reads of sources such as Drive files)."""
         return open(path, mode)
 
     def write(self, handle: IO[bytes], data: bytes) -> None:
@@ -76,7 +83,16 @@ class FileOps:
         os.replace(src, dst)
 
     def copy_chunk(self, src: IO[bytes], size: int) -> bytes:
+        """Read one chunk of a copy (:func:`copy_file`, copies off Drive)."""
         return src.read(size)
+
+    def create(self, path: str, mode: int) -> int:
+        """Create a new file for raw writes; never follows or replaces an existing entry."""
+        return os.open(path, _CREATE_FLAGS, mode)
+
+    def write_fd(self, fd: int, data: bytes | memoryview) -> int:
+        """One raw write to a file made by :meth:`create`; returns the bytes written."""
+        return os.write(fd, data)
 
 
 ops = FileOps()
@@ -217,35 +233,86 @@ def hash_file(path: str | os.PathLike[str], algorithm: str = "sha256", *, chunk_
     return digest.hexdigest()
 
 
+def write_all(fd: int, data: bytes | memoryview) -> None:
+    """Write all of ``data`` to the raw descriptor ``fd`` through :data:`ops` (short writes continue)."""
+    written = ops.write_fd(fd, data)
+    if written == len(data):
+        return  # the usual case: one write
+    view = memoryview(data)[written:]
+    while view:
+        view = view[ops.write_fd(fd, view) :]
+
+
+def copy_stream(
+    read: Callable[[int], bytes],
+    write: Callable[[bytes], object],
+    *,
+    chunk_size: int = CHUNK,
+    progress: Callable[[int], None] | None = None,
+    hashers: Iterable[Any] = (),
+) -> int:
+    """Move data from ``read`` to ``write`` in chunks until ``read`` returns nothing; returns the bytes moved.
+
+    ``hashers`` (``hashlib`` objects) are fed every chunk, so a checksum costs
+    no second read. ``progress`` is called with each chunk's size.
+    """
+    feed = tuple(hashers)
+    copied = 0
+    while block := read(chunk_size):
+        write(block)
+        for hasher in feed:
+            hasher.update(block)
+        copied += len(block)
+        if progress is not None:
+            progress(len(block))
+    return copied
+
+
 def copy_file(
     src: str | os.PathLike[str],
     dst: str | os.PathLike[str],
     *,
     chunk_size: int = CHUNK,
     progress: Callable[[int], None] | None = None,
-    hashers: tuple[Any, ...] = (),
+    hashers: Iterable[Any] = (),
     durable: bool = True,
     offset: int = 0,
+    atomic: bool = True,
 ) -> int:
-    """Copy ``src`` to ``dst`` atomically in large chunks; returns the bytes copied.
+    """Copy ``src`` to ``dst`` in large chunks; returns the bytes copied.
 
-    ``hashers`` (``hashlib`` objects) are fed every chunk, so a checksum costs
-    no second read. ``progress`` is called with each chunk's size.
-    ``offset`` skips that many leading bytes of ``src`` (for resumed appends
-    callers do their own bookkeeping; most pass 0).
+    With ``atomic`` (the default) ``dst`` appears only once complete (see
+    :func:`atomic_open`); without it ``dst`` must not exist yet and is written
+    in place, for copies into a folder that is itself published atomically.
+    ``offset`` skips that many leading bytes of ``src``. See :func:`copy_stream`
+    for ``progress`` and ``hashers``.
     """
-    copied = 0
-    with open(src, "rb") as source, atomic_open(dst, "wb", durable=durable) as target:
+    with ops.open(src, "rb") as source:
         if offset:
             source.seek(offset)
-        while block := ops.copy_chunk(source, chunk_size):
-            ops.write(target, block)
-            for hasher in hashers:
-                hasher.update(block)
-            copied += len(block)
-            if progress is not None:
-                progress(len(block))
-    return copied
+
+        def read(size: int) -> bytes:
+            return ops.copy_chunk(source, size)
+
+        if atomic:
+            with atomic_open(dst, "wb", durable=durable) as target:
+                return copy_stream(
+                    read,
+                    lambda block: ops.write(target, block),
+                    chunk_size=chunk_size,
+                    progress=progress,
+                    hashers=hashers,
+                )
+        fd = ops.create(os.fspath(dst), 0o644)
+        try:
+            copied = copy_stream(
+                read, lambda block: write_all(fd, block), chunk_size=chunk_size, progress=progress, hashers=hashers
+            )
+            if durable:
+                ops.fsync(fd)
+        finally:
+            os.close(fd)
+        return copied
 
 
 def _existing(path: str | os.PathLike[str]) -> Path:

@@ -491,3 +491,22 @@ def project_dirs(name: str, root: str | os.PathLike[str] | None = None) -> Proje
     for folder in folders.values():
         drive_retry(functools.partial(folder.mkdir, parents=True, exist_ok=True))
     return ProjectDirs(root=project, **folders)
+
+
+def mount_type(path: str | os.PathLike[str]) -> str | None:
+    """The filesystem type (``fuse.drive``, ``ext4``...) of the mount that holds ``path``.
+
+    Read from ``/proc/mounts``; None where the table cannot be read. ``path`` need not exist.
+    """
+    text = _mount_table()
+    if text is None:
+        return None
+    real = os.path.realpath(path)
+    best, fstype = "", None
+    for fields in (line.split() for line in text.splitlines()):
+        if len(fields) < 3:
+            continue
+        point = _unescape_mount_field(fields[1])
+        if (real == point or real.startswith(point.rstrip("/") + "/")) and len(point) >= len(best):
+            best, fstype = point, fields[2]
+    return fstype

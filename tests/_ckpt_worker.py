@@ -1,10 +1,13 @@
 """Helper processes for tests/test_checkpoint.py and tests/test_signals.py (not a test module).
 
 ``python tests/_ckpt_worker.py zygote``
-    Imports torch once, then serves lines on stdin: ``kill DIR DELAY_MS`` forks a
-    child that saves checkpoints into DIR in an endless loop, SIGKILLs it after
-    DELAY_MS and answers ``status N`` (N = -9 when the kill landed). Forking from
-    a warm process makes hundreds of kills affordable.
+    Imports torch once, then serves lines on stdin: ``kill DIR COMMITS DELAY_MS`` forks a
+    child that saves checkpoints into DIR in an endless loop, waits until COMMITS newer
+    checkpoints are committed (manifest visible; 0: no wait), then SIGKILLs it after
+    DELAY_MS more and answers ``status N`` (N = -9 when the kill landed), or ``stalled``
+    when the commits did not come within a minute. Waiting for commits instead of
+    assuming a rate keeps the kills meaningful on a busy machine. Forking from a warm
+    process makes hundreds of kills affordable.
 
 ``python tests/_ckpt_worker.py signal DIR``
     Trains a tiny model under ``colabkit.save_on_signal()``, prints ``ready``,
@@ -14,6 +17,7 @@
 from __future__ import annotations
 
 import os
+import re
 import signal
 import sys
 import time
@@ -38,6 +42,29 @@ def saver(directory: str) -> None:
         step += 1
 
 
+MANIFEST = re.compile(r"step-(\d{9})\.json")
+STALLED_AFTER_S = 60.0
+
+
+def newest_commit(directory: str) -> int:
+    """The highest committed step in ``directory`` (a manifest exists only once its data is whole), or -1."""
+    try:
+        names = os.listdir(directory)
+    except FileNotFoundError:
+        return -1
+    return max((int(m.group(1)) for m in map(MANIFEST.fullmatch, names) if m), default=-1)
+
+
+def await_commits(directory: str, after: int, count: int) -> bool:
+    """Wait until a step at least ``count`` past ``after`` is committed; False after STALLED_AFTER_S."""
+    deadline = time.monotonic() + STALLED_AFTER_S
+    while newest_commit(directory) < after + count:
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.002)
+    return True
+
+
 def zygote() -> None:
     torch.set_num_threads(1)  # no OpenMP pool to inherit into forked children
     import colabkit.checkpoint
@@ -49,7 +76,8 @@ def zygote() -> None:
         parts = line.split()
         if not parts or parts[0] == "quit":
             return
-        directory, delay_ms = parts[1], float(parts[2])
+        directory, commits, delay_ms = parts[1], int(parts[2]), float(parts[3])
+        before = newest_commit(directory)
         pid = os.fork()
         if pid == 0:
             try:
@@ -58,11 +86,12 @@ def zygote() -> None:
                 traceback.print_exc()
             finally:
                 os._exit(3)  # a clean exit here means the saver crashed: the test sees status 3
+        progressed = await_commits(directory, before, commits)
         time.sleep(delay_ms / 1000)
         os.kill(pid, signal.SIGKILL)
         _, status = os.waitpid(pid, 0)
         code = -os.WTERMSIG(status) if os.WIFSIGNALED(status) else os.WEXITSTATUS(status)
-        print(f"status {code}", flush=True)
+        print(f"status {code}" if progressed else "stalled", flush=True)
 
 
 def signal_trainer(directory: str) -> int:

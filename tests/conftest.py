@@ -1,10 +1,30 @@
-"""Shared fixtures: every test starts with fresh once-only notices and device checks."""
+"""Shared fixtures, and the guard every test runs under.
+
+Every test starts with fresh once-only notices and device checks.
+
+The guard (:func:`_guard`) fails a test that leaves something behind:
+
+- threads: a non-daemon thread, or any thread named ``colabkit-*``, it started and that is
+  still alive after a short grace join;
+- the environment: ``os.environ`` differs afterwards (it is put back, and the keys named);
+- files outside ``tmp_path``: new or changed files in this repository's working tree, new
+  entries in the home folder or in the working directory.
+
+Warnings are errors in the test run (``filterwarnings`` in pyproject.toml); a test that
+expects one says so with ``pytest.warns`` or ``@pytest.mark.filterwarnings``.
+
+Escape hatch, for a test that legitimately leaves one of these behind (say so in a comment)::
+
+    @pytest.mark.allow_leaks("threads", "env", "files")  # any subset
+"""
 
 from __future__ import annotations
 
 import os
 import signal
 import sys
+import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -14,6 +34,14 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+LEAK_KINDS = ("threads", "env", "files")
+THREAD_GRACE_S = 5.0  # generous: a busy 2-core machine may be slow to finish a background commit
+# Tool and interpreter caches, and what git ignores as build output: never a test's doing.
+# Set by others, not by the test: pytest per test phase; torch's inductor once, on first use,
+# to the cache folder it picked (torch/_inductor/runtime/cache_dir_utils.py).
+NOT_THE_TESTS = {"PYTEST_CURRENT_TEST", "TORCHINDUCTOR_CACHE_DIR"}
+SKIPPED_DIRS = {".git", ".venv", "__pycache__", ".pytest_cache", ".mypy_cache", ".ruff_cache", "build", "dist"}
+
 
 def pytest_configure(config: pytest.Config) -> None:
     # A runner started as a background job (CI, `cmd &`) inherits SIGINT as ignored, and so
@@ -21,6 +49,100 @@ def pytest_configure(config: pytest.Config) -> None:
     # make the Ctrl-C tests meaningless. Tests run as if started from a terminal.
     if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
         signal.signal(signal.SIGINT, signal.default_int_handler)
+    config.addinivalue_line(
+        "markers",
+        "allow_leaks(*kinds): the test may leave " + ", ".join(LEAK_KINDS) + " behind (see tests/conftest.py)",
+    )
+
+
+def _tree(root: Path) -> dict[str, int]:
+    """Files under ``root`` (caches skipped) with their modification times."""
+    found: dict[str, int] = {}
+    stack = [root]
+    while stack:
+        folder = stack.pop()
+        try:
+            entries = list(os.scandir(folder))
+        except OSError:
+            continue
+        for entry in entries:
+            if entry.is_dir(follow_symlinks=False):
+                if entry.name not in SKIPPED_DIRS and not entry.name.endswith(".egg-info"):
+                    stack.append(Path(entry.path))
+            else:
+                try:
+                    found[entry.path] = entry.stat(follow_symlinks=False).st_mtime_ns
+                except OSError:
+                    continue
+    return found
+
+
+def _environment() -> dict[str, str]:
+    return {k: v for k, v in os.environ.items() if k not in NOT_THE_TESTS}
+
+
+def _names(folder: Path) -> set[str]:
+    try:
+        return set(os.listdir(folder))
+    except OSError:
+        return set()
+
+
+def _leaked_threads(before: set[threading.Thread]) -> list[str]:
+    suspects = [
+        t
+        for t in threading.enumerate()
+        if t not in before and t.is_alive() and (not t.daemon or t.name.startswith("colabkit"))
+    ]
+    deadline = time.monotonic() + THREAD_GRACE_S
+    for thread in suspects:
+        thread.join(max(0.0, deadline - time.monotonic()))
+    return [f"{t.name} (daemon={t.daemon})" for t in suspects if t.is_alive()]
+
+
+@pytest.fixture(autouse=True)
+def _guard(request: pytest.FixtureRequest) -> Iterator[None]:
+    """Fail the test if it leaked threads, changed os.environ or wrote files outside tmp_path.
+
+    Autouse fixtures are set up first, so this one is torn down last: after monkeypatch
+    has undone its changes and fixtures have closed what they opened.
+    """
+    marker = request.node.get_closest_marker("allow_leaks")
+    allowed = set(marker.args) if marker else set()
+    unknown = allowed - set(LEAK_KINDS)
+    if unknown:
+        pytest.fail(f"allow_leaks{tuple(sorted(unknown))}: unknown kind; use any of {LEAK_KINDS}")
+    threads = set(threading.enumerate())
+    environment = _environment()
+    home, cwd = Path.home(), Path.cwd()
+    tree, home_names, cwd_names = _tree(ROOT), _names(home), _names(cwd)
+
+    yield
+
+    problems: list[str] = []
+    if "threads" not in allowed:
+        leaked = _leaked_threads(threads)
+        if leaked:
+            problems.append(f"threads still running: {', '.join(leaked)}")
+    if "env" not in allowed and _environment() != environment:
+        now = _environment()
+        changed = sorted(k for k in environment.keys() | now.keys() if environment.get(k) != now.get(k))
+        for key in changed:
+            if key in environment:
+                os.environ[key] = environment[key]
+            else:
+                del os.environ[key]
+        problems.append(f"os.environ changed (now put back): {', '.join(changed)}; use monkeypatch.setenv/delenv")
+    if "files" not in allowed:
+        after = _tree(ROOT)
+        written = sorted(path for path, mtime in after.items() if tree.get(path) != mtime)
+        written += [str(home / name) for name in sorted(_names(home) - home_names)]
+        if cwd != ROOT:
+            written += [str(cwd / name) for name in sorted(_names(cwd) - cwd_names)]
+        if written:
+            problems.append(f"wrote outside tmp_path: {', '.join(written[:5])}" + (" ..." if len(written) > 5 else ""))
+    if problems:
+        pytest.fail("; ".join(problems) + "  (see tests/conftest.py for @pytest.mark.allow_leaks)", pytrace=False)
 
 
 @pytest.fixture(autouse=True)

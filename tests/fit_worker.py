@@ -12,7 +12,8 @@ checkpoint of step ``--after-save`` is committed; ``--term-at`` sends it SIGTERM
 and ``--ctrl-c-at-sample`` sends SIGINT to its whole process group (workers included,
 as Ctrl-C in a terminal does) while that sample loads; fit() turns either into a
 checkpoint and a normal return. Run it in its own session for ``--ctrl-c-at-sample``. On a normal finish
-the final parameters, optimizer state and history go to OUT.
+the final parameters, optimizer state and history go to OUT. Every normal return prints
+``trained steps FIRST-LAST``, the optimizer steps this process took (the resume witness).
 """
 
 from __future__ import annotations
@@ -31,6 +32,8 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from witness import StepLog
 
 from colabkit.train.callbacks import Callback, FitContext
 from colabkit.train.loop import fit
@@ -85,6 +88,7 @@ def ddp_train(directory: str, out: str, term_at: int | None = None) -> str:
     """The multi-process case: same function under launch() and under torchrun.
 
     With ``term_at``, rank 1 alone gets SIGTERM after that step; both ranks must agree to stop.
+    Returns ``"REASON@LAST_EPOCH steps FIRST-LAST"`` (the steps this process trained).
     """
     model = make_model()
     generator = torch.Generator().manual_seed(1)
@@ -97,13 +101,15 @@ def ddp_train(directory: str, out: str, term_at: int | None = None) -> str:
             if rank == 1 and ctx.step == term_at:
                 os.kill(os.getpid(), signal.SIGTERM)
 
+    steps = StepLog()
     history = fit(
         model, data, data, epochs=2, batch_size=4, seed=0, lr=0.01, checkpoint_dir=directory, save_every=5,
-        callbacks=[TermRankOne()], progress=False,
+        callbacks=[TermRankOne(), steps], progress=False,
     )  # fmt: skip
     if rank == 0 and history.stop_reason == "completed":
         torch.save({"model": model.state_dict(), "history": history.records}, out)
-    return f"{history.stop_reason}@{history[-1]['epoch'] if len(history) else -1}"
+    first, last = steps.span
+    return f"{history.stop_reason}@{history[-1]['epoch'] if len(history) else -1} steps {first}-{last}"
 
 
 def main() -> None:
@@ -134,6 +140,7 @@ def main() -> None:
         num_workers=args.workers,
         persistent_workers=args.workers > 0,
     )
+    steps = StepLog()
     history = fit(
         model,
         loader,
@@ -144,8 +151,9 @@ def main() -> None:
         save_every=args.save_every,
         seed=11,
         progress=False,
-        callbacks=[Interrupt(args.dir, args.kill_at, args.after_save, args.term_at)],
+        callbacks=[Interrupt(args.dir, args.kill_at, args.after_save, args.term_at), steps],
     )
+    print("trained steps {}-{}".format(*steps.span), flush=True)
     if history.stop_reason != "completed":
         print(f"stopped: {history.stop_reason}", flush=True)
         return

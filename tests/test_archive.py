@@ -13,7 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from colabkit.data import archive
+from colabkit import _io
+from colabkit.data import archive, zipdir
 from colabkit.data.archive import ArchiveLimits, archive_format, extract_archive, make_archive, scan_archive
 from colabkit.errors import ChecksumError, UnsafeArchiveError
 
@@ -324,7 +325,7 @@ def test_scan_archive_reports_without_writing(tmp_path: Path) -> None:
 
 def test_enospc_in_a_worker_process_reaches_the_caller(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     calls = {"n": 0}
-    real = archive.out_ops.write
+    real = _io.ops.write_fd
 
     def failing_write(fd: int, data: bytes | memoryview) -> int:
         calls["n"] += 1
@@ -332,7 +333,7 @@ def test_enospc_in_a_worker_process_reaches_the_caller(tmp_path: Path, monkeypat
             raise OSError(errno.ENOSPC, "No space left on device")
         return real(fd, data)
 
-    monkeypatch.setattr(archive.out_ops, "write", failing_write)  # forked workers inherit the patch
+    monkeypatch.setattr(_io.ops, "write_fd", failing_write)  # forked workers inherit the patch
     src = make_zip(tmp_path / "a.zip", DATA)
     out = tmp_path / "out"
     out.mkdir()
@@ -371,19 +372,17 @@ def test_make_archive_rejects_bad_arguments(tmp_path: Path) -> None:
         make_archive(tmp_path, tmp_path / "x.zip", compression="lz4")  # type: ignore[arg-type]
 
 
-def test_zip_with_prepended_data_and_the_zipfile_fallback(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_zip_with_prepended_data_takes_the_fast_reader(tmp_path: Path) -> None:
     plain = make_zip(tmp_path / "a.zip", DATA)
     prefixed = tmp_path / "sfx.zip"
-    prefixed.write_bytes(b"#!/bin/sh\nexit 0\n" + plain.read_bytes())  # a self-extractor's stub
+    stub = b"#!/bin/sh\nexit 0\n"
+    prefixed.write_bytes(stub + plain.read_bytes())  # a self-extractor's stub, offsets not adjusted
+    plain_entries, plain_start = zipdir.read_central(str(plain))
+    entries, start = zipdir.read_central(str(prefixed))
+    assert start == plain_start + len(stub)
+    assert [entry[7] for entry in entries] == [entry[7] + len(stub) for entry in plain_entries]
     for src in (prefixed, plain):
         out = tmp_path / f"out-{src.stem}"
         out.mkdir()
-        extract_archive(src, out, workers=1, progress=False)
+        extract_archive(src, out, workers=2, progress=False)
         assert {k: v for k, v in tree(out).items() if v != "dir"} == DATA
-    assert archive._fast_central(str(prefixed)) is None  # zipfile handled the stub
-    assert archive._fast_central(str(plain)) is not None
-    monkeypatch.setattr(archive, "_fast_central", lambda path: None)
-    out = tmp_path / "out-fallback"
-    out.mkdir()
-    extract_archive(plain, out, workers=2, progress=False)
-    assert {k: v for k, v in tree(out).items() if v != "dir"} == DATA

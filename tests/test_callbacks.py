@@ -9,6 +9,7 @@ from typing import Any
 import pytest
 import torch
 from torch.utils.data import TensorDataset
+from witness import StepLog
 
 from colabkit.errors import ArgumentError
 from colabkit.train.callbacks import Callback, CSVLogger, EarlyStopping, FitContext
@@ -107,9 +108,11 @@ def test_early_stopping_state_survives_resume(tmp_path: Path) -> None:
     fit(mlp(), blobs(), epochs=2, batch_size=8, lr=0.05, callbacks=[first], checkpoint_dir=tmp_path, progress=False)
     assert first.wait == 1
     again = EarlyStopping("loss", patience=3, mode="max")
-    history = fit(mlp(), blobs(), epochs=10, batch_size=8, lr=0.05, callbacks=[again], checkpoint_dir=tmp_path,
+    steps = StepLog()
+    history = fit(mlp(), blobs(), epochs=10, batch_size=8, lr=0.05, callbacks=[again, steps], checkpoint_dir=tmp_path,
                   progress=False)  # fmt: skip
-    assert history.stop_reason == "early_stopping" and len(history) == 4  # a fresh state would run to 6
+    # Resumed after epoch 2 (4 steps an epoch); a fresh EarlyStopping state would run to 6 epochs.
+    assert history.stop_reason == "early_stopping" and len(history) == 4 and steps.span == (9, 16)
     assert again.best_epoch == 0
 
 
@@ -129,9 +132,12 @@ def test_csv_logger_rewrites_whole_history(tmp_path: Path) -> None:
     path = tmp_path / "logs" / "run.csv"
     fit(mlp(), blobs(), epochs=2, batch_size=8, callbacks=[CSVLogger(path)], checkpoint_dir=tmp_path / "c",
         progress=False)  # fmt: skip
-    fit(mlp(), blobs(), epochs=3, batch_size=8, callbacks=[CSVLogger(path)], checkpoint_dir=tmp_path / "c",
+    steps = StepLog()
+    fit(mlp(), blobs(), epochs=3, batch_size=8, callbacks=[CSVLogger(path), steps], checkpoint_dir=tmp_path / "c",
         progress=False)  # fmt: skip
-    rows = list(csv.DictReader(path.open()))
+    assert steps.span == (9, 12)  # resumed: the first two epochs' rows came from the checkpoint
+    with path.open() as file:
+        rows = list(csv.DictReader(file))
     assert [row["epoch"] for row in rows] == ["0", "1", "2"]
     assert float(rows[2]["loss"]) > 0
 

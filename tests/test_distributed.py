@@ -56,11 +56,11 @@ def test_launch_puts_the_callers_signal_handlers_back(tmp_path: Path) -> None:
 def test_two_processes_resume_exactly_under_launch_and_torchrun(tmp_path: Path, subprocess_env: dict[str, str]) -> None:
     environment = dict(os.environ)
     reference = launch(fit_worker.ddp_train, str(tmp_path / "a"), str(tmp_path / "a.pt"), nprocs=2)
-    assert reference == "completed@1"
+    assert reference == "completed@1 steps 1-24"  # 96 samples, 2 ranks, batches of 4, 2 epochs
     assert dict(os.environ) == environment
     # Rank 1 alone is signalled at step 3: both ranks stop together at the next agreement (step 8, mid-epoch).
     stopped = launch(fit_worker.ddp_train, str(tmp_path / "b"), str(tmp_path / "b.pt"), 3, nprocs=2)
-    assert stopped == "interrupted@-1"
+    assert stopped == "interrupted@-1 steps 1-8"
     from colabkit.checkpoint import CheckpointManager
 
     saved = CheckpointManager(tmp_path / "b").load()["fit"]
@@ -70,7 +70,7 @@ def test_two_processes_resume_exactly_under_launch_and_torchrun(tmp_path: Path, 
                str(tmp_path / "b.pt"), "--ddp", "--dir", str(tmp_path / "b")]  # fmt: skip
     result = subprocess.run(command, env=subprocess_env, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "completed@1" in result.stdout
+    assert "completed@1 steps 9-24" in result.stdout  # the witness: it went on after step 8
     a, b = torch.load(tmp_path / "a.pt", weights_only=True), torch.load(tmp_path / "b.pt", weights_only=True)
     for name, value in a["model"].items():
         assert torch.equal(value, b["model"][name]), name

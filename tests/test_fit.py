@@ -13,6 +13,7 @@ from typing import Any
 import pytest
 import torch
 from torch.utils.data import DataLoader, Dataset, TensorDataset
+from witness import StepLog
 
 from colabkit import device as colabkit_device
 from colabkit.errors import ArgumentError, CheckpointMismatchError, NonFiniteLossError
@@ -78,9 +79,11 @@ def test_predict_accepts_datasets_with_or_without_targets() -> None:
 
 def test_progress_false_prints_nothing(tmp_path: Path, capfd: pytest.CaptureFixture[str]) -> None:
     fit(mlp(), blobs(), blobs(), epochs=2, batch_size=8, checkpoint_dir=tmp_path, progress=False)
-    fit(mlp(), blobs(), blobs(), epochs=3, batch_size=8, checkpoint_dir=tmp_path, progress=False)  # resumes
+    steps = StepLog()
+    fit(mlp(), blobs(), blobs(), epochs=3, batch_size=8, checkpoint_dir=tmp_path, callbacks=[steps], progress=False)
     out, err = capfd.readouterr()
     assert out == "" and err == ""
+    assert steps.span == (17, 24)  # it did resume (8 steps an epoch), silently
 
 
 def test_progress_bars_show_epochs_and_metrics(tmp_path: Path, capfd: pytest.CaptureFixture[str]) -> None:
@@ -309,8 +312,10 @@ def test_interrupt_saves_and_returns_history_then_resumes(tmp_path: Path) -> Non
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handler put back
 
     resumed = mlp()
-    history = fit(resumed, blobs(), epochs=2, batch_size=8, seed=1, checkpoint_dir=tmp_path, progress=False)
-    assert history.stop_reason == "completed" and len(history) == 2
+    steps = StepLog()
+    history = fit(resumed, blobs(), epochs=2, batch_size=8, seed=1, checkpoint_dir=tmp_path, callbacks=[steps],
+                  progress=False)  # fmt: skip
+    assert history.stop_reason == "completed" and len(history) == 2 and steps.span == (4, 16)
     assert all(torch.equal(a, b) for a, b in zip(reference.parameters(), resumed.parameters(), strict=True))
 
 
@@ -343,7 +348,9 @@ def test_interrupt_during_validation_resumes_into_that_validation(tmp_path: Path
     position = CheckpointManager(tmp_path).load()["fit"]["position"]
     assert (position["epoch"], position["batch"]) == (0, 8)  # all batches done, epoch not closed
     resumed = mlp()
-    history = fit(resumed, blobs(), val, checkpoint_dir=tmp_path, **options)
+    steps = StepLog()
+    history = fit(resumed, blobs(), val, checkpoint_dir=tmp_path, callbacks=[steps], **options)
+    assert steps.span == (9, 16)  # the first epoch's training was not repeated
     assert [r["val_loss"] for r in history] == [r["val_loss"] for r in expected]
     assert [r["loss"] for r in history] == [r["loss"] for r in expected]
     assert all(torch.equal(a, b) for a, b in zip(reference.parameters(), resumed.parameters(), strict=True))
@@ -385,9 +392,12 @@ def test_time_limit_stops_with_a_checkpoint(tmp_path: Path, monkeypatch: pytest.
     from colabkit.checkpoint import CheckpointManager
 
     state = CheckpointManager(tmp_path).load()
-    assert 0 < state["fit"]["position"]["step"] < 32
-    again = fit(mlp(), blobs(), epochs=4, batch_size=8, checkpoint_dir=tmp_path, time_limit=3600, progress=False)
-    assert again.stop_reason == "completed" and len(again) == 4
+    saved = state["fit"]["position"]["step"]
+    assert 0 < saved < 32
+    steps = StepLog()
+    again = fit(mlp(), blobs(), epochs=4, batch_size=8, checkpoint_dir=tmp_path, time_limit=3600, callbacks=[steps],
+                progress=False)  # fmt: skip
+    assert again.stop_reason == "completed" and len(again) == 4 and steps.span == (saved + 1, 32)
 
 
 def test_time_limit_session(monkeypatch: pytest.MonkeyPatch) -> None:

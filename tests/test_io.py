@@ -142,3 +142,45 @@ def test_discard_tolerates_missing_files_and_spares_symlink_targets(tmp_path: Pa
     _io.discard(link)
     assert not link.exists() and not link.is_symlink()
     assert precious.read_bytes() == b"keep me"
+
+
+def test_copy_stream_feeds_hashers_and_progress() -> None:
+    import io
+
+    data = os.urandom(10_000)
+    out = io.BytesIO()
+    seen: list[int] = []
+    digest = hashlib.sha256()
+    copied = _io.copy_stream(io.BytesIO(data).read, out.write, chunk_size=3000, progress=seen.append, hashers=[digest])
+    assert copied == len(data) and out.getvalue() == data
+    assert seen == [3000, 3000, 3000, 1000]
+    assert digest.hexdigest() == hashlib.sha256(data).hexdigest()
+
+
+def test_copy_file_in_place_never_writes_through_an_existing_entry(tmp_path: Path) -> None:
+    src = tmp_path / "src.bin"
+    src.write_bytes(b"payload" * 1000)
+    victim = tmp_path / "victim"
+    victim.write_bytes(b"keep me")
+    link = tmp_path / "dst"
+    link.symlink_to(victim)
+    with pytest.raises(FileExistsError):
+        _io.copy_file(src, link, atomic=False)
+    assert victim.read_bytes() == b"keep me"
+    assert _io.copy_file(src, tmp_path / "new", atomic=False, durable=False) == 7000
+    assert (tmp_path / "new").read_bytes() == src.read_bytes()
+
+
+def test_copy_reads_go_through_the_seam(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    src = tmp_path / "src.bin"
+    src.write_bytes(b"x" * 100)
+    opened: list[str] = []
+    real_open = _io.ops.open
+
+    def spy(path: str | os.PathLike[str], mode: str) -> object:
+        opened.append(mode)
+        return real_open(path, mode)
+
+    monkeypatch.setattr(_io.ops, "open", spy)
+    _io.copy_file(src, tmp_path / "a")
+    assert opened[0] == "rb"

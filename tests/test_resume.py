@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import random
 import signal
@@ -15,6 +16,7 @@ import pytest
 import torch
 from fit_worker import make_model
 from torch.utils.data import BatchSampler, DataLoader, Dataset, RandomSampler
+from witness import StepLog
 
 from colabkit.train.loop import fit
 from colabkit.train.state import KeyedBatch, ResumableBatchSampler, SeededDataset, make_resumable, mix_seed
@@ -40,25 +42,44 @@ class Augmented(Dataset):  # type: ignore[type-arg]
         return self.x[index] + noise, self.y[index]
 
 
-def run(directory: Path | None, data: Any, **options: Any) -> tuple[torch.nn.Module, torch.optim.Optimizer, Any]:
+@dataclasses.dataclass
+class Run:
+    """One fit() call and its witnesses: the steps it trained and the samples it loaded (in this process)."""
+
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    history: Any
+    steps: StepLog
+    loads: int
+
+
+def run(directory: Path | None, data: Any, **options: Any) -> Run:
     model = make_model()
     optimizer = torch.optim.AdamW(model.parameters(), lr=0.01)
-    settings: dict[str, Any] = {"epochs": 2, "seed": 3, "save_every": 2, "progress": False}
+    steps = StepLog()
+    settings: dict[str, Any] = {"epochs": 2, "seed": 3, "save_every": 2, "progress": False, "callbacks": [steps]}
     settings.update(options)
     history = fit(model, data, optimizer=optimizer, checkpoint_dir=directory, **settings)
-    return model, optimizer, history
+    dataset = data.dataset if isinstance(data, DataLoader) else data
+    return Run(model, optimizer, history, steps, dataset.loads)
 
 
-def assert_identical(a: tuple[Any, ...], b: tuple[Any, ...]) -> None:
-    (model_a, opt_a, hist_a), (model_b, opt_b, hist_b) = a, b
-    for (name, p), q in zip(model_a.state_dict().items(), model_b.state_dict().values(), strict=True):
+def assert_identical(a: Run, b: Run) -> None:
+    for (name, p), q in zip(a.model.state_dict().items(), b.model.state_dict().values(), strict=True):
         assert torch.equal(p, q), f"parameter {name} differs"
-    state_a, state_b = opt_a.state_dict()["state"], opt_b.state_dict()["state"]
+    state_a, state_b = a.optimizer.state_dict()["state"], b.optimizer.state_dict()["state"]
     assert state_a.keys() == state_b.keys()
     for key in state_a:
         for name in state_a[key]:
             assert torch.equal(state_a[key][name], state_b[key][name]), f"optimizer state {key}.{name} differs"
-    assert hist_a.records and [r["loss"] for r in hist_a] == [r["loss"] for r in hist_b]
+    assert a.history.records and [r["loss"] for r in a.history] == [r["loss"] for r in b.history]
+
+
+def assert_resumed(resumed: Run, reference: Run, *, after_step: int, samples_done: int | None = None) -> None:
+    """The witness: ``resumed`` continued after ``after_step`` and did not load the samples trained before."""
+    assert resumed.steps.span == (after_step + 1, reference.steps.span[1]), "the run did not resume where it stopped"
+    if samples_done is not None:
+        assert resumed.loads == reference.loads - samples_done, "the resumed run loaded samples trained before"
 
 
 @pytest.mark.parametrize(
@@ -71,11 +92,16 @@ def test_resumed_run_equals_uninterrupted(tmp_path: Path, workers: int, accum: i
         return DataLoader(Augmented(), batch_size=4, shuffle=True, num_workers=workers)
 
     reference = run(tmp_path / "a", loader(), grad_accum=accum)
+    done = 0
     for stop in stops:
-        _, _, partial = run(tmp_path / "b", loader(), grad_accum=accum, max_steps=stop)
-        assert partial.stop_reason == "max_steps"
+        partial = run(tmp_path / "b", loader(), grad_accum=accum, max_steps=stop)
+        assert partial.history.stop_reason == "max_steps"
+        assert partial.steps.span == (done + 1, stop)  # each run picks up where the last one stopped
+        done = stop
     resumed = run(tmp_path / "b", loader(), grad_accum=accum)
     assert_identical(reference, resumed)
+    # Every stop lies in the first epoch: 4 samples a batch, ``accum`` batches a step.
+    assert_resumed(resumed, reference, after_step=done, samples_done=4 * accum * done if workers == 0 else None)
 
 
 def test_resume_with_two_workers_and_accumulation(tmp_path: Path) -> None:
@@ -84,13 +110,17 @@ def test_resume_with_two_workers_and_accumulation(tmp_path: Path) -> None:
 
     reference = run(tmp_path / "a", loader(), grad_accum=2)
     run(tmp_path / "b", loader(), grad_accum=2, max_steps=4)
-    assert_identical(reference, run(tmp_path / "b", loader(), grad_accum=2))
+    resumed = run(tmp_path / "b", loader(), grad_accum=2)
+    assert_identical(reference, resumed)
+    assert_resumed(resumed, reference, after_step=4)  # samples load in the workers, out of sight
 
 
 def test_resume_from_a_dataset_argument(tmp_path: Path) -> None:
     reference = run(tmp_path / "a", Augmented(), batch_size=4, num_workers=0)
     run(tmp_path / "b", Augmented(), batch_size=4, num_workers=0, max_steps=7)
-    assert_identical(reference, run(tmp_path / "b", Augmented(), batch_size=4, num_workers=0))
+    resumed = run(tmp_path / "b", Augmented(), batch_size=4, num_workers=0)
+    assert_identical(reference, resumed)
+    assert_resumed(resumed, reference, after_step=7, samples_done=7 * 4)
 
 
 def test_resume_with_a_custom_batch_sampler(tmp_path: Path) -> None:
@@ -103,42 +133,43 @@ def test_resume_with_a_custom_batch_sampler(tmp_path: Path) -> None:
 
     reference = run(tmp_path / "a", loader())
     run(tmp_path / "b", loader(), max_steps=6)
-    assert_identical(reference, run(tmp_path / "b", loader()))
+    resumed = run(tmp_path / "b", loader())
+    assert_identical(reference, resumed)
+    assert_resumed(resumed, reference, after_step=6, samples_done=6 * 4)
 
 
 def test_skipped_batches_are_not_loaded(tmp_path: Path) -> None:
     run(tmp_path, DataLoader(Augmented(), batch_size=4, shuffle=True), epochs=1, max_steps=8)
-    data = Augmented()
-    run(tmp_path, DataLoader(data, batch_size=4, shuffle=True), epochs=1)
-    assert data.loads == 44 - 8 * 4
+    resumed = run(tmp_path, DataLoader(Augmented(), batch_size=4, shuffle=True), epochs=1)
+    assert resumed.loads == 44 - 8 * 4 and resumed.steps.span == (9, 11)
 
 
 def test_history_survives_resume_and_is_written_next_to_checkpoints(tmp_path: Path) -> None:
     reference = run(tmp_path / "a", Augmented(), batch_size=4, num_workers=0, epochs=3)
-    _, _, first = run(tmp_path / "b", Augmented(), batch_size=4, num_workers=0, epochs=3, max_steps=14)
-    assert len(first) == 1  # 11 steps per epoch: stopped inside the second
-    _, _, resumed = run(tmp_path / "b", Augmented(), batch_size=4, num_workers=0, epochs=3)
-    assert [r["epoch"] for r in resumed] == [0, 1, 2]
-    assert [r["loss"] for r in resumed] == [r["loss"] for r in reference[2]]
+    first = run(tmp_path / "b", Augmented(), batch_size=4, num_workers=0, epochs=3, max_steps=14)
+    assert len(first.history) == 1  # 11 steps per epoch: stopped inside the second
+    again = run(tmp_path / "b", Augmented(), batch_size=4, num_workers=0, epochs=3)
+    assert_resumed(again, reference, after_step=14, samples_done=14 * 4)
+    resumed = again.history
+    assert [r["epoch"] for r in resumed] == [0, 1, 2]  # the first epoch's record came from the checkpoint
+    assert [r["loss"] for r in resumed] == [r["loss"] for r in reference.history]
     csv = (tmp_path / "b" / "history.csv").read_text().splitlines()
     assert csv[0].startswith("epoch,loss,accuracy") and len(csv) == 4
 
 
 def test_finished_run_is_not_trained_again(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    model, _, first = run(tmp_path, Augmented(), batch_size=4, num_workers=0, epochs=1)
-    data = Augmented()
-    model2, _, again = run(tmp_path, data, batch_size=4, num_workers=0, epochs=1, progress=True)
-    assert data.loads == 0
-    assert again.records == first.records and again.stop_reason == "completed"
-    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), model2.parameters(), strict=True))
+    first = run(tmp_path, Augmented(), batch_size=4, num_workers=0, epochs=1)
+    again = run(tmp_path, Augmented(), batch_size=4, num_workers=0, epochs=1, progress=True)
+    assert again.loads == 0 and again.steps.steps == []
+    assert again.history.records == first.history.records and again.history.stop_reason == "completed"
+    assert all(torch.equal(p, q) for p, q in zip(first.model.parameters(), again.model.parameters(), strict=True))
     assert "already finished" in capsys.readouterr().out
 
 
 def test_resume_false_starts_over(tmp_path: Path) -> None:
     run(tmp_path, Augmented(), batch_size=4, num_workers=0, epochs=1)
-    data = Augmented()
-    _, _, history = run(tmp_path, data, batch_size=4, num_workers=0, epochs=1, resume=False)
-    assert data.loads == 44 and len(history) == 1
+    again = run(tmp_path, Augmented(), batch_size=4, num_workers=0, epochs=1, resume=False)
+    assert again.loads == 44 and len(again.history) == 1 and again.steps.span == (1, 11)
 
 
 def test_sampler_order_depends_only_on_seed_and_epoch() -> None:
@@ -197,6 +228,13 @@ def _worker(out: Path, env: dict[str, str], *args: str) -> subprocess.CompletedP
     )
 
 
+def _trained(result: subprocess.CompletedProcess[str]) -> tuple[int, int]:
+    """The first and last optimizer step the worker trained, from its ``trained steps A-B`` line."""
+    line = next(line for line in result.stdout.splitlines() if line.startswith("trained steps "))
+    first, last = line.split()[-1].split("-")
+    return int(first), int(last)
+
+
 def _final(out: Path) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     return torch.load(out, weights_only=True), json.loads(Path(f"{out}.json").read_text())
 
@@ -221,6 +259,13 @@ def test_resume_in_a_new_process(
     assert not (tmp_path / "res.pt").exists()
     resumed = _worker(tmp_path / "res.pt", subprocess_env, "--dir", str(tmp_path / "b"), *common)
     assert resumed.returncode == 0, resumed.stderr
+    # The witness: the new process went on after the last checkpoint instead of starting over.
+    last = _trained(reference)[1]
+    if "--kill-at" in interrupt:  # killed after step 7 once step 4 was committed; saves at even steps
+        assert _trained(resumed) in ((5, last), (7, last)), resumed.stdout
+    else:  # the interrupt saved the step it stopped at
+        stopped_at = _trained(stopped)[1]
+        assert stopped_at > 0 and _trained(resumed) == (stopped_at + 1, last), (stopped.stdout, resumed.stdout)
     (ref, ref_history), (res, res_history) = _final(tmp_path / "ref.pt"), _final(tmp_path / "res.pt")
     for name, value in ref["model"].items():
         assert torch.equal(value, res["model"][name]), name
@@ -248,9 +293,13 @@ def test_iterable_dataset_trains_and_resumes_by_reading_ahead(tmp_path: Path) ->
     assert first.stop_reason == "max_steps"
     torch.manual_seed(0)
     model = torch.nn.Linear(4, 2)
+    steps = StepLog()
     with pytest.warns(UserWarning, match="reads and discards 3 batches"):
-        history = fit(model, Stream(), epochs=2, batch_size=4, seed=1, checkpoint_dir=tmp_path, progress=False)
-    assert len(history) == 2
+        history = fit(
+            model, Stream(), epochs=2, batch_size=4, seed=1, checkpoint_dir=tmp_path, callbacks=[steps], progress=False
+        )
+    # 24 samples in batches of 4: 6 steps an epoch, however many cores ("auto" workers must not replay the stream)
+    assert len(history) == 2 and steps.span == (4, 12)
     assert all(torch.equal(a, b) for a, b in zip(reference.parameters(), model.parameters(), strict=True))
 
 
@@ -258,7 +307,9 @@ def test_resume_with_fp16_grad_scaler(tmp_path: Path) -> None:
     """fp16 autocast with a GradScaler (on the CPU here) resumes exactly too."""
     reference = run(tmp_path / "a", Augmented(), batch_size=4, num_workers=0, precision="fp16")
     run(tmp_path / "b", Augmented(), batch_size=4, num_workers=0, precision="fp16", max_steps=5)
-    assert_identical(reference, run(tmp_path / "b", Augmented(), batch_size=4, num_workers=0, precision="fp16"))
+    resumed = run(tmp_path / "b", Augmented(), batch_size=4, num_workers=0, precision="fp16")
+    assert_identical(reference, resumed)
+    assert_resumed(resumed, reference, after_step=5, samples_done=5 * 4)
 
 
 def test_changed_batch_size_on_resume_is_said_and_goes_on_from_the_same_sample(
@@ -267,9 +318,10 @@ def test_changed_batch_size_on_resume_is_said_and_goes_on_from_the_same_sample(
     # Every setting's behaviour on rerun is tested in test_rerun.py; this is the resume-side view.
     run(tmp_path, Augmented(), batch_size=4, num_workers=0, max_steps=3)
     capsys.readouterr()
-    _, _, history = run(tmp_path, Augmented(), batch_size=8, num_workers=0)
+    again = run(tmp_path, Augmented(), batch_size=8, num_workers=0)
     assert "batch_size was 4 when the checkpoint was saved and is 8 now" in capsys.readouterr().out
-    assert history.stop_reason == "completed"
+    # 3 steps of 4 samples done: the rest of the epoch goes on in batches of 8 from sample 8.
+    assert again.history.stop_reason == "completed" and again.steps.first == 4
 
 
 @pytest.mark.filterwarnings("ignore:the checkpoint holds no 'optimizer_state_dict'")

@@ -383,3 +383,27 @@ def test_missing_bucket_backend_names_its_package(tmp_path: Path) -> None:
     with pytest.raises(MissingDependencyError, match=r"pip install gcsfs.*|'gcsfs'.*'remote' extra"):
         stage("gs://bucket/data.zip", tmp_path, progress=False)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_file_on_any_fuse_mount_is_copied_off_before_extraction(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from colabkit import _io, drive
+
+    bucket = tmp_path / "gcs bucket"
+    bucket.mkdir()
+    src = bucket / "ds.zip"
+    with zipfile.ZipFile(src, "w") as zf:
+        zf.writestr("ds/a.txt", b"a" * 1000)
+    table = f"/dev/sda1 / ext4 rw 0 0\ngcsfuse {str(bucket).replace(' ', chr(92) + '040')} fuse.gcsfuse rw 0 0\n"
+    monkeypatch.setattr(drive, "_mount_table", lambda: table)
+    assert drive.mount_type(src) == "fuse.gcsfuse"
+    assert drive.mount_type(tmp_path / "elsewhere") == "ext4"
+    assert sources.is_remote_path(src) and not sources.is_remote_path(tmp_path / "local.zip")
+    reads: list[int] = []
+    real = _io.ops.copy_chunk
+    monkeypatch.setattr(_io.ops, "copy_chunk", lambda handle, size: reads.append(size) or real(handle, size))
+    root = stage(src, tmp_path / "data", progress=False)
+    assert (root / "a.txt").read_bytes() == b"a" * 1000
+    assert reads  # the archive was copied to local disk first, through the file-ops seam
+    assert sorted(os.listdir(tmp_path / "data")) == ["ds"]  # and the copy is gone

@@ -185,17 +185,16 @@ def test_drive_errors_mid_copy_are_retried(tmp_path: Path, monkeypatch: pytest.M
         for i in range(40):
             (folder / f"c{i % 4}").mkdir(parents=True, exist_ok=True)
             (folder / f"c{i % 4}" / f"{i}.png").write_bytes(b"x" * (i + 1))
-        monkeypatch.setattr(sources, "_CHUNK", 4096)  # many chunks, so the fault hits mid-file
-        real_read = sources.fs_ops.read
+        real_read = _io.ops.copy_chunk
         failures = {"left": 1}
 
         def flaky_read(handle: io.BufferedReader, size: int) -> bytes:
             if handle.tell() > 0 and failures["left"] > 0:
                 failures["left"] -= 1
                 raise OSError(code, os.strerror(code))
-            return real_read(handle, size)
+            return real_read(handle, min(size, 4096))  # many chunks, so the fault hits mid-file
 
-        monkeypatch.setattr(sources.fs_ops, "read", flaky_read)
+        monkeypatch.setattr(_io.ops, "copy_chunk", flaky_read)
         root = stage(src, progress=False)
         assert files_under(root) == {k.split("/", 1)[1]: v for k, v in MEMBERS.items()}
         assert failures["left"] == 0
@@ -216,7 +215,7 @@ def test_persistent_drive_error_gives_up_and_publishes_nothing(tmp_path: Path, m
     def dead(handle: io.BufferedReader, size: int) -> bytes:
         raise OSError(errno.EIO, "Input/output error")
 
-    monkeypatch.setattr(sources.fs_ops, "read", dead)
+    monkeypatch.setattr(_io.ops, "copy_chunk", dead)
     with pytest.raises(OSError, match="Input/output error"):
         stage(folder, tmp_path / "data", retries=1, progress=False)
     assert os.listdir(tmp_path / "data") == []
@@ -231,7 +230,7 @@ def test_disk_full_mid_extraction_is_a_clean_error(
         write_zip(tmp_path / "v1" / "flowers.zip", {"flowers/old.jpg": b"old"}), tmp_path / "data", progress=False
     )
     writes = {"n": 0}
-    real = archive.out_ops.write
+    real = _io.ops.write_fd
 
     def filling(fd: int, data: bytes | memoryview) -> int:
         writes["n"] += 1
@@ -239,7 +238,7 @@ def test_disk_full_mid_extraction_is_a_clean_error(
             raise OSError(errno.ENOSPC, "No space left on device")
         return real(fd, data)
 
-    monkeypatch.setattr(archive.out_ops, "write", filling)
+    monkeypatch.setattr(_io.ops, "write_fd", filling)
     with pytest.raises(InsufficientSpaceError, match="nothing was published"):
         stage(src, tmp_path / "data", workers=workers, progress=False)
     assert files_under(old) == {"old.jpg": b"old"}  # the previous good copy is untouched
@@ -270,7 +269,7 @@ def test_free_space_check_names_the_copy_and_the_extracted_size(
         monkeypatch.setattr(_io, "free_space", lambda path: free)
         copied: list[str] = []
         with monkeypatch.context() as patch:
-            patch.setattr(sources, "_copy_one", lambda *a, **k: copied.append(a[0]))
+            patch.setattr(_io.ops, "copy_chunk", lambda *a, **k: copied.append(a[0]))
             with pytest.raises(InsufficientSpaceError) as caught:
                 stage(src, progress=False)
         message = str(caught.value)
@@ -386,15 +385,15 @@ def test_bad_arguments(tmp_path: Path, kwargs: dict[str, object], message: str) 
 KILLED_CHILD = textwrap.dedent(
     """
     import os, sys, time
-    from colabkit.data import archive
+    from colabkit import _io
     from colabkit.data.stage import stage
-    real_open = archive.out_ops.open
-    def slow_open(path, mode):
+    real_create = _io.ops.create
+    def slow_create(path, mode):
         if not os.path.exists(sys.argv[3]):
             open(sys.argv[3], "w").close()
         time.sleep(0.01)
-        return real_open(path, mode)
-    archive.out_ops.open = slow_open
+        return real_create(path, mode)
+    _io.ops.create = slow_create
     stage(sys.argv[1], sys.argv[2], workers=int(sys.argv[4]), progress=False)
     print("finished")
     """

@@ -4,8 +4,13 @@ Extraction reads the whole member list first and refuses the archive before
 a single byte is written when any member is hostile: absolute names, drive
 letters, ``..``, links that leave the destination, chain through other links
 or that other members would be written through, device files and FIFOs,
-duplicate names, and bombs (total size, member count, compression ratio; see
-:class:`ArchiveLimits`). Only then are files written, into an empty folder the
+duplicate names (also after Unicode normalisation), and bombs (total size,
+member count, compression ratio; see :class:`ArchiveLimits`). Zip member names
+are decoded as ``unzip`` decodes them (:func:`colabkit.data.zipdir.decode_name`)
+and backslashes are folder separators; the checks run on the decoded names.
+Platform litter (``__MACOSX/``, ``._name``, ``.DS_Store``, ``Thumbs.db``,
+``desktop.ini``) is skipped unless asked for, and never counts as a top-level
+folder. Only then are files written, into an empty folder the
 caller owns (``stage()`` uses a temporary sibling of the destination). What
 only the data can show (a member that inflates past its declared size, a bad
 CRC, overlapping data) stops extraction midway; everything written is then
@@ -18,7 +23,14 @@ member data with ``pread``, inflate it with :mod:`zlib`, check the CRC and
 write it with ``os.open``/``os.write``. Folders are created once up front;
 nothing is fsynced per file (publishing the folder is the commit point).
 
-Seams for tests: :data:`out_ops` (how member files are created and written).
+Zip members Python cannot inflate (Deflate64 from 7-Zip and Windows, PPMd...)
+are decompressed by the system ``unzip`` or ``7z`` into a pipe, after the same
+validation; colabkit splits the stream by the central directory's sizes,
+checks every CRC and writes the files itself, so the tool never sees a path.
+``.tar.zst`` needs the ``zstandard`` package (or Python 3.14), ``.7z`` the
+``py7zr`` package.
+
+Seams for tests: :data:`colabkit._io.ops` (how member files are created and written).
 """
 
 from __future__ import annotations
@@ -27,23 +39,35 @@ import bz2
 import contextlib
 import dataclasses
 import gzip
+import itertools
 import lzma
 import os
 import shutil
 import signal
 import stat
 import struct
+import subprocess
 import sys
 import tarfile
+import tempfile
+import unicodedata
 import warnings
 import zipfile
 import zlib
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import IO, Any, Literal
 
 from colabkit import _io
-from colabkit.errors import ArgumentError, ChecksumError, ColabkitIOError, UnsafeArchiveError
+from colabkit.data.zipdir import LOCAL_HEADER, LOCAL_SIG, read_central
+from colabkit.errors import (
+    ArgumentError,
+    ChecksumError,
+    ColabkitIOError,
+    MissingDependencyError,
+    UnsafeArchiveError,
+    missing_dependency,
+)
 
 __all__ = [
     "COMPRESSED_SUFFIXES",
@@ -52,11 +76,12 @@ __all__ = [
     "archive_format",
     "extract_archive",
     "extracted_size",
+    "is_platform_file",
     "make_archive",
     "scan_archive",
 ]
 
-Format = Literal["zip", "tar", "tar.gz", "tar.bz2", "tar.xz", "gz"]
+Format = Literal["zip", "tar", "tar.gz", "tar.bz2", "tar.xz", "tar.zst", "gz", "zst", "7z"]
 
 #: File types already compressed: make_archive stores them as they are.
 _PACKED = ".jpg .jpeg .png .gif .webp .avif .heic .jp2 .mp4 .mkv .webm .mov .avi .mp3 .m4a .aac .ogg .opus .flac"
@@ -65,11 +90,25 @@ COMPRESSED_SUFFIXES = frozenset(_PACKED.split())
 
 _MiB = 1024 * 1024
 _BIG = 8 * _MiB  # members above this stream in chunks instead of going through memory whole
-_OUT_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
-_LOCAL_HEADER = struct.Struct("<4s2B4HL2L2H")
-_LOCAL_SIG = b"PK\x03\x04"
-_HEAD_SLACK = _LOCAL_HEADER.size + 1024  # local header + name + extra, read with the data in one go
-_ZIP_METHODS = (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED, zipfile.ZIP_BZIP2, zipfile.ZIP_LZMA)
+_HEAD_SLACK = LOCAL_HEADER.size + 1024  # local header + name + extra, read with the data in one go
+#: Zip compression methods Python reads (zstd in zipfile from Python 3.14 on).
+_ZIP_METHODS = frozenset(
+    {
+        zipfile.ZIP_STORED,
+        zipfile.ZIP_DEFLATED,
+        zipfile.ZIP_BZIP2,
+        zipfile.ZIP_LZMA,
+        getattr(zipfile, "ZIP_ZSTANDARD", 0),
+    }
+)
+#: Methods Info-ZIP's unzip reads beyond those (shrink, reduce, implode, Deflate64); 7z reads most others.
+_UNZIP_METHODS = frozenset({1, 2, 3, 4, 5, 6, 9})
+_METHOD_NAMES = {1: "Shrink", 6: "Implode", 9: "Deflate64", 10: "PKWARE DCL Implode", 18: "IBM TERSE", 19: "IBM LZ77"}
+_METHOD_NAMES |= {93: "Zstandard", 94: "MP3", 95: "XZ", 96: "JPEG", 97: "WavPack", 98: "PPMd", 99: "AES encryption"}
+_METHOD_NAMES |= {n: "Reduce" for n in (2, 3, 4, 5)}
+#: Files operating systems leave in archives that are not data (compared lower-case).
+_LITTER_NAMES = frozenset({".ds_store", "thumbs.db", "ehthumbs.db", "desktop.ini"})
+_LITTER_TAILS = (".ds_store", "thumbs.db", "desktop.ini")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -101,12 +140,15 @@ class ExtractResult:
     Attributes:
         files: Regular files written.
         bytes: Their total size.
-        top_level: Names directly inside the destination.
+        top_level: Names directly inside the destination, platform litter
+            (``__MACOSX``, ``.DS_Store``...) left out even when kept.
+        skipped: Platform-litter members not written (see :func:`is_platform_file`).
     """
 
     files: int
     bytes: int
     top_level: tuple[str, ...]
+    skipped: int = 0
 
 
 @dataclasses.dataclass
@@ -117,28 +159,27 @@ class _Plan:
     dirs: set[str] = dataclasses.field(default_factory=set)
     symlinks: list[tuple[str, str]] = dataclasses.field(default_factory=list)
     hardlinks: list[tuple[str, str]] = dataclasses.field(default_factory=list)
+    # Zip members a system tool decompresses (see _extract_external); files holds them too.
+    external: dict[int, tuple[str, int, int, int, int, int, int, int]] = dataclasses.field(default_factory=dict)
+    # Every zip member in central-directory order: (header offset, size), the order unzip -p writes them.
+    order: list[tuple[int, int]] = dataclasses.field(default_factory=list)
     total: int = 0
     members: int = 0
+    skipped: int = 0
 
     @property
     def top_level(self) -> tuple[str, ...]:
-        names = {name.split("/", 1)[0] for name, *_ in self.files}
-        names |= {name.split("/", 1)[0] for name in self.dirs}
-        names |= {name.split("/", 1)[0] for name, _ in self.symlinks + self.hardlinks}
-        return tuple(sorted(names))
-
-
-class OutOps:
-    """How extracted files are created and written: the seam for fault injection."""
-
-    def open(self, path: str, mode: int) -> int:
-        return os.open(path, _OUT_FLAGS, mode)
-
-    def write(self, fd: int, data: bytes | memoryview) -> int:
-        return os.write(fd, data)
-
-
-out_ops = OutOps()
+        names = {name.partition("/")[0] for name in self.dirs}
+        jobs: Iterable[tuple[Any, ...]] = itertools.chain(
+            self.files, self.external.values(), self.symlinks, self.hardlinks
+        )
+        for job in jobs:
+            name: str = job[0]
+            slash = name.find("/")
+            top = name if slash < 0 else name[:slash]
+            if top not in names:
+                names.add(top)
+        return tuple(sorted(name for name in names if not is_platform_file(name)))
 
 
 # -- format detection ---------------------------------------------------------------------------
@@ -156,9 +197,12 @@ def archive_format(path: str | os.PathLike[str], *, name: str | None = None) -> 
         ((".tar.gz", ".tgz"), "tar.gz"),
         ((".tar.bz2", ".tbz", ".tbz2"), "tar.bz2"),
         ((".tar.xz", ".txz"), "tar.xz"),
+        ((".tar.zst", ".tzst", ".tar.zstd"), "tar.zst"),
         ((".tar",), "tar"),
         ((".zip",), "zip"),
+        ((".7z",), "7z"),
         ((".gz",), "gz"),
+        ((".zst",), "zst"),
     ):
         if lowered.endswith(suffixes):
             return fmt  # type: ignore[return-value]
@@ -167,10 +211,19 @@ def archive_format(path: str | os.PathLike[str], *, name: str | None = None) -> 
             head = handle.read(512 + 8)
     except (IsADirectoryError, FileNotFoundError):
         return None
-    if head.startswith(_LOCAL_SIG) or head.startswith(b"PK\x05\x06"):
+    if head.startswith(LOCAL_SIG) or head.startswith(b"PK\x05\x06"):
         return "zip"
     if len(head) >= 262 and head[257:262] == b"ustar":
         return "tar"
+    if head.startswith(b"7z\xbc\xaf\x27\x1c"):
+        return "7z"
+    if head.startswith(_ZSTD_MAGIC):
+        try:
+            with _zstd_open(os.fspath(path)) as inner:
+                block = inner.read(262)
+        except (OSError, EOFError, MissingDependencyError, ValueError):
+            return None
+        return "tar.zst" if block[257:262] == b"ustar" else "zst"
     for magic, opener, fmt in (
         (b"\x1f\x8b", gzip.open, "gz"),
         (b"BZh", bz2.open, "tar.bz2"),
@@ -186,6 +239,50 @@ def archive_format(path: str | os.PathLike[str], *, name: str | None = None) -> 
                 return "tar.gz" if fmt == "gz" else fmt  # type: ignore[return-value]
             return "gz" if fmt == "gz" else None
     return None
+
+
+_ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
+
+
+def _zstd_open(path: str, mode: str = "rb") -> IO[bytes]:
+    """A reader of the Zstandard file ``path``: Python 3.14's compression.zstd, else the zstandard package."""
+    try:
+        from compression import zstd
+
+        reader: IO[bytes] = zstd.open(path, "rb")
+        return reader
+    except ImportError:
+        pass
+    try:
+        import zstandard
+    except ImportError:
+        raise missing_dependency("zstandard", "zstd", purpose=f"reading the Zstandard file {path}") from None
+    raw = open(path, "rb")  # noqa: SIM115 - closed by the reader (closefd)
+    try:
+        stream: IO[bytes] = zstandard.ZstdDecompressor().stream_reader(raw, closefd=True)
+        return stream
+    except BaseException:
+        raw.close()
+        raise
+
+
+def is_platform_file(name: str) -> bool:
+    """Whether the member ``name`` is litter an operating system leaves, not data.
+
+    macOS Finder's ``__MACOSX/`` folder and AppleDouble ``._name`` companions,
+    ``.DS_Store``, and Windows' ``Thumbs.db`` and ``desktop.ini``.
+    """
+    if not _maybe_litter(name):
+        return False  # the usual case, decided without splitting the name
+    base = name.rpartition("/")[2]
+    if base.startswith("._") or base.lower() in _LITTER_NAMES:
+        return True
+    return "__MACOSX" in name.split("/")
+
+
+def _maybe_litter(name: str) -> bool:
+    # A cheap first look: most names hold none of these.
+    return "._" in name or "__MACOSX" in name or name[-11:].lower().endswith(_LITTER_TAILS)
 
 
 # -- member validation --------------------------------------------------------------------------
@@ -235,10 +332,17 @@ class _Names:
     def __init__(self, archive: str) -> None:
         self.archive = archive
         self.kinds: dict[str, str] = {}
+        # NFC form -> name, for names that are not plain ASCII (ASCII is its own NFC form).
+        self.normal: dict[str, str] = {}
 
     def add(self, name: str, kind: str) -> None:
         kinds = self.kinds
         parent = name.rpartition("/")[0]
+        if name.isascii():
+            if self.normal and kind != "dir":
+                self._same_after_normalising(name, name)
+        else:
+            self._same_after_normalising(name, unicodedata.normalize("NFC", name), kind)
         if kind != "dir" and name not in kinds and (not parent or kinds.get(parent) == "dir"):
             kinds[name] = kind  # the usual case: a new file in a folder already seen
             return
@@ -260,6 +364,21 @@ class _Names:
                 "would silently replace the first, so the archive is rejected"
             )
         self.kinds[name] = kind
+
+    def _same_after_normalising(self, name: str, key: str, kind: str = "file") -> None:
+        # 'é' can be one code point (NFC, Windows, Linux) or two (NFD, macOS): two such
+        # members are one file on macOS and on most tools' idea of a name.
+        other = self.normal.get(key)
+        if other is None and key != name and kind != "dir" and self.kinds.get(key, "dir") != "dir":
+            other = key
+        if other is not None and other != name and (kind != "dir" or self.kinds.get(other) != "dir"):
+            raise UnsafeArchiveError(
+                f"{self.archive}: member names {other!r} and {name!r} are the same name once Unicode-normalised "
+                "(NFC); one would replace the other on macOS and confuse tools, so the archive is rejected "
+                "(rename one of them)"
+            )
+        if not name.isascii():
+            self.normal.setdefault(key, name)
 
 
 def _check_link(archive: str, name: str, target: str, kind: str, names: _Names) -> str:
@@ -322,85 +441,13 @@ def _check_ratio(archive: str, what: str, size: int, packed: int, limits: Archiv
         )
 
 
-_CENTRAL = struct.Struct("<4s4B4HL2L5H2L")
-_END = struct.Struct("<4s4H2LH")
-
-# A central-directory entry: (name, flag bits, method, crc, packed size, size, unix mode, header offset).
-_Entry = tuple[str, int, int, int, int, int, int, int]
-
-
-def _fast_central(path: str) -> tuple[list[_Entry], int] | None:
-    """Parse a plain (non-zip64) central directory in one read; None when zipfile must do it.
-
-    ``ZipFile.infolist()`` builds a ZipInfo object per member, a third of the scan
-    time for 20,000 small files; this reads the same fields straight into tuples.
-    """
-    with open(path, "rb") as handle:
-        size = handle.seek(0, os.SEEK_END)
-        tail_size = min(size, 65536 + _END.size)
-        handle.seek(size - tail_size)
-        tail = handle.read(tail_size)
-        at = tail.rfind(b"PK\x05\x06")
-        if at < 0 or at + _END.size > len(tail):
-            return None
-        _, disk, _, count, total, cd_size, cd_offset, _ = _END.unpack_from(tail, at)
-        end_pos = size - tail_size + at
-        if disk or count != total or 0xFFFF in (count, total) or 0xFFFFFFFF in (cd_size, cd_offset):
-            return None  # multi-disk or zip64: leave it to zipfile
-        if cd_offset + cd_size != end_pos or (end_pos >= 20 and tail[max(0, at - 20) : at].startswith(b"PK\x06\x07")):
-            return None  # data prepended (self-extractor) or a zip64 locator
-        handle.seek(cd_offset)
-        central = handle.read(cd_size)
-    entries: list[_Entry] = []
-    pos = 0
-    unpack = _CENTRAL.unpack_from
-    for _ in range(count):
-        if central[pos : pos + 4] != b"PK\x01\x02":
-            return None
-        fields = unpack(central, pos)
-        flags, name_len = fields[5], fields[12]
-        raw_name = central[pos + 46 : pos + 46 + name_len]
-        if 0xFFFFFFFF in (fields[10], fields[11], fields[18]):
-            return None
-        name = raw_name.decode("utf-8" if flags & 0x800 or raw_name.isascii() else "cp437")
-        mode = (fields[17] >> 16) & 0xFFFF if fields[2] == 3 else 0
-        entries.append((name, flags, fields[6], fields[9], fields[10], fields[11], mode, fields[18]))
-        pos += 46 + name_len + fields[13] + fields[14]
-    return entries, cd_offset
-
-
-def _zipfile_central(path: str) -> tuple[list[_Entry], int]:
-    try:
-        with zipfile.ZipFile(path) as zf:
-            infos, start_dir = zf.infolist(), zf.start_dir
-    except zipfile.BadZipFile as exc:
-        raise UnsafeArchiveError(f"{path}: not a readable zip archive ({exc}); re-download or re-create it") from exc
-    return [
-        (
-            info.filename,
-            info.flag_bits,
-            info.compress_type,
-            info.CRC,
-            info.compress_size,
-            info.file_size,
-            (info.external_attr >> 16) & 0xFFFF if info.create_system == 3 else 0,
-            info.header_offset,
-        )
-        for info in infos
-    ], start_dir
-
-
-def _scan_zip(path: str, limits: ArchiveLimits) -> _Plan:
-    try:
-        found = _fast_central(path)
-    except (OSError, UnicodeDecodeError, struct.error):
-        found = None
-    entries, start_dir = found if found is not None else _zipfile_central(path)
+def _scan_zip(path: str, limits: ArchiveLimits, keep_platform_files: bool = False) -> _Plan:
+    entries, start_dir = read_central(path)
     plan = _Plan(members=len(entries))
     _check_budget(path, plan, limits)
     names = _Names(path)
     packed_total = 0
-    links: list[str] = []
+    links: list[tuple[str, str, int, int]] = []
     # Overlapping members are the "quoted overlap" zip bomb (CVE-2019-13232, CVE-2024-0450): each
     # member's data must end before the next member's header. Checked here from the central
     # directory (a lower bound on each member's extent) and exactly by the workers from the
@@ -413,57 +460,117 @@ def _scan_zip(path: str, limits: ArchiveLimits) -> _Plan:
         )
     following = dict(zip(offsets, [*offsets[1:], start_dir], strict=True))
     files = plan.files
+    kinds = names.kinds
+    plan.order = [(entry[7], entry[5]) for entry in entries]
+    header = LOCAL_HEADER.size
+    grace = limits.ratio_grace
     for filename, flags, method, crc, packed, size, mode, offset in entries:
         name = _clean_name(filename, path)
         limit = following[offset]
-        if offset + _LOCAL_HEADER.size + len(filename) + packed > limit:
+        if offset + header + packed > limit:
             raise UnsafeArchiveError(
                 f"{path}: member {filename!r} overlaps the next one; this is an overlapping-entry zip bomb or "
                 "a corrupt archive, rejected"
             )
+        if not keep_platform_files and _maybe_litter(name) and is_platform_file(name):
+            plan.skipped += 1
+            continue
         if flags & 0x1:
             raise UnsafeArchiveError(
                 f"{path}: member {filename!r} is encrypted; decrypt the archive first (stage() does not take passwords)"
             )
-        if filename.endswith("/"):
+        if filename.endswith(("/", "\\")):
             names.add(name, "dir")
             plan.dirs.add(name)
             continue
         ftype = mode & 0o170000
         if ftype == stat.S_IFLNK:
             names.add(name, "symlink")
-            links.append(filename)
+            links.append((filename, name, method, offset))
             continue
         if ftype and ftype != stat.S_IFREG:
             raise UnsafeArchiveError(
                 f"{path}: member {filename!r} is a device, FIFO or socket (mode {oct(mode)}); datasets hold "
                 "only files and folders, so the archive is rejected"
             )
-        names.add(name, "file")
-        if method not in _ZIP_METHODS:
-            raise UnsafeArchiveError(
-                f"{path}: member {filename!r} uses compression method {method}, which Python cannot read; "
-                "re-create the archive with deflate"
-            )
-        if size > limits.ratio_grace:
+        parent = name.rpartition("/")[0]
+        if not names.normal and name not in kinds and kinds.get(parent) == "dir" and name.isascii():
+            kinds[name] = "file"  # the usual case, as _Names.add would decide it
+        else:
+            names.add(name, "file")
+        if size > grace:
             _check_ratio(path, f"member {filename!r}", size, packed, limits)
-        files.append((name, offset, packed, size, method, crc, 0o755 if mode & 0o111 else 0o644, limit))
+        job = (name, offset, packed, size, method, crc, 0o755 if mode & 0o111 else 0o644, limit)
+        if method in _ZIP_METHODS:
+            files.append(job)
+        else:
+            plan.external[offset] = job
         plan.total += size
         packed_total += packed
     if links:
         with zipfile.ZipFile(path) as zf:
-            for filename in links:
-                name = _clean_name(filename, path)
-                info = zf.getinfo(filename)
+            by_offset = {info.header_offset: info for info in zf.infolist()}
+            for filename, name, method, offset in links:
+                if method not in _ZIP_METHODS:
+                    raise UnsafeArchiveError(
+                        f"{path}: symbolic link {filename!r} is compressed with {_method_name(method)}; "
+                        "re-create the archive with deflate"
+                    )
+                info = by_offset[offset]
                 target = zf.read(info).decode("utf-8", "replace") if info.file_size < 4096 else ""
                 _check_link(path, name, target, "symlink", names)
                 plan.symlinks.append((name, target.replace("\\", "/")))
     _check_budget(path, plan, limits)
     _check_ratio(path, "the archive", plan.total, packed_total, limits)
+    if plan.external:
+        _zip_tool(path, plan)  # no tool: refuse now, before anything is written
+        _check_local_headers(path, plan.external.values())
     return plan
 
 
-def _scan_tar(path: str, limits: ArchiveLimits) -> _Plan:
+def _check_local_headers(path: str, jobs: Iterable[tuple[str, int, int, int, int, int, int, int]]) -> None:
+    """The exact overlap check the extraction workers make, for members a system tool decompresses."""
+    with open(path, "rb") as handle:
+        fd = handle.fileno()
+        for name, offset, packed, *_, limit in jobs:
+            head = os.pread(fd, LOCAL_HEADER.size, offset)
+            if len(head) < LOCAL_HEADER.size or head[:4] != LOCAL_SIG:
+                raise _member_error(path, name, "has a bad local header")
+            name_len, extra_len = struct.unpack_from("<HH", head, 26)
+            if offset + LOCAL_HEADER.size + name_len + extra_len + packed > limit:
+                raise UnsafeArchiveError(
+                    f"{path}: member {name!r} overlaps the next one; this is an overlapping-entry zip bomb, rejected"
+                )
+
+
+def _method_name(method: int) -> str:
+    return f"{_METHOD_NAMES.get(method, 'compression method')} (method {method})"
+
+
+def _zip_tool(path: str, plan: _Plan) -> list[str]:
+    """The command that writes every member of the zip ``path`` to stdout, in central-directory order.
+
+    Info-ZIP's ``unzip -p`` for the methods it knows (Deflate64 above all), else 7-Zip's
+    ``7z x -so``. Raises naming the method and the package to install when neither is there.
+    """
+    methods = {job[4] for job in plan.external.values()}
+    archive = os.path.abspath(path)
+    unzip, seven = shutil.which("unzip"), shutil.which("7z") or shutil.which("7za")
+    if unzip and methods <= _UNZIP_METHODS:
+        return [unzip, "-p", archive]
+    if seven:
+        return [seven, "x", "-so", "-tzip", "-bd", "-y", "-bso0", "-bsp0", archive]
+    first = min(plan.external.values(), key=lambda job: job[1])
+    method = first[4]
+    package = "unzip" if method in _UNZIP_METHODS else "p7zip-full"
+    raise MissingDependencyError(
+        f"{path}: member {first[0]!r} is compressed with {_method_name(method)}, which Python cannot read and "
+        f"no unzip or 7z program was found to read it. Install one: apt-get install -y {package} (in a notebook: "
+        f"!apt-get install -y {package}), or re-create the archive with Deflate"
+    )
+
+
+def _scan_tar(path: str, limits: ArchiveLimits, keep_platform_files: bool = False) -> _Plan:
     plan = _Plan()
     names = _Names(path)
     pending: list[tuple[str, str, str]] = []
@@ -478,6 +585,9 @@ def _scan_tar(path: str, limits: ArchiveLimits) -> _Plan:
                 if plan.members > limits.max_members:
                     _check_budget(path, plan, limits)
                 name = _clean_name(info.name, path)
+                if not keep_platform_files and is_platform_file(name):
+                    plan.skipped += 1
+                    continue
                 if info.isdir():
                     names.add(name, "dir")
                     plan.dirs.add(name)
@@ -524,12 +634,15 @@ def _scan_tar(path: str, limits: ArchiveLimits) -> _Plan:
     return plan
 
 
-def scan_archive(path: str | os.PathLike[str], *, limits: ArchiveLimits | None = None) -> ExtractResult:
+def scan_archive(
+    path: str | os.PathLike[str], *, limits: ArchiveLimits | None = None, keep_platform_files: bool = False
+) -> ExtractResult:
     """Validate every member of a zip or uncompressed tar without extracting anything.
 
     Args:
         path: The archive.
         limits: Bomb limits; the defaults of :class:`ArchiveLimits` when None.
+        keep_platform_files: Count platform litter (see :func:`is_platform_file`) as data.
 
     Returns:
         What extraction would write.
@@ -537,29 +650,19 @@ def scan_archive(path: str | os.PathLike[str], *, limits: ArchiveLimits | None =
     Raises:
         UnsafeArchiveError: A member is hostile or a limit is exceeded.
     """
-    plan = _scan(os.fspath(path), archive_format(path), limits or ArchiveLimits())
-    return ExtractResult(len(plan.files), plan.total, plan.top_level)
+    plan = _scan(os.fspath(path), archive_format(path), limits or ArchiveLimits(), keep_platform_files)
+    return ExtractResult(len(plan.files) + len(plan.external), plan.total, plan.top_level, plan.skipped)
 
 
-def _scan(path: str, fmt: Format | None, limits: ArchiveLimits) -> _Plan:
+def _scan(path: str, fmt: Format | None, limits: ArchiveLimits, keep_platform_files: bool) -> _Plan:
     if fmt == "zip":
-        return _scan_zip(path, limits)
+        return _scan_zip(path, limits, keep_platform_files)
     if fmt == "tar":
-        return _scan_tar(path, limits)
+        return _scan_tar(path, limits, keep_platform_files)
     raise ArgumentError(f"{path}: format {fmt!r} cannot be scanned directly; only zip and plain tar can")
 
 
 # -- extraction workers ---------------------------------------------------------------------------
-
-
-def _write_all(fd: int, data: bytes | memoryview) -> None:
-    written = out_ops.write(fd, data)
-    if written == len(data):
-        return  # the usual case: one write
-    view = memoryview(data)[written:]
-    while view:
-        written = out_ops.write(fd, view)
-        view = view[written:]
 
 
 def _member_error(archive: str, name: str, problem: str) -> ChecksumError:
@@ -586,10 +689,10 @@ def _extract_chunk(archive: str, root: str, jobs: Sequence[tuple[str, int, int, 
             if limit >= 0:
                 # One read brings the local header and (for small members) the data after it.
                 head = os.pread(fd, _HEAD_SLACK + (packed if small else 0), offset)
-                if len(head) < _LOCAL_HEADER.size or head[:4] != _LOCAL_SIG:
+                if len(head) < LOCAL_HEADER.size or head[:4] != LOCAL_SIG:
                     raise _member_error(archive, name, "has a bad local header")
                 name_len, extra_len = struct.unpack_from("<HH", head, 26)
-                start = offset + _LOCAL_HEADER.size + name_len + extra_len
+                start = offset + LOCAL_HEADER.size + name_len + extra_len
                 if start + packed > limit:
                     raise UnsafeArchiveError(
                         f"{archive}: member {name!r} overlaps the next one; this is an overlapping-entry zip bomb, "
@@ -608,10 +711,10 @@ def _extract_chunk(archive: str, root: str, jobs: Sequence[tuple[str, int, int, 
                     raise _member_error(archive, name, f"is {len(data)} bytes, its header says {size}")
                 if crc >= 0 and zlib.crc32(data) != crc:
                     raise _member_error(archive, name, "fails its CRC check")
-            out = out_ops.open(f"{root}/{name}", mode)
+            out = _io.ops.create(f"{root}/{name}", mode)
             try:
                 if small:
-                    _write_all(out, data)
+                    _io.write_all(out, data)
                 elif method in (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED):
                     _stream_member(fd, out, archive, name, start, packed, size, method, crc)
                 else:
@@ -656,7 +759,7 @@ def _stream_member(
         if produced > size:
             raise UnsafeArchiveError(f"{archive}: member {name!r} inflates past its declared {size} bytes; rejected")
         running = zlib.crc32(piece, running)
-        _write_all(out, piece)
+        _io.write_all(out, piece)
 
     position, end = offset, offset + packed
     while position < end:
@@ -682,7 +785,7 @@ def _stream_zipfile(zf: zipfile.ZipFile, info: zipfile.ZipInfo, out: int, archiv
     try:
         with zf.open(info) as member:
             while block := member.read(_BIG):
-                _write_all(out, block)
+                _io.write_all(out, block)
     except zipfile.BadZipFile as exc:
         raise _member_error(archive, name, f"is damaged ({exc})") from exc
 
@@ -850,16 +953,18 @@ def _progress_bar(total: int | None, desc: str, enabled: bool, unit: str = "file
 
 
 def _decompress_stream(src: str, fmt: Format, out_path: Path, limits: ArchiveLimits, progress: bool, what: str) -> int:
-    """Decompress a .gz / .bz2 / .xz stream into ``out_path`` (a new file), enforcing the bomb limits."""
-    opener: Any = {"tar.gz": gzip.open, "gz": gzip.open, "tar.bz2": bz2.open, "tar.xz": lzma.open}[fmt]
+    """Decompress a .gz / .bz2 / .xz / .zst stream into ``out_path`` (a new file), enforcing the bomb limits."""
+    openers: dict[str, Any] = {"gz": gzip.open, "bz2": bz2.open, "xz": lzma.open, "zst": _zstd_open}
+    opener = openers[fmt.rpartition(".")[2]]
     packed = os.path.getsize(src)
     produced = 0
-    fd = out_ops.open(os.fspath(out_path), 0o644)
+    fd = _io.ops.create(os.fspath(out_path), 0o644)
     try:
         with opener(src, "rb") as stream, _progress_bar(packed, f"decompress {what}", progress, "B") as tick:
-            raw: IO[bytes] = stream
             last = 0
-            while block := raw.read(_BIG):
+
+            def write(block: bytes) -> None:
+                nonlocal produced, last
                 produced += len(block)
                 if produced > limits.max_total_size:
                     raise UnsafeArchiveError(
@@ -867,18 +972,30 @@ def _decompress_stream(src: str, fmt: Format, out_path: Path, limits: ArchiveLim
                         "(ArchiveLimits.max_total_size); if you trust it, raise the limit"
                     )
                 _check_ratio(src, "the compressed stream", produced, packed, limits)
-                _write_all(fd, block)
+                _io.write_all(fd, block)
                 position = _compressed_position(stream)
                 if position is not None:
                     tick(position - last)
                     last = position
-    except (OSError, EOFError, lzma.LZMAError, zlib.error) as exc:
+
+            _io.copy_stream(stream.read, write, chunk_size=_BIG)
+    except _stream_errors() as exc:
         if isinstance(exc, OSError) and exc.errno is not None:
             raise
         raise ChecksumError(f"{src}: the compressed data is corrupt or truncated ({exc}); re-download it") from exc
     finally:
         os.close(fd)
     return produced
+
+
+def _stream_errors() -> tuple[type[BaseException], ...]:
+    """What gzip, bz2, lzma, zlib and the zstd readers raise for bad data."""
+    found: list[type[BaseException]] = [OSError, EOFError, lzma.LZMAError, zlib.error]
+    for module in ("zstandard", "compression.zstd"):
+        error = getattr(sys.modules.get(module), "ZstdError", None)
+        if isinstance(error, type) and issubclass(error, BaseException):
+            found.append(error)
+    return tuple(found)
 
 
 def _compressed_position(stream: Any) -> int | None:
@@ -896,30 +1013,35 @@ def extract_archive(
     limits: ArchiveLimits | None = None,
     progress: bool = True,
     scratch: str | os.PathLike[str] | None = None,
+    keep_platform_files: bool = False,
 ) -> ExtractResult:
     """Validate every member of ``archive``, then extract it into the empty folder ``dest``.
 
     ``dest`` should be a fresh folder (``stage()`` passes a temporary sibling of the
     final location); on an error the caller discards it. Nothing is written anywhere
     before all members passed validation, and nothing is ever written outside ``dest``
-    (``scratch`` receives the decompressed tar of a ``.tar.gz``/``.tar.bz2``/``.tar.xz``).
+    (``scratch`` receives the decompressed tar of a ``.tar.gz``/``.tar.bz2``/``.tar.xz``/``.tar.zst``).
 
     Args:
-        archive: A ``.zip``, ``.tar``, ``.tar.gz``/``.tgz``, ``.tar.bz2``, ``.tar.xz`` or single ``.gz`` file.
+        archive: A ``.zip``, ``.tar``, ``.tar.gz``/``.tgz``, ``.tar.bz2``, ``.tar.xz``,
+            ``.tar.zst`` or ``.7z`` archive, or a single ``.gz`` or ``.zst`` file.
         dest: Existing, empty folder to extract into.
         fmt: The format, when the name does not tell it; detected from the name and content otherwise.
         workers: Worker processes; ``"auto"`` uses every core for big archives and one for small ones.
         limits: Archive-bomb limits (see :class:`ArchiveLimits`).
         progress: Show a progress bar.
         scratch: Folder for the temporary decompressed tar (default: ``dest``'s parent).
+        keep_platform_files: Also write ``__MACOSX/``, ``._name``, ``.DS_Store``,
+            ``Thumbs.db`` and ``desktop.ini`` members (see :func:`is_platform_file`).
 
     Returns:
-        Counts of what was written.
+        Counts of what was written, and of the platform litter skipped.
 
     Raises:
         UnsafeArchiveError: A member is hostile or a limit is exceeded.
         ChecksumError: Member data is corrupt (CRC mismatch, truncation).
         InsufficientSpaceError: The extracted size does not fit on the disk.
+        MissingDependencyError: The archive needs a package or program that is not installed.
 
     Example:
         >>> extract_archive("mnist.zip", "/content/data/.mnist-tmp")  # doctest: +SKIP
@@ -932,20 +1054,30 @@ def extract_archive(
     fmt = fmt or archive_format(path)
     if fmt is None:
         raise ArgumentError(
-            f"{path} is not a zip, tar, tar.gz, tar.bz2, tar.xz or gz archive; pass extract=False to keep it as it is"
+            f"{path} is not a zip, tar, tar.gz, tar.bz2, tar.xz, tar.zst, 7z, gz or zst archive; pass extract=False "
+            "to keep it as it is"
         )
     label = Path(path).name
     with os.scandir(root) as entries:
         if any(True for _ in entries):
             raise ArgumentError(f"extract_archive(dest={os.fspath(dest)!r}): the folder must be empty")
+    options = _Options(workers, limits, progress, keep_platform_files)
     try:
-        return _extract_any(path, fmt, root, label, workers, limits, progress, scratch)
+        return _extract_any(path, fmt, root, label, options, scratch)
     except BaseException:
         # Some problems (a member that inflates past its declared size) show only while
         # writing: take back everything, so a rejected archive leaves dest as it was.
         for entry in os.listdir(root):
             remove_path(root / entry)
         raise
+
+
+@dataclasses.dataclass(frozen=True)
+class _Options:
+    workers: int | Literal["auto"]
+    limits: ArchiveLimits
+    progress: bool
+    keep_platform_files: bool
 
 
 def remove_path(path: Path) -> None:
@@ -958,31 +1090,28 @@ def remove_path(path: Path) -> None:
 
 
 def _extract_any(
-    path: str,
-    fmt: Format,
-    root: Path,
-    label: str,
-    workers: int | Literal["auto"],
-    limits: ArchiveLimits,
-    progress: bool,
-    scratch: str | os.PathLike[str] | None,
+    path: str, fmt: Format, root: Path, label: str, options: _Options, scratch: str | os.PathLike[str] | None
 ) -> ExtractResult:
-    if fmt == "gz":
-        out_name = Path(label[:-3] if label.lower().endswith(".gz") else label + ".out").name
-        _io.ensure_free_space(root, _gzip_size_hint(path), what=f"the decompressed {out_name}")
+    limits, progress = options.limits, options.progress
+    if fmt in ("gz", "zst"):
+        suffix = "." + fmt
+        out_name = Path(label[: -len(suffix)] if label.lower().endswith(suffix) else label + ".out").name
+        _io.ensure_free_space(root, _gzip_size_hint(path) if fmt == "gz" else 0, what=f"the decompressed {out_name}")
         size = _decompress_stream(path, fmt, root / _clean_name(out_name, path), limits, progress, label)
         return ExtractResult(1, size, (out_name,))
-    if fmt in ("tar.gz", "tar.bz2", "tar.xz"):
+    if fmt == "7z":
+        return _extract_7z(path, root, label, options)
+    if fmt in ("tar.gz", "tar.bz2", "tar.xz", "tar.zst"):
         scratch_dir = Path(scratch) if scratch is not None else root.parent
         plain = _io.temp_name(scratch_dir / (label + ".tar"))
         try:
             _io.ensure_free_space(scratch_dir, extracted_size(path, fmt), what=f"the decompressed {label}")
             _decompress_stream(path, fmt, plain, limits, progress, label)
-            return _extract_plan(os.fspath(plain), "tar", root, workers, limits, progress, label)
+            return _extract_plan(os.fspath(plain), "tar", root, options, label)
         finally:
             with contextlib.suppress(OSError):
                 plain.unlink()
-    return _extract_plan(path, fmt, root, workers, limits, progress, label)
+    return _extract_plan(path, fmt, root, options, label)
 
 
 def extracted_size(path: str | os.PathLike[str], fmt: Format) -> int:
@@ -990,16 +1119,14 @@ def extracted_size(path: str | os.PathLike[str], fmt: Format) -> int:
 
     Exact for zip (the central directory) and for most ``.gz``/``.tar.gz`` (the gzip
     trailer); the archive's own size for plain tar (its members' sizes plus headers)
-    and for ``.tar.bz2``/``.tar.xz`` (whose headers do not say; compressed data only
-    grows). The members are not validated here: :func:`extract_archive` does that.
+    and for the other compressed formats (whose headers need not say; compressed data
+    only grows). The members are not validated here: :func:`extract_archive` does that.
     """
     name = os.fspath(path)
     packed = os.path.getsize(name)
     if fmt == "zip":
-        with contextlib.suppress(OSError, UnicodeDecodeError, struct.error, UnsafeArchiveError):
-            found = _fast_central(name)
-            entries = found[0] if found is not None else _zipfile_central(name)[0]
-            return sum(entry[5] for entry in entries)
+        with contextlib.suppress(OSError, UnsafeArchiveError, struct.error):
+            return sum(entry[5] for entry in read_central(name)[0])
         return packed
     if fmt in ("gz", "tar.gz"):
         return max(_gzip_size_hint(name), packed)
@@ -1014,38 +1141,159 @@ def _gzip_size_hint(path: str) -> int:
     return 0
 
 
-def _extract_plan(
-    path: str,
-    fmt: Format,
-    root: Path,
-    workers: int | Literal["auto"],
-    limits: ArchiveLimits,
-    progress: bool,
-    label: str,
-) -> ExtractResult:
-    plan = _scan(path, fmt, limits)
-    _io.ensure_free_space(root, plan.total, what=f"the extracted {label} ({len(plan.files)} files)")
-    base = os.fspath(root)
-    dirs = set(plan.dirs)
-    for name, *_ in plan.files:
-        parent = name.rpartition("/")[0]
+def _make_dirs(base: str, plan: _Plan, jobs: Iterable[tuple[Any, ...]]) -> None:
+    dirs = plan.dirs
+    for job in jobs:
+        parent = job[0].rpartition("/")[0]
         while parent and parent not in dirs:
             dirs.add(parent)
             parent = parent.rpartition("/")[0]
     for name in sorted(dirs):
         os.mkdir(f"{base}/{name}")  # parents sort before children; the folder is fresh, so no clashes
-    count = _auto_workers(workers, len(plan.files), plan.total)
-    with _progress_bar(len(plan.files), f"extract {label}", progress) as tick:
+
+
+def _extract_plan(path: str, fmt: Format, root: Path, options: _Options, label: str) -> ExtractResult:
+    plan = _scan(path, fmt, options.limits, options.keep_platform_files)
+    count_files = len(plan.files) + len(plan.external)
+    _io.ensure_free_space(root, plan.total, what=f"the extracted {label} ({count_files} files)")
+    base = os.fspath(root)
+    _make_dirs(base, plan, itertools.chain(plan.files, plan.external.values()))
+    count = _auto_workers(options.workers, len(plan.files), plan.total)
+    with _progress_bar(count_files, f"extract {label}", options.progress) as tick:
 
         def task(jobs: Sequence[Any]) -> int:
             return _extract_chunk(path, base, jobs)
 
         _run_chunks(task, plan.files, count, tick)
+        if plan.external:
+            _extract_external(path, base, plan, tick)
     for name, target in plan.hardlinks:
         os.link(f"{base}/{target}", f"{base}/{name}")
     for name, target in plan.symlinks:
         os.symlink(target, f"{base}/{name}")
-    return ExtractResult(len(plan.files) + len(plan.hardlinks), plan.total, plan.top_level)
+    return ExtractResult(count_files + len(plan.hardlinks), plan.total, plan.top_level, plan.skipped)
+
+
+def _extract_external(path: str, base: str, plan: _Plan, tick: Callable[[int], None]) -> None:
+    """Write the members in ``plan.external`` from a system tool's stream of every member.
+
+    ``unzip -p`` (or ``7z x -so``) writes the data of all members, one after the other
+    in central-directory order, and nothing else: the tool never opens a path of ours.
+    The stream is split by the sizes the central directory declares, each piece is
+    checked against its CRC (a stream that does not line up fails there) and written
+    through :data:`colabkit._io.ops`.
+    """
+    command = _zip_tool(path, plan)
+    with tempfile.TemporaryFile() as errors:
+        proc = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=errors)
+        assert proc.stdout is not None
+        stream = proc.stdout
+        try:
+            for offset, size in plan.order:
+                job = plan.external.get(offset)
+                if job is None:
+                    _skip_bytes(stream, size, path, errors)
+                    continue
+                name, _, _, _, _, crc, mode, _ = job
+                fd = _io.ops.create(f"{base}/{name}", mode)
+                try:
+                    running = 0
+                    left = size
+                    while left:
+                        block = stream.read(min(left, _BIG))
+                        if not block:
+                            raise _tool_failed(path, name, "ends early", errors)
+                        running = zlib.crc32(block, running)
+                        _io.write_all(fd, block)
+                        left -= len(block)
+                finally:
+                    os.close(fd)
+                if running != crc:
+                    raise _member_error(path, name, f"fails its CRC check ({os.path.basename(command[0])} output)")
+                tick(1)
+            if stream.read(1):
+                raise _tool_failed(path, "", "wrote more data than the archive declares", errors)
+            status = proc.wait()
+            # unzip's 1 is a warning (data in front of the archive); every byte was checked above.
+            if status not in (0, 1):
+                raise _tool_failed(path, "", f"exited with status {status}", errors)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                proc.kill()
+            proc.wait()
+            raise
+        finally:
+            stream.close()
+
+
+def _skip_bytes(stream: IO[bytes], size: int, path: str, errors: IO[bytes]) -> None:
+    left = size
+    while left:
+        block = stream.read(min(left, _BIG))
+        if not block:
+            raise _tool_failed(path, "", "ends early", errors)
+        left -= len(block)
+
+
+def _tool_failed(path: str, name: str, problem: str, errors: IO[bytes]) -> ChecksumError:
+    errors.seek(0)
+    said = " ".join(errors.read()[-600:].decode("utf-8", "replace").split())
+    where = f"member {name!r}: " if name else ""
+    return ChecksumError(
+        f"{path}: {where}the decompressing tool's output {problem}"
+        + (f" (it said: {said})" if said else "")
+        + "; the archive is corrupt or uses a method the tool cannot read"
+    )
+
+
+def _extract_7z(path: str, root: Path, label: str, options: _Options) -> ExtractResult:
+    """Validate a .7z archive's member list, then let py7zr write the members that passed into ``root``."""
+    try:
+        import py7zr
+    except ImportError:
+        raise missing_dependency("py7zr", "7z", purpose=f"extracting the 7-Zip archive {label}") from None
+    limits = options.limits
+    try:
+        archive = py7zr.SevenZipFile(path, "r")
+    except Exception as exc:
+        raise UnsafeArchiveError(f"{path}: not a readable 7z archive ({exc}); re-download or re-create it") from exc
+    with archive:
+        if archive.needs_password():
+            raise UnsafeArchiveError(f"{path}: the 7z archive is encrypted; decrypt it first")
+        plan = _Plan()
+        names = _Names(path)
+        wanted: list[str] = []
+        packed_total = 0
+        for info in archive.list():
+            plan.members += 1
+            name = _clean_name(info.filename, path)
+            if not options.keep_platform_files and is_platform_file(name):
+                plan.skipped += 1
+                continue
+            if info.is_directory:
+                names.add(name, "dir")
+                plan.dirs.add(name)
+            elif info.is_file:
+                names.add(name, "file")
+                plan.files.append((name, 0, 0, info.uncompressed, 0, -1, 0o644, -1))
+                plan.total += info.uncompressed
+                packed_total += info.compressed or 0
+            else:
+                raise UnsafeArchiveError(
+                    f"{path}: member {info.filename!r} is a link or special file; stage() extracts only files and "
+                    "folders from 7z archives, so the archive is rejected"
+                )
+            wanted.append(info.filename)
+        _check_budget(path, plan, limits)
+        # 7z compresses files together (solid blocks): only the whole archive has a ratio.
+        _check_ratio(path, "the archive", plan.total, max(packed_total, os.path.getsize(path)), limits)
+        _io.ensure_free_space(root, plan.total, what=f"the extracted {label} ({len(plan.files)} files)")
+        try:
+            with _progress_bar(None, f"extract {label}", options.progress):
+                archive.extract(path=root, targets=wanted)
+        except Exception as exc:
+            raise ChecksumError(f"{path}: the 7z archive is damaged ({exc}); re-download or re-create it") from exc
+    return ExtractResult(len(plan.files), plan.total, plan.top_level, plan.skipped)
 
 
 # -- make_archive ---------------------------------------------------------------------------------

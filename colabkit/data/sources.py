@@ -10,9 +10,9 @@ source answers two questions the same way:
   file to extract or copy, or a folder to copy) and say whether that local copy
   is temporary.
 
-Outside-world seams (replace them in tests): :data:`fs_ops` (file reads of
-local/Drive sources), :func:`gdown_module`, :func:`fsspec_module`,
-:func:`urlopen` and :func:`sleep`.
+Outside-world seams (replace them in tests): :data:`colabkit._io.ops` (file
+reads of local/Drive sources and the files written from them),
+:func:`gdown_module`, :func:`fsspec_module`, :func:`urlopen` and :func:`sleep`.
 """
 
 from __future__ import annotations
@@ -31,11 +31,11 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from types import ModuleType
-from typing import IO, Any, Literal, Protocol, TypeVar
+from typing import Any, Literal, Protocol, TypeVar
 
 from colabkit import _io
 from colabkit.data.archive import _progress_bar
@@ -44,38 +44,25 @@ from colabkit.runtime import runtime
 
 __all__ = [
     "Fetched",
-    "FsOps",
     "Source",
+    "copy_file",
     "copy_tree",
-    "fs_ops",
     "fsspec_module",
     "gdown_module",
+    "is_remote_path",
     "resolve",
     "urlopen",
+    "with_retries",
 ]
 
 T = TypeVar("T")
 
 _MiB = 1024 * 1024
-_CHUNK = 8 * _MiB
 _GDRIVE_ID = re.compile(r"^[A-Za-z0-9_-]{25,}$")
 _GDRIVE_HOSTS = ("drive.google.com", "docs.google.com", "drive.usercontent.google.com")
 
 
 # -- seams ------------------------------------------------------------------------------------------
-
-
-class FsOps:
-    """File reads of local and Drive sources: the seam for latency simulation and fault injection."""
-
-    def open_read(self, path: str) -> IO[bytes]:
-        return open(path, "rb")
-
-    def read(self, handle: IO[bytes], size: int) -> bytes:
-        return handle.read(size)
-
-
-fs_ops = FsOps()
 
 
 def gdown_module() -> ModuleType:
@@ -106,8 +93,8 @@ def sleep(seconds: float) -> None:
     time.sleep(seconds)
 
 
-def _retry(fn: Callable[[], T], retries: int) -> T:
-    """Retry ``fn`` on Drive's transient errors (errno 5, 107), remounting Drive on 107."""
+def with_retries(fn: Callable[[], T], retries: int) -> T:
+    """Call ``fn``, retrying on Drive's transient errors (errno 5, 107) as :func:`colabkit.drive.drive_retry` does."""
     from colabkit.drive import drive_retry
 
     return drive_retry(fn, retries=retries, sleep=sleep)
@@ -116,31 +103,15 @@ def _retry(fn: Callable[[], T], retries: int) -> T:
 _DRIVE_HINTS = frozenset({"drive", "MyDrive", "My Drive", "colabkit_drive", "Shareddrives", "Shared drives"})
 
 
-def _fuse_mount(path: Path) -> bool:
-    """Whether ``path`` lies on a FUSE filesystem (Drive, gcsfuse...): reads are remote there."""
-    from colabkit.drive import _mount_table, _unescape_mount_field
-
-    text = _mount_table()
-    if text is None:
-        return False
-    real = os.path.realpath(path)
-    best, fstype = "", ""
-    for fields in (line.split() for line in text.splitlines()):
-        if len(fields) < 3:
-            continue
-        point, kind = _unescape_mount_field(fields[1]), fields[2]
-        if (real == point or real.startswith(point.rstrip("/") + "/")) and len(point) >= len(best):
-            best, fstype = point, kind
-    return fstype.startswith("fuse")
-
-
-def _is_drive_path(path: Path) -> bool:
-    """Whether reads of ``path`` should be copied off first (Drive or another FUSE mount).
+def is_remote_path(path: Path) -> bool:
+    """Whether reads of ``path`` are remote, so it is copied off first: Drive, or another FUSE mount (gcsfuse...).
 
     colabkit.drive.is_drive_path asks runtime(), which may probe GPUs; only ask it
     when the path looks like Drive, so staging a plain local file stays instant.
     """
-    if _fuse_mount(path):
+    from colabkit import drive
+
+    if (drive.mount_type(path) or "").startswith("fuse"):
         return True
     stand_in = os.environ.get("COLABKIT_DRIVE_DIR")
     looks_like_drive = not _DRIVE_HINTS.isdisjoint(path.parts) or (
@@ -148,10 +119,8 @@ def _is_drive_path(path: Path) -> bool:
     )
     if not looks_like_drive:
         return False
-    from colabkit.drive import is_drive_path
-
     try:
-        return bool(is_drive_path(path))
+        return bool(drive.is_drive_path(path))
     except OSError:
         return False
 
@@ -209,7 +178,8 @@ class Source(Protocol):
 
 def _strip_archive_suffix(name: str) -> str:
     lowered = name.lower()
-    for suffix in (".tar.gz", ".tar.bz2", ".tar.xz", ".tgz", ".tbz2", ".tbz", ".txz", ".tar", ".zip", ".gz"):
+    suffixes = (".tar.gz", ".tar.bz2", ".tar.xz", ".tar.zst", ".tar.zstd", ".tgz", ".tbz2", ".tbz", ".txz", ".tzst")
+    for suffix in (*suffixes, ".tar", ".zip", ".7z", ".gz", ".zst"):
         if lowered.endswith(suffix) and len(name) > len(suffix):
             return name[: -len(suffix)]
     return name
@@ -237,7 +207,7 @@ class PathSource:
         return _strip_archive_suffix(self.path.name) or "dataset"
 
     def identity(self) -> dict[str, Any]:
-        st = _retry(lambda: os.stat(self.path), 2)
+        st = with_retries(lambda: os.stat(self.path), 2)
         ident: dict[str, Any] = {"kind": "path", "path": str(self.path), "mtime_ns": st.st_mtime_ns}
         if os.path.isdir(self.path):
             # Adding or removing a file changes its folder's mtime; direct subfolders (class
@@ -255,10 +225,10 @@ class PathSource:
     def fetch(self, ctx: FetchContext) -> Fetched:
         if self.path.is_dir():
             return Fetched(self.path, self.path.name, temporary=False, is_dir=True)
-        if not _is_drive_path(self.path):
+        if not is_remote_path(self.path):
             return Fetched(self.path, self.path.name, temporary=False)
         # Drive reads are slow and flaky at random offsets: one sequential copy to local disk first.
-        size = _retry(lambda: self.path.stat().st_size, ctx.retries)
+        size = with_retries(lambda: self.path.stat().st_size, ctx.retries)
         _io.ensure_free_space(ctx.scratch, size, what=f"the local copy of {self.path.name}")
         ctx.scratch.mkdir(parents=True, exist_ok=True)
         local = _io.temp_name(ctx.scratch / self.path.name)
@@ -266,11 +236,11 @@ class PathSource:
         def attempt() -> dict[str, str]:
             hashers = {name: hashlib.new(name) for name in ctx.hash_names}
             with _bar(size, f"copy {self.path.name}", ctx.progress) as tick:
-                _copy_one(str(self.path), str(local), hashers=list(hashers.values()), progress=tick)
+                copy_file(self.path, local, hashers=hashers.values(), progress=tick)
             return {name: h.hexdigest() for name, h in hashers.items()}
 
         try:
-            hashes = _retry(attempt, ctx.retries)
+            hashes = with_retries(attempt, ctx.retries)  # fresh hashers on each attempt
         except BaseException:
             with contextlib.suppress(OSError):
                 local.unlink()
@@ -278,26 +248,26 @@ class PathSource:
         return Fetched(local, self.path.name, temporary=True, hashes=hashes)
 
 
-def _copy_one(
-    src: str, dst: str, *, hashers: list[Any] | None = None, progress: Callable[[int], None] | None = None
+def copy_file(
+    src: str | os.PathLike[str],
+    dst: str | os.PathLike[str],
+    *,
+    retries: int = 0,
+    hashers: Iterable[Any] = (),
+    progress: Callable[[int], None] | None = None,
 ) -> int:
-    """Copy one file through :data:`fs_ops`; small files in one read, big ones in 8 MiB chunks."""
-    with fs_ops.open_read(src) as source:
-        fd = os.open(dst, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_NOFOLLOW", 0), 0o644)
-        copied = 0
-        try:
-            while block := fs_ops.read(source, _CHUNK):
-                view = memoryview(block)
-                while view:
-                    view = view[os.write(fd, view) :]
-                for hasher in hashers or ():
-                    hasher.update(block)
-                copied += len(block)
-                if progress is not None:
-                    progress(len(block))
-        finally:
-            os.close(fd)
-    return copied
+    """Copy one file (through :data:`colabkit._io.ops`) to the new file ``dst``, retrying Drive's hiccups.
+
+    ``dst`` is written in place (callers copy into folders that are published
+    atomically); an attempt that failed midway is removed before the next.
+    """
+
+    def attempt() -> int:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(dst)
+        return _io.copy_file(src, dst, hashers=hashers, progress=progress, durable=False, atomic=False)
+
+    return with_retries(attempt, retries)
 
 
 def copy_tree(
@@ -332,7 +302,7 @@ def copy_tree(
     total_bytes = 0
 
     def one(pair: tuple[str, str]) -> int:
-        return _retry(lambda: _copy_one(*pair), retries)
+        return copy_file(*pair, retries=retries)
 
     with _progress_bar(len(files), f"copy {src.name}", progress) as tick:
         if workers <= 1 or len(files) < 2:
@@ -591,10 +561,7 @@ class HttpSource:
             received = have
             with open(part, mode) as out, _bar(total, f"download {self._basename() or 'file'}", ctx.progress) as tick:
                 tick(have)
-                while block := response.read(1024 * 1024):
-                    out.write(block)
-                    received += len(block)
-                    tick(len(block))
+                received += _io.copy_stream(response.read, out.write, chunk_size=_MiB, progress=tick)
             if total is not None and received != total:
                 raise http.client.IncompleteRead(b"", total - received)
             return _disposition_name(response.headers)
@@ -649,7 +616,7 @@ class FsspecSource:
     def fetch(self, ctx: FetchContext) -> Fetched:
         fs, path = self._filesystem()
         try:
-            info = _retry(lambda: fs.info(path), ctx.retries)
+            info = with_retries(lambda: fs.info(path), ctx.retries)
         except FileNotFoundError as exc:
             raise DownloadError(f"{self.url} does not exist (or is not readable with these credentials)") from exc
         ctx.scratch.mkdir(parents=True, exist_ok=True)
@@ -658,7 +625,7 @@ class FsspecSource:
             out = _io.temp_name(ctx.scratch / name)
             out.mkdir()
             try:
-                _retry(lambda: fs.get(path.rstrip("/") + "/", str(out) + "/", recursive=True), ctx.retries)
+                with_retries(lambda: fs.get(path.rstrip("/") + "/", str(out) + "/", recursive=True), ctx.retries)
             except BaseException:
                 shutil.rmtree(out, ignore_errors=True)
                 raise
@@ -670,19 +637,15 @@ class FsspecSource:
         def attempt() -> dict[str, str]:
             hashers = {algorithm: hashlib.new(algorithm) for algorithm in ctx.hash_names}
             with (
-                fs.open(path, "rb", block_size=_CHUNK) as remote,
+                fs.open(path, "rb", block_size=_io.CHUNK) as remote,
                 open(local, "wb") as out,
                 _bar(size, f"download {name}", ctx.progress) as tick,
             ):
-                while block := remote.read(_CHUNK):
-                    out.write(block)
-                    for hasher in hashers.values():
-                        hasher.update(block)
-                    tick(len(block))
+                _io.copy_stream(remote.read, out.write, progress=tick, hashers=hashers.values())
             return {algorithm: h.hexdigest() for algorithm, h in hashers.items()}
 
         try:
-            hashes = _retry(attempt, ctx.retries)
+            hashes = with_retries(attempt, ctx.retries)
         except FileNotFoundError as exc:
             with contextlib.suppress(OSError):
                 local.unlink()
@@ -732,7 +695,7 @@ def _path_source(text: str) -> PathSource:
     # Platform paths (/content/drive/...) land inside a colabkit.testing fake's root; identity elsewhere.
     path = Path(os.path.abspath(runtime().host_path(os.path.expanduser(text))))
     try:
-        exists = _retry(lambda: path.exists(), 2)
+        exists = with_retries(lambda: path.exists(), 2)
     except OSError as exc:
         raise ColabkitIOError(exc.errno, f"cannot read {path}: {exc.strerror}; if it is on Drive, remount it") from exc
     if not exists:

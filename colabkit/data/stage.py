@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import errno
 import json
 import os
@@ -57,6 +58,7 @@ def stage(
     workers: int | Literal["auto"] = "auto",
     progress: bool = True,
     limits: ArchiveLimits | None = None,
+    keep_platform_files: bool = False,
 ) -> Path:
     """Fetch a dataset to fast local disk, verify it, extract it safely, and return its folder.
 
@@ -66,8 +68,8 @@ def stage(
 
     Args:
         source: A file or folder path (local or on the mounted Drive): an archive
-            (``.zip``, ``.tar``, ``.tar.gz``/``.tgz``, ``.tar.bz2``, ``.tar.xz``), a single
-            ``.gz`` file, any other file, or a folder. Or a Google Drive share link,
+            (``.zip``, ``.tar``, ``.tar.gz``/``.tgz``, ``.tar.bz2``, ``.tar.xz``, ``.tar.zst``,
+            ``.7z``), a single ``.gz`` or ``.zst`` file, any other file, or a folder. Or a Google Drive share link,
             file id or folder link (through gdown); an ``http(s)://`` URL (resumable);
             an ``s3://`` / ``gs://`` URL (through fsspec).
         dest: Folder that receives the dataset folder; default: the runtime's fast
@@ -84,10 +86,13 @@ def stage(
         workers: Parallel extraction processes / copy threads; ``"auto"`` picks by size.
         progress: Show progress bars.
         limits: Archive-bomb limits (:class:`colabkit.data.archive.ArchiveLimits`).
+        keep_platform_files: Also extract what operating systems leave in archives
+            (``__MACOSX/``, ``._name``, ``.DS_Store``, ``Thumbs.db``, ``desktop.ini``);
+            skipped by default, and said how many. Never counted as a top-level folder.
 
     Returns:
         The local folder holding the data; when an archive holds a single top-level
-        folder, that folder.
+        folder (platform litter aside), that folder.
 
     Raises:
         ArgumentError: A bad argument, a missing source, or ``dest/name`` holds data
@@ -118,6 +123,8 @@ def stage(
         "md5": md5.lower() if md5 else None,
         "extract": extract,
     }
+    if keep_platform_files:
+        identity["keep_platform_files"] = True
     if not overwrite:
         found = _staged(target, identity)
         if found is not None:
@@ -134,16 +141,15 @@ def stage(
                 "it, or choose another name= or dest="
             )
         _remove_leftovers(base, folder_name)
-        if _sources._is_drive_path(base):
+        if _sources.is_remote_path(base):
             _notify.warn_once(
                 f"stage-dest-drive:{base}",
                 f"stage(): dest {base} is on Google Drive, which is slow for many small files; stage to local "
                 "disk instead (leave dest=None for the runtime's data folder)",
             )
         try:
-            return _stage_fresh(
-                src, target, identity, sha256, md5, extract, retries, workers, progress, limits or ArchiveLimits()
-            )
+            options = _Options(extract, retries, workers, progress, limits or ArchiveLimits(), keep_platform_files)
+            return _stage_fresh(src, target, identity, sha256, md5, options)
         except OSError as exc:
             if exc.errno == errno.ENOSPC and not isinstance(exc, InsufficientSpaceError):
                 raise InsufficientSpaceError(
@@ -154,18 +160,20 @@ def stage(
             raise
 
 
+@dataclasses.dataclass(frozen=True)
+class _Options:
+    extract: bool | Literal["auto"]
+    retries: int
+    workers: int | Literal["auto"]
+    progress: bool
+    limits: ArchiveLimits
+    keep_platform_files: bool
+
+
 def _stage_fresh(
-    src: _sources.Source,
-    target: Path,
-    identity: dict[str, Any],
-    sha256: str | None,
-    md5: str | None,
-    extract: bool | Literal["auto"],
-    retries: int,
-    workers: int | Literal["auto"],
-    progress: bool,
-    limits: ArchiveLimits,
+    src: _sources.Source, target: Path, identity: dict[str, Any], sha256: str | None, md5: str | None, options: _Options
 ) -> Path:
+    extract, retries, workers, progress = options.extract, options.retries, options.workers, options.progress
     started = time.monotonic()
     scratch = target.parent / SCRATCH
     wanted = tuple(algorithm for algorithm, digest in (("sha256", sha256), ("md5", md5)) if digest)
@@ -181,13 +189,14 @@ def _stage_fresh(
     try:
         _verify(fetched, src, {"sha256": sha256, "md5": md5})
         staging.mkdir()
-        result, files, size = _fill(fetched, staging, extract, workers, threads, retries, progress, limits, scratch)
+        result, files, size, skipped = _fill(fetched, staging, options, threads, scratch)
         marker = {
             "version": _MARKER_VERSION,
             "identity": identity,
             "result": result,
             "files": files,
             "bytes": size,
+            "skipped_platform_files": skipped,
             "staged_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         }
         _io.atomic_write_bytes(staging / MARKER, json.dumps(marker, indent=1).encode())
@@ -202,6 +211,15 @@ def _stage_fresh(
     _notify.logger.info(
         "staged %s -> %s (%d files) in %.1fs", src.description, target, files, time.monotonic() - started
     )
+    if skipped:
+        note = (
+            f"stage(): skipped {skipped} macOS/Windows metadata file{'s' if skipped != 1 else ''} in "
+            f"{fetched.name} (__MACOSX/, ._*, .DS_Store, Thumbs.db, desktop.ini); pass keep_platform_files=True "
+            "to keep them"
+        )
+        _notify.logger.info(note)
+        if progress:
+            _notify.say(note)
     return target / result if result != "." else target
 
 
@@ -214,11 +232,11 @@ def _check_space(src: _sources.Source, base: Path, extract: bool | Literal["auto
     """
     if not isinstance(src, _sources.PathSource) or src.path.is_dir():
         return
-    size = _sources._retry(lambda: src.path.stat().st_size, 2)
+    size = _sources.with_retries(lambda: src.path.stat().st_size, 2)
     fmt = archive_format(src.path) if extract is not False else None
-    copy = size if fmt is not None and _sources._is_drive_path(src.path) else 0
+    copy = size if fmt is not None and _sources.is_remote_path(src.path) else 0
     # A compressed tar is first decompressed next to the files it holds.
-    compressed_tar = fmt in ("tar.gz", "tar.bz2", "tar.xz")
+    compressed_tar = fmt in ("tar.gz", "tar.bz2", "tar.xz", "tar.zst")
     if fmt is not None and not copy and not compressed_tar:
         return  # a local zip, tar or gz: extraction checks exactly this before it writes
     extracted = extracted_size(src.path, fmt) if fmt is not None else size
@@ -251,17 +269,10 @@ def _tidy_scratch(scratch: Path) -> None:
 
 
 def _fill(
-    fetched: _sources.Fetched,
-    staging: Path,
-    extract: bool | Literal["auto"],
-    workers: int | Literal["auto"],
-    threads: int,
-    retries: int,
-    progress: bool,
-    limits: ArchiveLimits,
-    scratch: Path,
-) -> tuple[str, int, int]:
-    """Put the data into ``staging``; returns (result folder relative to it, files, bytes)."""
+    fetched: _sources.Fetched, staging: Path, options: _Options, threads: int, scratch: Path
+) -> tuple[str, int, int, int]:
+    """Put the data into ``staging``; returns (result folder relative to it, files, bytes, litter skipped)."""
+    extract, retries, progress = options.extract, options.retries, options.progress
     if fetched.is_dir:
         if fetched.temporary:
             # A download folder on the same disk: move its content instead of copying it.
@@ -271,24 +282,35 @@ def _fill(
             for dirpath, _, filenames in os.walk(staging):
                 count += len(filenames)
                 size += sum(os.lstat(os.path.join(dirpath, f)).st_size for f in filenames)
-            return ".", count, size
+            return ".", count, size, 0
         count, size = _sources.copy_tree(fetched.path, staging, workers=threads, retries=retries, progress=progress)
-        return ".", count, size
+        return ".", count, size, 0
     fmt = archive_format(fetched.path, name=fetched.name) if extract is not False else None
     if fmt is not None:
         if fmt.startswith("tar."):
             scratch.mkdir(parents=True, exist_ok=True)
         done = extract_archive(
-            fetched.path, staging, fmt=fmt, workers=workers, limits=limits, progress=progress, scratch=scratch
+            fetched.path,
+            staging,
+            fmt=fmt,
+            workers=options.workers,
+            limits=options.limits,
+            progress=progress,
+            scratch=scratch,
+            keep_platform_files=options.keep_platform_files,
         )
         tops = done.top_level
         single = (
-            len(tops) == 1 and fmt != "gz" and (staging / tops[0]).is_dir() and not (staging / tops[0]).is_symlink()
+            len(tops) == 1
+            and fmt not in ("gz", "zst")
+            and (staging / tops[0]).is_dir()
+            and not (staging / tops[0]).is_symlink()
         )
-        return (tops[0] if single else "."), done.files, done.bytes
+        return (tops[0] if single else "."), done.files, done.bytes, done.skipped
     if extract is True:
         raise ArgumentError(
-            f"stage(extract=True): {fetched.name} is not a zip, tar, tar.gz, tar.bz2, tar.xz or gz archive; "
+            f"stage(extract=True): {fetched.name} is not a zip, tar, tar.gz, tar.bz2, tar.xz, tar.zst, 7z, gz or zst "
+            "archive; "
             "pass extract='auto' or False to copy it as it is"
         )
     out = staging / fetched.name
@@ -297,8 +319,8 @@ def _fill(
         os.replace(fetched.path, out)
     else:
         _io.ensure_free_space(staging, size, what=f"the copy of {fetched.name}")
-        _sources._retry(lambda: _sources._copy_one(str(fetched.path), str(out)), retries)
-    return ".", 1, size
+        _sources.copy_file(fetched.path, out, retries=retries)
+    return ".", 1, size, 0
 
 
 def _verify(fetched: _sources.Fetched, src: _sources.Source, expected: dict[str, str | None]) -> None:
@@ -321,7 +343,7 @@ def _verify(fetched: _sources.Fetched, src: _sources.Source, expected: dict[str,
 
 
 def _hash(path: Path, algorithm: str) -> str:
-    return _sources._retry(lambda: _io.hash_file(path, algorithm), 2)
+    return _sources.with_retries(lambda: _io.hash_file(path, algorithm), 2)
 
 
 def _publish(staging: Path, target: Path) -> None:
@@ -447,6 +469,9 @@ def cli_stage(argv: Sequence[str]) -> int:
     parser.add_argument("--overwrite", action="store_true", help="restage even if unchanged")
     parser.add_argument("--workers", default="auto", help="parallel workers ('auto' or a number)")
     parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    parser.add_argument(
+        "--keep-platform-files", action="store_true", help="also extract __MACOSX/, ._*, .DS_Store, Thumbs.db"
+    )
     args = parser.parse_args(list(argv))
     try:
         workers: int | Literal["auto"] = "auto" if args.workers == "auto" else int(args.workers)
@@ -463,6 +488,7 @@ def cli_stage(argv: Sequence[str]) -> int:
             overwrite=args.overwrite,
             workers=workers,
             progress=not args.no_progress,
+            keep_platform_files=args.keep_platform_files,
         )
     except (ColabkitError, OSError) as exc:
         print(f"colabkit stage: error: {exc}", file=sys.stderr)

@@ -309,9 +309,11 @@ class TrainPosition:
 
 
 def default_workers(dataset: Any) -> int:
-    """``num_workers="auto"``: none for in-memory tensors, else up to 4 (one per CPU core)."""
+    """``num_workers="auto"``: none for in-memory tensors or streams, else up to 4 (one per CPU core)."""
     if isinstance(dataset, torch.utils.data.TensorDataset):
         return 0  # a worker only adds pickling to an indexing operation
+    if isinstance(dataset, IterableDataset):
+        return 0  # each worker would replay the whole stream unless the dataset shards itself
     return max(0, min(4, (os.cpu_count() or 1)))
 
 
