@@ -892,7 +892,7 @@ def test_end_session_waits_for_pending_mirror_copies(tmp_path: Path) -> None:
     manager.save({"model_state_dict": {"w": torch.ones(3)}, "epoch": 1}, step=1)
     assert manager in registry.live_managers()
     session.end_session(flush=False)
-    mirrored = CheckpointManager(tmp_path / "mirror").latest()
+    mirrored = CheckpointListing(tmp_path / "mirror").latest()  # a reader: no lease, no threads
     assert mirrored is not None
     manager.close()
 

@@ -83,28 +83,39 @@ HOLDER = textwrap.dedent(
 )
 
 
+class Children:
+    """Child processes a test starts (text pipes to stdout and stderr); killed and reaped at the end."""
+
+    def __init__(self, env: dict[str, str]) -> None:
+        self.env = env
+        self.started: list[subprocess.Popen[str]] = []
+
+    def start(self, *argv: str) -> subprocess.Popen[str]:
+        proc = subprocess.Popen(
+            [sys.executable, *argv], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=self.env
+        )
+        self.started.append(proc)
+        return proc
+
+    def close(self) -> None:
+        for proc in self.started:
+            with contextlib.suppress(ProcessLookupError):
+                proc.kill()
+            proc.communicate()
+
+
 @pytest.fixture
-def holder_process(tmp_path: Path, subprocess_env: dict[str, str]) -> Iterator[Callable[..., subprocess.Popen[str]]]:
-    started: list[subprocess.Popen[str]] = []
+def holder_process(subprocess_env: dict[str, str]) -> Iterator[Callable[..., subprocess.Popen[str]]]:
+    children = Children(subprocess_env)
 
     def start(folder: Path, period: float = 60.0) -> subprocess.Popen[str]:
-        proc = subprocess.Popen(
-            [sys.executable, "-c", HOLDER, str(folder), str(period)],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-            env=subprocess_env,
-        )
-        started.append(proc)
+        proc = children.start("-c", HOLDER, str(folder), str(period))
         line = read_line(proc)
         assert line == "held\n", line
         return proc
 
     yield start
-    for proc in started:
-        with contextlib.suppress(ProcessLookupError):
-            proc.kill()
-        proc.communicate()
+    children.close()
 
 
 def test_acquire_writes_who_holds_it_and_release_removes_it(tmp_path: Path) -> None:

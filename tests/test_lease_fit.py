@@ -3,11 +3,9 @@ a deleted Drive folder starts over; a folder that cannot take checkpoints fails 
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import os
 import re
-import select
 import shutil
 import signal
 import subprocess
@@ -15,6 +13,7 @@ import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -28,39 +27,25 @@ from colabkit.train.loop import fit
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from lease_worker import data, model
+from test_lease import Children, read_line
 from witness import StepLog
 
 WORKER = Path(__file__).with_name("lease_worker.py")
 
 
-def read_line(proc: subprocess.Popen[str], timeout: float = 120.0) -> str:
-    assert proc.stdout is not None
-    ready, _, _ = select.select([proc.stdout], [], [], timeout)
-    if not ready:
-        raise AssertionError(f"no output from the child within {timeout} s")
-    return proc.stdout.readline()
+def train(folder: Path, steps: StepLog, *, epochs: int = 1, net: torch.nn.Module | None = None, **options: Any) -> None:
+    """fit() the tiny run on ``folder``, on the CPU and quietly; ``steps`` records what it trained."""
+    fit(
+        net or model(), data(), epochs=epochs, batch_size=4, checkpoint_dir=folder, device="cpu", progress=False,
+        callbacks=[steps], **options,
+    )  # fmt: skip
 
 
 @pytest.fixture
 def worker(subprocess_env: dict[str, str]) -> Iterator[Callable[..., subprocess.Popen[str]]]:
-    started: list[subprocess.Popen[str]] = []
-
-    def start(*args: str) -> subprocess.Popen[str]:
-        proc = subprocess.Popen(
-            [sys.executable, str(WORKER), *args],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-            env=subprocess_env,
-        )
-        started.append(proc)
-        return proc
-
-    yield start
-    for proc in started:
-        with contextlib.suppress(ProcessLookupError):
-            proc.kill()
-        proc.communicate()
+    children = Children(subprocess_env)
+    yield lambda *args: children.start(str(WORKER), *args)
+    children.close()
 
 
 def wait_progress(proc: subprocess.Popen[str]) -> None:
@@ -137,11 +122,11 @@ def test_another_hosts_stale_heartbeat_is_taken_over_and_a_fresh_one_refused(
     write_lease(folder, host="other-runtime", age=10)
     steps = StepLog()
     with pytest.raises(CheckpointInUseError, match="other-runtime"):
-        fit(model(), data(), epochs=1, batch_size=4, checkpoint_dir=folder, progress=False, callbacks=[steps])
+        train(folder, steps)
     assert steps.steps == []
     assert not list(folder.glob("step-*"))
     write_lease(folder, host="other-runtime", age=STALE_PERIODS * 60 + 30)
-    fit(model(), data(), epochs=1, batch_size=4, checkpoint_dir=folder, progress=False, callbacks=[steps])
+    train(folder, steps)
     assert steps.span == (1, 4)
     assert "heartbeat is older than" in capsys.readouterr().out
 
@@ -150,10 +135,7 @@ def test_takeover_passes_through_fit(tmp_path: Path, capsys: pytest.CaptureFixtu
     folder = tmp_path / "ckpt"
     write_lease(folder, host="other-runtime", age=1)
     steps = StepLog()
-    fit(
-        model(), data(), epochs=1, batch_size=4, checkpoint_dir=folder, takeover=True, progress=False,
-        callbacks=[steps],
-    )  # fmt: skip
+    train(folder, steps, takeover=True)
     assert steps.span == (1, 4)
     assert "takeover=True" in capsys.readouterr().out
     assert not (folder / LEASE_NAME).exists()  # released at the end
@@ -221,44 +203,17 @@ def test_deleting_the_drive_folder_between_two_fits_starts_over(tmp_path: Path, 
     with fake_colab(root=tmp_path) as colab:
         target = colab.path("/content/drive/MyDrive/run1/checkpoints")
         first = StepLog()
-        fit(
-            model(),
-            data(),
-            epochs=1,
-            batch_size=4,
-            checkpoint_dir=target,
-            device="cpu",
-            progress=False,
-            callbacks=[first],
-        )
+        train(target, first, epochs=1)
         assert first.span == (1, 4)
         assert list(target.glob("step-*.json"))  # the Drive copy completed
         shutil.rmtree(target)  # the user deletes the folder on Drive: "start over"
         second = StepLog()
-        fit(
-            model(),
-            data(),
-            epochs=1,
-            batch_size=4,
-            checkpoint_dir=target,
-            device="cpu",
-            progress=False,
-            callbacks=[second],
-        )
+        train(target, second, epochs=1)
         assert second.span == (1, 4)  # started over, did not resume the local staged copy
         assert "no longer on Drive" in capsys.readouterr().out
         # And a plain rerun now resumes as usual (nothing left to train: finished).
         third = StepLog()
-        fit(
-            model(),
-            data(),
-            epochs=1,
-            batch_size=4,
-            checkpoint_dir=target,
-            device="cpu",
-            progress=False,
-            callbacks=[third],
-        )
+        train(target, third, epochs=1)
         assert third.steps == []
 
 
@@ -277,29 +232,11 @@ def test_a_local_checkpoint_whose_drive_copy_never_completed_is_resumed(
         monkeypatch.setattr(mirror_module._io, "copy_file", broken_copy)
         first = StepLog()
         with pytest.raises(CheckpointError), pytest.warns(ColabkitWarning, match="could not copy"):
-            fit(
-                model(),
-                data(),
-                epochs=1,
-                batch_size=4,
-                checkpoint_dir=target,
-                device="cpu",
-                progress=False,
-                callbacks=[first],
-            )
+            train(target, first, epochs=1)
         monkeypatch.undo()
         assert not list(target.glob("step-*.json"))  # never reached Drive
         second = StepLog()
-        fit(
-            model(),
-            data(),
-            epochs=2,
-            batch_size=4,
-            checkpoint_dir=target,
-            device="cpu",
-            progress=False,
-            callbacks=[second],
-        )
+        train(target, second, epochs=2)
         assert second.span == (5, 8)  # the local copy was the only good state: resumed
 
 
@@ -330,7 +267,7 @@ def test_a_checkpoint_dir_that_is_a_file_fails_before_training(tmp_path: Path) -
     path.write_text("my notes")
     steps = StepLog()
     with pytest.raises(CheckpointError, match="is a file, not a folder"):
-        fit(model(), data(), epochs=1, batch_size=4, checkpoint_dir=path, progress=False, callbacks=[steps])
+        train(path, steps)
     assert steps.steps == []
     assert path.read_text() == "my notes"
 
@@ -340,12 +277,12 @@ def test_a_read_only_checkpoint_dir_fails_before_training_and_keeps_the_last_che
 ) -> None:
     disk = small_disk("8m")
     folder = disk / "ckpt"
-    fit(model(), data(), epochs=1, batch_size=4, checkpoint_dir=folder, progress=False)
+    train(folder, StepLog())
     good = load_checkpoint(folder)["fit"]["position"]["step"]
     subprocess.run(["mount", "-o", "remount,ro", str(disk)], check=True)
     steps = StepLog()
     with pytest.raises(CheckpointError, match="writable"):
-        fit(model(), data(), epochs=2, batch_size=4, checkpoint_dir=folder, progress=False, callbacks=[steps])
+        train(folder, steps, epochs=2)
     assert steps.steps == []
     subprocess.run(["mount", "-o", "remount,rw", str(disk)], check=True)
     assert load_checkpoint(folder)["fit"]["position"]["step"] == good
@@ -358,7 +295,7 @@ def test_a_full_disk_fails_before_training_with_numbers_that_add_up(
     big = torch.nn.Sequential(torch.nn.Linear(5, 200_000), torch.nn.Linear(200_000, 2))  # ~6.4 MB of weights
     steps = StepLog()
     with pytest.raises(InsufficientSpaceError) as info:
-        fit(big, data(), epochs=1, batch_size=4, checkpoint_dir=disk / "ckpt", progress=False, callbacks=[steps])
+        train(disk / "ckpt", steps, net=big)
     assert steps.steps == []
     message = str(info.value)
     # "needs N plus M kept free as a safety margin, N+M in all, but ... has F free": it adds up.
@@ -367,3 +304,12 @@ def test_a_full_disk_fails_before_training_with_numbers_that_add_up(
     assert "safety margin" in message
     assert margin <= 2 * 1024 * 1024 // 20  # sized to this 2 MB disk, not a fixed 64 MB
     assert not list((disk / "ckpt").glob("step-*"))
+
+
+def test_a_manager_dropped_without_close_lets_go_of_the_folder(tmp_path: Path) -> None:
+    import gc
+
+    CheckpointManager(tmp_path).save(tiny(1), step=1, blocking=True)
+    gc.collect()
+    assert not (tmp_path / LEASE_NAME).exists()
+    CheckpointManager(tmp_path).close()  # and nobody is refused

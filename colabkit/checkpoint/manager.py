@@ -15,6 +15,7 @@ import errno
 import os
 import threading
 import time
+import weakref
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from types import TracebackType
@@ -104,12 +105,16 @@ class CheckpointManager:
         except BaseException:
             self._lease.release()
             raise
+        # A manager dropped without close() (``CheckpointManager(d).latest()``) lets go of the
+        # folder when collected; at exit the registry's flush runs first, then the lease's own hook.
+        weakref.finalize(self, self._lease.release).atexit = False
 
     def _open(self, local: Path, targets: list[Path], retention: Retention) -> None:
         self._local = Store(local)
         self._lock = threading.RLock()
         self._mirror = Mirror(self._local, [Store(t) for t in targets], retention, self._lock, self._rotate_local)
-        self._mirror.may_write = lambda: self._lease.held
+        lease = self._lease  # not self: the mirror must not keep the manager alive
+        self._mirror.may_write = lambda: lease.held
         self._listing = CheckpointListing(self._local, *self._mirror.remotes, lock=self._lock)
         self._commit_lane = Lane("colabkit-checkpoint-commit")
         self._commit_errors: list[str] = []
