@@ -310,6 +310,8 @@ def test_a_manager_dropped_without_close_lets_go_of_the_folder(tmp_path: Path) -
     import gc
 
     CheckpointManager(tmp_path).save(tiny(1), step=1, blocking=True)
+    assert not (tmp_path / LEASE_NAME).exists()  # at once: nothing keeps the dropped manager alive
+    CheckpointManager(tmp_path, mirror=tmp_path / "mirror").save(tiny(2), step=2, blocking=True)
     gc.collect()
     assert not (tmp_path / LEASE_NAME).exists()
     CheckpointManager(tmp_path).close()  # and nobody is refused

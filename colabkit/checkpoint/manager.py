@@ -112,7 +112,15 @@ class CheckpointManager:
     def _open(self, local: Path, targets: list[Path], retention: Retention) -> None:
         self._local = Store(local)
         self._lock = threading.RLock()
-        self._mirror = Mirror(self._local, [Store(t) for t in targets], retention, self._lock, self._rotate_local)
+        # Weakly: no reference cycle keeps a dropped manager (and its lease) alive until a gc pass.
+        rotate = weakref.WeakMethod(self._rotate_local)
+
+        def rotate_local() -> None:
+            method = rotate()
+            if method is not None:
+                method()
+
+        self._mirror = Mirror(self._local, [Store(t) for t in targets], retention, self._lock, rotate_local)
         lease = self._lease  # not self: the mirror must not keep the manager alive
         self._mirror.may_write = lambda: lease.held
         self._listing = CheckpointListing(self._local, *self._mirror.remotes, lock=self._lock)
