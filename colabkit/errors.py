@@ -12,6 +12,7 @@ working for code that does not know colabkit::
     ├── DeviceError              (RuntimeError)   accelerator unusable
     ├── ColabkitIOError          (OSError)        file / disk / network trouble
     │   ├── DriveError                            Drive mount or transport failure
+    │   │   └── DriveLostError                    errno 107 and no remount came in time
     │   ├── InsufficientSpaceError                not enough free disk
     │   ├── DownloadError                         URL / gdown / bucket fetch failed
     │   └── CheckpointError                       checkpoint write or read failed
@@ -45,6 +46,7 @@ __all__ = [
     "DeviceError",
     "DownloadError",
     "DriveError",
+    "DriveLostError",
     "ExportError",
     "ExportMismatchError",
     "InsufficientSpaceError",
@@ -86,6 +88,15 @@ class ColabkitIOError(ColabkitError, OSError):
 
 class DriveError(ColabkitIOError):
     """Google Drive could not be mounted, flushed or read."""
+
+
+class DriveLostError(DriveError):
+    """Drive's connection was lost (errno 107) and was not remounted in time.
+
+    Raised on a background thread, which may not remount Drive itself; its
+    ``errno`` is ``ENOTCONN``. The work can be retried once Drive is remounted
+    (``colabkit.mount_drive(force_remount=True)`` on the main thread).
+    """
 
 
 class InsufficientSpaceError(ColabkitIOError):

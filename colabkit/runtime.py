@@ -7,7 +7,13 @@ probed at import time.
 
 Order matters: Kaggle's image is built on Colab's and sets
 ``COLAB_RELEASE_TAG``, and ``google.colab`` is importable there, so Kaggle is
-checked first.
+checked first. Hosted Colab is told by ``/var/colab/hostname``, the file
+``google.colab.drive.mount`` itself requires: Colab's local-runtime image (and
+Kaggle's image run on one's own machine) sets ``COLAB_RELEASE_TAG`` and runs
+Colab's kernel class without it, and there Drive cannot be mounted, so such a
+runtime is plain ``jupyter`` (or ``script``) and gets the local stand-in Drive.
+Kaggle's TPU image is built from ``python:3.12``, not from Colab's, and is
+told by ``ISTPUVM`` / ``TPU_PROCESS_ADDRESSES``.
 """
 
 from __future__ import annotations
@@ -27,7 +33,7 @@ from typing import Literal
 
 from colabkit.errors import ArgumentError
 
-__all__ = ["GpuInfo", "Probe", "Runtime", "runtime", "use_probe"]
+__all__ = ["GpuInfo", "Probe", "Runtime", "current_probe", "read_mount_table", "runtime", "use_probe"]
 
 RuntimeKind = Literal["colab", "kaggle", "jupyter", "script"]
 Accelerator = Literal["cuda", "mps", "tpu", "cpu"]
@@ -36,7 +42,16 @@ SESSION_LIMITS = {"colab": timedelta(hours=12), "kaggle": timedelta(hours=12)}
 KAGGLE_TPU_LIMIT = timedelta(hours=9)
 #: First components of the platform paths a fake relocates (/content/..., /kaggle/...).
 PLATFORM_TOPS = (("content",), ("kaggle",))
-_TPU_ENV = ("TPU_NAME", "TPU_ACCELERATOR_TYPE", "COLAB_TPU_ADDR", "XRT_TPU_CONFIG", "TPU_WORKER_ID")
+# ISTPUVM and TPU_PROCESS_ADDRESSES are what Kaggle's TPU VM image sets (its tpu/Dockerfile).
+_TPU_ENV = (
+    "ISTPUVM",
+    "TPU_PROCESS_ADDRESSES",
+    "TPU_NAME",
+    "TPU_ACCELERATOR_TYPE",
+    "COLAB_TPU_ADDR",
+    "XRT_TPU_CONFIG",
+    "TPU_WORKER_ID",
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -205,6 +220,14 @@ def _probe_gpus() -> tuple[GpuInfo, ...]:
     return found if found is not None else _torch_gpus()
 
 
+def read_mount_table() -> str | None:
+    """The text of ``/proc/mounts``, or None where it cannot be read (the default :attr:`Probe.mounts`)."""
+    try:
+        return Path("/proc/mounts").read_text(errors="replace")  # odd bytes in a path must not break this
+    except OSError:
+        return None
+
+
 def _mps_available() -> bool:
     if sys.platform != "darwin":
         return False
@@ -228,6 +251,8 @@ class Probe:
         session_start: Returns the container start time, or None.
         gpus: Returns the visible GPUs.
         mps: Tells whether Apple's MPS backend is available.
+        mounts: Returns the mount table as ``/proc/mounts`` writes it (None: unreadable);
+            :mod:`colabkit.drive` reads Drive's FUSE mounts from it.
         root: Prefix for platform paths (``/content``, ``/kaggle``...).
     """
 
@@ -238,6 +263,7 @@ class Probe:
     session_start: Callable[[], datetime | None] = _container_start
     gpus: Callable[[], tuple[GpuInfo, ...]] = _probe_gpus
     mps: Callable[[], bool] = _mps_available
+    mounts: Callable[[], str | None] = read_mount_table
     root: Path = Path("/")
 
     def path(self, platform_path: str) -> Path:
@@ -279,14 +305,11 @@ def _detect_kind(probe: Probe, shell_kind: str | None) -> RuntimeKind:
     env = probe.environ
     if "KAGGLE_KERNEL_RUN_TYPE" in env or "KAGGLE_URL_BASE" in env or "KAGGLE_DATA_PROXY_URL" in env:
         return "kaggle"
-    if (
-        probe.exists(str(probe.path("/var/colab/hostname")))
-        or shell_kind == "colab"
-        or "COLAB_RELEASE_TAG" in env
-        or env.get("VERTEX_PRODUCT") == "COLAB_ENTERPRISE"
-    ):
+    # Not COLAB_RELEASE_TAG nor Colab's shell class: the local-runtime image has both
+    # and no hosted Drive (see the module docstring).
+    if probe.exists(str(probe.path("/var/colab/hostname"))) or env.get("VERTEX_PRODUCT") == "COLAB_ENTERPRISE":
         return "colab"
-    if shell_kind == "jupyter":
+    if shell_kind in ("jupyter", "colab"):
         return "jupyter"
     return "script"
 

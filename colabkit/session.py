@@ -22,7 +22,6 @@ import os
 import sys
 import tempfile
 import threading
-import zipfile
 from collections.abc import Callable, Iterable
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
@@ -471,11 +470,16 @@ def end_session(*, flush: bool = True, unassign: bool = False) -> None:
         with contextlib.suppress(OSError):
             os.sync()
         if rt.kind == "colab":
-            from colabkit.drive import drive_mounted, flush_drive
+            from colabkit.drive import drive_mounted, drive_mounts, flush_drive
 
-            if drive_mounted():
+            # Every Drive mount counts, a drive.mount('/content/gdrive') of the user's own too.
+            mounts = drive_mounts()
+            if mounts or drive_mounted():
                 flush_drive(remount=not unassign)
-                done.append("flushed Drive" + ("" if unassign else " and remounted it"))
+                where = ", ".join(m.mountpoint for m in mounts)
+                done.append(f"flushed Drive ({where})" if where else "flushed Drive")
+                if not unassign:
+                    done.append("remounted it")
             else:
                 skipped.append("Drive flush (Drive is not mounted)")
         else:
@@ -500,22 +504,23 @@ def end_session(*, flush: bool = True, unassign: bool = False) -> None:
 
 
 # -- downloads ------------------------------------------------------------------------------------
-def _zip_folder(folder: Path, out: Path) -> Path:
-    """Zip ``folder`` (its name as the top-level entry) into ``out`` atomically."""
-    with _io.atomic_open(out, "wb") as handle, zipfile.ZipFile(handle, "w", zipfile.ZIP_DEFLATED) as archive:
-        for file in sorted(folder.rglob("*")):
-            archive.write(file, Path(folder.name) / file.relative_to(folder))
-    return out
+def _zip(folder: Path, out: Path, *, progress: bool) -> Path:
+    from colabkit.data.archive import make_archive
+
+    return make_archive(folder, out, progress=progress)
 
 
 def download(path: str | os.PathLike[str]) -> Path:
     """Get a file or folder to your own computer (or as close as the runtime allows).
 
     On Colab the browser downloads it (``google.colab.files.download``; a
-    folder is zipped first; keep the tab open until it finishes). On Kaggle it
-    is copied into ``/kaggle/working`` (a folder as one zip) so it appears in
-    the notebook's Output panel. Elsewhere it is already on this machine, so
-    this only says where.
+    folder is zipped first with :func:`colabkit.make_archive`; keep the tab
+    open until it finishes). A process without a notebook kernel (a script
+    started with ``!python``) cannot reach the browser, so there it says where
+    the file is and how to download it from the file browser. On Kaggle it is
+    copied into ``/kaggle/working`` (a folder as one zip) so it appears in the
+    notebook's Output panel. Elsewhere it is already on this machine, so this
+    only says where.
 
     Args:
         path: A file or folder.
@@ -539,8 +544,16 @@ def download(path: str | os.PathLike[str]) -> Path:
         target = source
         if source.is_dir():
             spool = rt.host_path(Path(tempfile.gettempdir()) / "colabkit-downloads")
-            spool.mkdir(parents=True, exist_ok=True)
-            target = _zip_folder(source, spool / f"{source.name}.zip")
+            target = _zip(source, spool / f"{source.name}.zip", progress=rt.in_notebook)
+        # files.download talks to the browser through the kernel (get_ipython().kernel).
+        if getattr(current_probe().ipython(), "kernel", None) is None:
+            _notify.say(
+                f"{target.absolute()} is ready, but this process has no notebook kernel (e.g. a script started "
+                "with !python), so it cannot start a browser download. Open the Files panel (the folder icon on "
+                f"the left), right-click {target.name} and choose Download, or run colabkit.download({str(target)!r}) "
+                "in a notebook cell"
+            )
+            return target
         size = target.stat().st_size
         if size > _BIG_DOWNLOAD:
             _notify.say(
@@ -557,7 +570,7 @@ def download(path: str | os.PathLike[str]) -> Path:
             return source
         working.mkdir(parents=True, exist_ok=True)
         if source.is_dir():
-            target = _zip_folder(source, working / f"{source.name}.zip")
+            target = _zip(source, working / f"{source.name}.zip", progress=rt.in_notebook)
         else:
             target = working / source.name
             _io.copy_file(source, target)

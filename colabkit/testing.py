@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import errno
 import os
 import shutil
 import sys
@@ -34,11 +35,11 @@ from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
 
-from colabkit import _notify
+from colabkit import _io, _notify
 from colabkit.errors import ArgumentError
-from colabkit.runtime import GpuInfo, Probe, use_probe
+from colabkit.runtime import PLATFORM_TOPS, GpuInfo, Probe, use_probe
 
-__all__ = ["GPUS", "FakePlatform", "fake_colab", "fake_kaggle"]
+__all__ = ["GPUS", "FakePlatform", "MessageError", "fake_colab", "fake_kaggle"]
 
 GiB = 1024**3
 
@@ -52,23 +53,82 @@ GPUS: dict[str, GpuInfo] = {
     "H100": GpuInfo("NVIDIA H100 80GB HBM3", 80 * GiB, (9, 0)),
 }
 
-_PLATFORM_ENV_PREFIXES = ("COLAB_", "KAGGLE_", "VERTEX_", "TPU_", "COLABKIT_")
+# Everything that tells a platform apart, so the machine running the tests cannot leak into a fake.
+_PLATFORM_ENV_PREFIXES = ("COLAB_", "KAGGLE_", "VERTEX_", "TPU_", "COLABKIT_", "TBE_", "ISTPUVM", "CLOUDSDK_CONFIG")
+
+
+# -- google.colab's error types, as the real modules define them ------------------------------------
+class _ColabError(Exception):
+    """Base class for all Colab errors."""
+
+
+class _AuthorizationError(_ColabError):
+    """Authorization-related failures."""
+
+
+class _RuntimeManagementError(_ColabError):
+    """Runtime-management-related failures."""
+
+
+class _WidgetException(Exception):  # not a google.colab.errors.Error, as in the real errors.py
+    """colab.widgets failures."""
+
+
+class MessageError(_ColabError):
+    """``google.colab._message.MessageError``: the browser answered a request with an error.
+
+    Set ``FakePlatform.auth_error = MessageError("Error: credential propagation was
+    unsuccessful")`` to simulate a refused Drive authorisation.
+    """
+
+
+for _cls, _module_name, _name in (
+    (_ColabError, "google.colab.errors", "Error"),
+    (_AuthorizationError, "google.colab.errors", "AuthorizationError"),
+    (_RuntimeManagementError, "google.colab.errors", "RuntimeManagementError"),
+    (_WidgetException, "google.colab.errors", "WidgetException"),
+    (MessageError, "google.colab._message", "MessageError"),
+):
+    _cls.__module__, _cls.__name__, _cls.__qualname__ = _module_name, _name, _name
+
+_ENOTCONN = OSError(errno.ENOTCONN, os.strerror(errno.ENOTCONN)).strerror
+_MOUNT_OPTIONS = "rw,nosuid,nodev,relatime,user_id=0,group_id=0,allow_other"
+
+
+@dataclasses.dataclass
+class _Mount:
+    name: str  # the mountpoint as Colab was given it (the mount table's field)
+    alive: bool = True
 
 
 @dataclasses.dataclass
 class FakePlatform:
     """State of a faked platform: where its files live and what was called.
 
+    The fake Drive behaves like Colab's: ``drive.mount`` checks, in Colab's
+    order, ``/var/colab/hostname``, a space in the mountpoint, Colab
+    Enterprise, ``TBE_EPHEM_CREDS_ADDR`` and the authorisation request; it
+    refuses calls from a background thread (the real one is not thread safe);
+    mounting a second mountpoint stops the first one's DriveFS, which then
+    answers errno 107, as Colab's ``pkill -9 -x drive`` does. Mounts appear in
+    the mount table colabkit reads (``Probe.mounts``). A dead mount answers
+    errno 107 to the file operations colabkit makes (``colabkit._io.ops``);
+    plain ``open()`` calls under it find an empty folder instead.
+
     Attributes:
         kind: ``"colab"`` or ``"kaggle"``.
         root: Temporary folder standing for ``/``; ``/content`` is ``root / "content"``.
-        environ: The environment :func:`colabkit.runtime` sees.
+        environ: The environment :func:`colabkit.runtime` and the fake modules see.
         calls: Every call made to the fake ``google.colab`` modules, as
             ``(name, arguments)`` pairs, e.g. ``("drive.mount", {"mountpoint": ...})``.
-        uploads: Files the next ``files.upload()`` returns, name -> bytes.
-        mount_error: If set, ``drive.mount`` raises it (e.g. ``ValueError("mount failed")``).
+        uploads: Files the next ``files.upload()`` / ``files.upload_file()`` receives, name -> bytes.
+        auth_error: If set, Drive's authorisation request raises it (e.g. a :class:`MessageError`).
+        mount_error: If set, ``drive.mount`` raises it once DriveFS would start
+            (e.g. ``ValueError("mount failed")``).
+        flush_error: If set, ``drive.flush_and_unmount`` raises it.
         js_result: What ``output.eval_js`` returns.
         unassigned: True once ``runtime.unassign()`` was called.
+        shell: The IPython shell the fake reports (None: no kernel, as in ``!python script.py``).
     """
 
     kind: str
@@ -76,11 +136,13 @@ class FakePlatform:
     environ: dict[str, str]
     calls: list[tuple[str, dict[str, Any]]] = dataclasses.field(default_factory=list)
     uploads: dict[str, bytes] = dataclasses.field(default_factory=dict)
+    auth_error: BaseException | None = None
     mount_error: BaseException | None = None
+    flush_error: BaseException | None = None
     js_result: Any = None
     unassigned: bool = False
-    mounted_at: Path | None = None
-    enterprise: bool = False
+    shell: object | None = None
+    _mounts: dict[Path, _Mount] = dataclasses.field(default_factory=dict)
 
     def path(self, platform_path: str | os.PathLike[str]) -> Path:
         """Where a platform path such as ``/content/drive`` really lives in this fake."""
@@ -97,87 +159,249 @@ class FakePlatform:
         """Where the fake Drive keeps its files while unmounted (the "cloud")."""
         return self.root / ".fake-google-drive" / "MyDrive"
 
+    @property
+    def mounted_at(self) -> Path | None:
+        """The folder of the live Drive mount, if any."""
+        return next((real for real, mount in self._mounts.items() if mount.alive), None)
+
     def calls_to(self, name: str) -> list[dict[str, Any]]:
         """Arguments of every recorded call to ``name`` (e.g. ``"drive.mount"``)."""
         return [args for called, args in self.calls if called == name]
 
+    def mount_table(self) -> str:
+        """The mount table as ``/proc/mounts`` would show it: Drive's mounts, live and dead."""
+        lines = ["overlay / overlay rw,relatime 0 0"]
+        for mount in self._mounts.values():
+            field = mount.name.replace("\\", "\\134").replace(" ", "\\040")
+            lines.append(f"drive {field} fuse.drive {_MOUNT_OPTIONS} 0 0")
+        return "\n".join(lines) + "\n"
+
+    def kill_drive(self) -> None:
+        """Make DriveFS die, as it does mid-training: every mount then answers errno 107."""
+        for real, mount in self._mounts.items():
+            if mount.alive:
+                self._stop(real)
+
+    def is_dead(self, path: str | os.PathLike[str]) -> bool:
+        """Whether ``path`` lies under a Drive mount whose DriveFS died."""
+        target = Path(os.path.abspath(self.path(path)))
+        return any(
+            not mount.alive and (target == real or real in target.parents) for real, mount in self._mounts.items()
+        )
+
     def _record(self, name: str, **arguments: Any) -> None:
         self.calls.append((name, arguments))
 
+    @staticmethod
+    def _main_thread_only(call: str) -> None:
+        if threading.current_thread() is not threading.main_thread():
+            # The real call is not thread-safe and can deadlock; make misuse loud in tests.
+            raise RuntimeError(f"{call} called from a background thread")
+
+    # -- google.colab._message ------------------------------------------------------------------
+    def _blocking_request(
+        self, request_type: str, request: Any = "", timeout_sec: float | None = 5, parent: Any = None
+    ) -> Any:
+        self._record("message.blocking_request", request_type=request_type, request=request, timeout_sec=timeout_sec)
+        self._main_thread_only("google.colab._message.blocking_request")
+        if request_type == "request_auth" and self.auth_error is not None:
+            raise self.auth_error
+        return None
+
     # -- google.colab.drive ---------------------------------------------------------------------
+    def _expanduser(self, path: str) -> str:
+        home = self.environ.get("HOME", "")
+        if home and (path == "~" or path.startswith("~/")):
+            return home + path[1:]
+        return path
+
     def _mount(
         self, mountpoint: str, force_remount: bool = False, timeout_ms: int = 120000, readonly: bool = False
     ) -> None:
         self._record(
             "drive.mount", mountpoint=mountpoint, force_remount=force_remount, timeout_ms=timeout_ms, readonly=readonly
         )
-        if self.enterprise:
-            raise NotImplementedError("google.colab.drive.mount is not supported in Colab Enterprise.")
+        self._main_thread_only("google.colab.drive.mount")
+        # Colab's checks, in Colab's order.
+        if not self.path("/var/colab/hostname").exists():
+            raise NotImplementedError(
+                "Mounting drive is unsupported in this environment. Use PyDrive2 instead. See examples at "
+                "https://colab.research.google.com/notebooks/io.ipynb#scrollTo=7taylj9wpsA2."
+            )
         if " " in str(mountpoint):
             raise ValueError("Mountpoint must not contain a space.")
-        if self.mount_error is not None:
-            raise self.mount_error
-        real = self.path(mountpoint)
-        if self.mounted_at == real and not force_remount:
+        if self.environ.get("VERTEX_PRODUCT") == "COLAB_ENTERPRISE":
+            raise NotImplementedError("google.colab.drive.mount is not supported in Colab Enterprise.")
+        self.environ["TBE_EPHEM_CREDS_ADDR"]  # a KeyError when missing, as in Colab
+        auth = {"authType": "dfs_ephemeral"}
+        self._blocking_request("request_auth", request=auth, timeout_sec=int(timeout_ms / 1000))
+        name = self._expanduser(str(mountpoint))
+        real = self.path(name)
+        current = self._mounts.get(real)
+        if current is not None and current.alive and not force_remount:
             print(
-                f"Drive already mounted at {mountpoint}; to attempt to forcibly remount, "
-                f'call drive.mount("{mountpoint}", force_remount=True).'
+                f"Drive already mounted at {name}; to attempt to forcibly remount, "
+                f'call drive.mount("{name}", force_remount=True).'
             )
             return
-        if self.mounted_at is not None:
-            self._unmount()
+        # "umount -f <mountpoint>; pkill -9 -x drive": this mount goes, every other DriveFS dies.
+        if current is not None:
+            self._unmount(real)
+        self.kill_drive()
         # Colab validates the mountpoint only after unmounting, in this order.
         if real.is_symlink():
             raise ValueError("Mountpoint must not be a symlink")
-        if real.exists() and not real.is_dir():
-            raise ValueError("Mountpoint must either be a directory or not exist")
         if real.is_dir() and any(real.iterdir()):
             raise ValueError("Mountpoint must not already contain files")
+        if real.exists() and not real.is_dir():
+            raise ValueError("Mountpoint must either be a directory or not exist")
         if not real.parent.is_dir():
             raise ValueError("Mountpoint must be in a directory that exists")
+        if self.mount_error is not None:
+            raise self.mount_error
         real.mkdir(exist_ok=True)
         self.drive_storage.mkdir(parents=True, exist_ok=True)
         os.rename(self.drive_storage, real / "MyDrive")
-        self.mounted_at = real
-        print(f"Mounted at {mountpoint}")
+        self._mounts[real] = _Mount(name)
+        print(f"Mounted at {name}")
 
-    def _unmount(self) -> None:
-        assert self.mounted_at is not None
-        os.rename(self.mounted_at / "MyDrive", self.drive_storage)
-        self.mounted_at = None
+    def _stop(self, real: Path) -> None:
+        """DriveFS of the mount at ``real`` dies: its files stay in the cloud, the entry stays in the table."""
+        os.rename(real / "MyDrive", self.drive_storage)
+        self._mounts[real].alive = False
+
+    def _unmount(self, real: Path) -> None:
+        mount = self._mounts.pop(real)
+        if mount.alive:
+            os.rename(real / "MyDrive", self.drive_storage)
+        else:
+            # What landed in a dead mount's folder never reached Drive; unmounting shows the empty folder beneath.
+            for entry in list(real.iterdir()):
+                if entry.is_dir() and not entry.is_symlink():
+                    shutil.rmtree(entry)
+                else:
+                    entry.unlink()
 
     def _flush_and_unmount(self, timeout_ms: int = 24 * 60 * 60 * 1000) -> None:
         self._record("drive.flush_and_unmount", timeout_ms=timeout_ms)
-        if self.mounted_at is None:
+        if self.path("/var/colab/mp").exists():
+            raise NotImplementedError("google.colab.drive is unsupported in this environment.")
+        # Colab reads both first: a KeyError when missing.
+        self.environ["HOME"]
+        self.environ["CLOUDSDK_CONFIG"]
+        if not self._mounts:  # Colab looks for "type fuse.drive" in /bin/mount's output
             print("Drive not mounted, so nothing to flush and unmount.")
             return
-        self._unmount()
+        if self.flush_error is not None:
+            raise self.flush_error
+        live = self.mounted_at
+        if live is not None:
+            self._unmount(live)
 
     # -- google.colab.files ---------------------------------------------------------------------
+    def _local(self, path: str) -> str:
+        """A platform path (/content/...) as this fake stores it; other paths unchanged."""
+        p = Path(path)
+        if p.is_absolute() and p.parts[1:2] in PLATFORM_TOPS:
+            return str(self.path(p))
+        return path
+
+    def _require_kernel(self) -> None:
+        # files.download talks to the browser through get_ipython().kernel, as Colab's does.
+        getattr(self.shell, "kernel")  # noqa: B009 - an AttributeError without a kernel
+
     def _download(self, filename: str) -> None:
         self._record("files.download", filename=filename)
-        if not os.path.exists(filename):
+        if not os.path.exists(self._local(filename)):
             raise FileNotFoundError(f"Cannot find file: {filename}")
+        self._require_kernel()
+
+    def _view(self, filepath: str) -> None:
+        self._record("files.view", filepath=filepath)
+        if not os.path.exists(self._local(filepath)):
+            raise FileNotFoundError(f"Cannot find file: {filepath}")
+
+    def _take_uploads(self) -> dict[str, bytes]:
+        uploaded = dict(self.uploads)
+        self.uploads.clear()
+        return uploaded
 
     def _upload(self, target_dir: str = "") -> dict[str, bytes]:
         self._record("files.upload", target_dir=target_dir)
-        uploaded = dict(self.uploads)
-        for name, data in uploaded.items():
-            Path(target_dir or ".", name).write_bytes(data)
-        self.uploads.clear()
-        return uploaded
+        uploaded = self._take_uploads()
+        if target_dir:
+            os.makedirs(self._local(target_dir), exist_ok=True)
+        saved: dict[str, bytes] = {}
+        local_names: dict[str, str] = {}
+        for filename, data in uploaded.items():
+            complete = os.path.join(target_dir, filename)
+            local = local_names.get(complete)
+            if not local:
+                local = _unique_filename(self._local(complete))
+                local_names[complete] = local
+                print(f"Saving {filename} to {local}")
+            with open(local, "ab") as handle:
+                handle.write(data)
+            saved[local] = data
+        return saved
+
+    def _upload_file(self, filename: str) -> None:
+        self._record("files.upload_file", filename=filename)
+        uploaded = self._take_uploads()
+        if not uploaded:
+            raise ValueError("File has not been uploaded")
+        if len(uploaded) > 1:
+            raise ValueError("Multiple files received, please upload a single file")
+        first_name, data = next(iter(uploaded.items()))
+        with open(self._local(filename), "wb") as handle:
+            handle.write(data)
+        print(f"Saved {first_name} to {os.getcwd()}/{filename}")
 
     # -- google.colab.output / runtime ----------------------------------------------------------
     def _eval_js(self, script: str, ignore_result: bool = False, timeout_sec: float | None = None) -> Any:
         self._record("output.eval_js", script=script, ignore_result=ignore_result, timeout_sec=timeout_sec)
-        if threading.current_thread() is not threading.main_thread():
-            # The real call is not thread-safe and can deadlock; make misuse loud in tests.
-            raise RuntimeError("google.colab.output.eval_js called from a background thread")
+        self._main_thread_only("google.colab.output.eval_js")
         return None if ignore_result else self.js_result
 
     def _unassign(self) -> None:
         self._record("runtime.unassign")
         self.unassigned = True
+
+
+def _unique_filename(filename: str) -> str:
+    """``name (1).ext``, ``name (2).ext``... for a name that exists, as Colab's upload does."""
+    if not os.path.lexists(filename):
+        return filename
+    stem, ext = os.path.splitext(filename)
+    counter = 1
+    while os.path.lexists(f"{stem} ({counter}){ext}"):
+        counter += 1
+    return f"{stem} ({counter}){ext}"
+
+
+class _DriveFSOps(_io.FileOps):
+    """colabkit's file operations, answering errno 107 under a dead fake Drive mount."""
+
+    def __init__(self, inner: _io.FileOps, fake: FakePlatform) -> None:
+        self._inner = inner
+        self._fake = fake
+
+    def __getattribute__(self, name: str) -> Any:
+        if name.startswith("_") or name in object.__getattribute__(self, "__dict__"):
+            return object.__getattribute__(self, name)  # its own state, and attributes a test set on it
+        target = getattr(object.__getattribute__(self, "_inner"), name)
+        if not callable(target):
+            return target
+        fake = object.__getattribute__(self, "_fake")
+
+        def call(*args: Any, **kwargs: Any) -> Any:
+            for arg in args:
+                where = arg if isinstance(arg, (str, os.PathLike)) else getattr(arg, "name", None)
+                if isinstance(where, (str, os.PathLike)) and fake.is_dead(where):
+                    raise OSError(errno.ENOTCONN, _ENOTCONN, os.fspath(where))
+            return target(*args, **kwargs)
+
+        return call
 
 
 def _module(name: str, **attributes: Any) -> types.ModuleType:
@@ -200,47 +424,46 @@ def _colab_modules(fake: FakePlatform) -> dict[str, types.ModuleType]:
     def upload(target_dir: str = "") -> dict[str, bytes]:
         return fake._upload(target_dir=target_dir)
 
+    def upload_file(filename: str) -> None:
+        fake._upload_file(filename)
+
+    def view(filepath: str) -> None:
+        fake._view(filepath)
+
     def eval_js(script: str, ignore_result: bool = False, timeout_sec: float | None = None) -> Any:
         return fake._eval_js(script, ignore_result=ignore_result, timeout_sec=timeout_sec)
+
+    def blocking_request(
+        request_type: str, request: Any = "", timeout_sec: float | None = 5, parent: Any = None
+    ) -> Any:
+        return fake._blocking_request(request_type, request=request, timeout_sec=timeout_sec, parent=parent)
 
     def unassign() -> None:
         fake._unassign()
 
-    class Error(Exception):
-        """Base of google.colab errors."""
-
-    class AuthorizationError(Error):
-        """Auth failed."""
-
-    class RuntimeManagementError(Error):
-        """unassign() failed."""
-
-    class WidgetException(Error):
-        """Widget failure."""
-
     drive = _module("google.colab.drive", mount=mount, flush_and_unmount=flush_and_unmount)
-    files = _module("google.colab.files", download=download, upload=upload)
+    files = _module("google.colab.files", download=download, upload=upload, upload_file=upload_file, view=view)
     output = _module("google.colab.output", eval_js=eval_js)
+    message = _module("google.colab._message", MessageError=MessageError, blocking_request=blocking_request)
     runtime_mod = _module("google.colab.runtime", unassign=unassign)
     errors = _module(
         "google.colab.errors",
-        Error=Error,
-        AuthorizationError=AuthorizationError,
-        RuntimeManagementError=RuntimeManagementError,
-        WidgetException=WidgetException,
+        Error=_ColabError,
+        AuthorizationError=_AuthorizationError,
+        RuntimeManagementError=_RuntimeManagementError,
+        WidgetException=_WidgetException,
     )
-    colab = _module(
-        "google.colab", drive=drive, files=files, output=output, runtime=runtime_mod, errors=errors, __path__=[]
-    )
-    colab.__fake__ = fake  # type: ignore[attr-defined]
-    return {
-        "google.colab": colab,
-        "google.colab.drive": drive,
-        "google.colab.files": files,
-        "google.colab.output": output,
-        "google.colab.runtime": runtime_mod,
-        "google.colab.errors": errors,
+    submodules = {
+        "drive": drive,
+        "files": files,
+        "output": output,
+        "_message": message,
+        "runtime": runtime_mod,
+        "errors": errors,
     }
+    colab = _module("google.colab", __path__=[], **submodules)
+    colab.__fake__ = fake  # type: ignore[attr-defined]
+    return {"google.colab": colab, **{f"google.colab.{name}": module for name, module in submodules.items()}}
 
 
 @contextlib.contextmanager
@@ -278,7 +501,8 @@ def _installed_modules(modules: Mapping[str, types.ModuleType]) -> Iterator[None
 
 
 def _shell(module: str, name: str) -> object:
-    return type(name, (), {"__module__": module})()
+    # A kernel-backed shell, like Colab's and ipykernel's: files.download reaches the browser through .kernel.
+    return type(name, (), {"__module__": module, "kernel": types.SimpleNamespace(comm_manager=None)})()
 
 
 def _clean_environ(extra: Mapping[str, str], environ: Mapping[str, str] | None) -> dict[str, str]:
@@ -318,15 +542,17 @@ def _fake(
     markers: tuple[str, ...],
     folders: tuple[str, ...],
     common: _Common,
-    enterprise: bool = False,
+    colab_package: bool,
 ) -> Iterator[FakePlatform]:
     root = common.root
     made_root = root is None
     base = Path(tempfile.mkdtemp(prefix=f"colabkit-fake-{kind}-")) if root is None else Path(root)
     base.mkdir(parents=True, exist_ok=True)
-    fake = FakePlatform(
-        kind=kind, root=base.resolve(), environ=_clean_environ(env, common.environ), enterprise=enterprise
-    )
+    fake = FakePlatform(kind=kind, root=base.resolve(), environ=_clean_environ(env, common.environ), shell=shell)
+    if kind == "colab" and "HOME" not in (common.environ or {}):
+        # Colab's HOME is /root: here a real folder inside the fake, so "~" never reaches this machine's home.
+        fake.environ["HOME"] = str(fake.path("/root"))
+        fake.path("/root").mkdir(parents=True, exist_ok=True)
     for marker in markers:
         target = fake.path(marker)
         target.parent.mkdir(parents=True, exist_ok=True)
@@ -338,21 +564,27 @@ def _fake(
     probe = Probe(
         environ=fake.environ,
         exists=os.path.exists,
-        ipython=lambda: shell,
+        ipython=lambda: fake.shell,
         now=clock,
         session_start=lambda: start,
         gpus=lambda: common.gpus,
         mps=lambda: False,
+        mounts=fake.mount_table,
         root=fake.root,
     )
     _notify.reset_once()
+    saved_ops = _io.ops
     try:
         with contextlib.ExitStack() as stack:
-            if kind == "colab":
+            if colab_package:
                 stack.enter_context(_installed_modules(_colab_modules(fake)))
             stack.enter_context(use_probe(probe))
+            _io.ops = _DriveFSOps(saved_ops, fake)
             yield fake
     finally:
+        _io.ops = saved_ops
+        # A test's monkeypatch may put the wrapper back after the fake: it must then refuse nothing.
+        fake._mounts.clear()
         _notify.reset_once()
         if made_root:
             shutil.rmtree(base, ignore_errors=True)
@@ -365,6 +597,7 @@ def fake_colab(
     gpu: str | GpuInfo | None = None,
     gpu_count: int = 1,
     enterprise: bool = False,
+    hosted: bool = True,
     notebook: bool = True,
     session_start: datetime | None = None,
     now: Callable[[], datetime] | None = None,
@@ -378,7 +611,11 @@ def fake_colab(
             Only :func:`colabkit.runtime` sees it; torch still computes on what this machine has.
         gpu_count: How many such GPUs.
         enterprise: Colab Enterprise (``VERTEX_PRODUCT=COLAB_ENTERPRISE``; Drive cannot be mounted).
-        notebook: Whether an IPython kernel of Colab's shell class is running.
+        hosted: False for Colab's local-runtime image on one's own machine: ``google.colab``
+            and ``COLAB_RELEASE_TAG`` are there, ``/var/colab/hostname`` is not, and Drive
+            cannot be mounted (colabkit calls it ``jupyter``).
+        notebook: Whether an IPython kernel of Colab's shell class is running (False: a
+            script started with ``!python``).
         session_start: When the runtime started (default: five minutes ago).
         now: The clock (default: the real one).
         environ: Extra environment variables, e.g. ``{"COLABKIT_SESSION_HOURS": "24"}``.
@@ -390,17 +627,21 @@ def fake_colab(
         "COLAB_RELEASE_TAG": "release-colab_20261101-060000_RC00",
         "COLAB_BACKEND_VERSION": "next",
         "COLAB_JUPYTER_TRANSPORT": "ipc",
+        "CLOUDSDK_CONFIG": "/content/.config",
     }
+    if hosted:
+        env["TBE_EPHEM_CREDS_ADDR"] = "172.28.0.1:8009"
+        env["TBE_RUNTIME_ADDR"] = "172.28.0.1:8011"
     if enterprise:
         env["VERTEX_PRODUCT"] = "COLAB_ENTERPRISE"
     with _fake(
         "colab",
         env=env,
         shell=_shell("google.colab._shell", "Shell") if notebook else None,
-        markers=() if enterprise else ("/var/colab/hostname",),
+        markers=("/var/colab/hostname",) if hosted else (),
         folders=("/content",),
-        enterprise=enterprise,
         common=_Common(root, environ, _gpus(gpu, gpu_count), session_start, now),
+        colab_package=True,
     ) as fake:
         yield fake
 
@@ -420,15 +661,19 @@ def fake_kaggle(
 ) -> Iterator[FakePlatform]:
     """Pretend to be in a Kaggle notebook inside the ``with`` block.
 
-    Like the real image, it also sets ``COLAB_RELEASE_TAG`` (Kaggle is built on
-    Colab's image), so code that checks Colab first is caught out.
+    Like the real CPU/GPU image, which is built on Colab's, it sets
+    ``COLAB_RELEASE_TAG`` and ``google.colab`` is importable (its
+    ``drive.mount`` refuses: no ``/var/colab/hostname``), so code that checks
+    Colab first is caught out. The TPU image is built from ``python:3.12``
+    instead: no Colab package, no ``COLAB_RELEASE_TAG``, but ``ISTPUVM=1`` and
+    ``TPU_PROCESS_ADDRESSES=local``.
 
     Args:
         root: Folder that stands for ``/`` (default: a new temporary folder, removed afterwards).
         gpu: ``None``, a name from :data:`GPUS` or a :class:`GpuInfo`; Kaggle's
             "T4 x2" is ``gpu="T4", gpu_count=2``.
         gpu_count: How many such GPUs.
-        tpu: A TPU session (9 hour limit).
+        tpu: A TPU VM session (9 hour limit), as Kaggle's TPU image looks.
         run_type: ``"Interactive"`` or ``"Batch"`` (Save & Run All).
         notebook: Whether a Jupyter kernel is running.
         session_start: When the session started (default: five minutes ago).
@@ -442,10 +687,11 @@ def fake_kaggle(
         "KAGGLE_KERNEL_RUN_TYPE": run_type,
         "KAGGLE_URL_BASE": "https://www.kaggle.com",
         "KAGGLE_DATA_PROXY_URL": "https://dp.kaggle.net",
-        "COLAB_RELEASE_TAG": "release-colab-external-images_20261101-060000_RC00",
     }
     if tpu:
-        env["TPU_ACCELERATOR_TYPE"] = "v3-8"
+        env.update({"ISTPUVM": "1", "TPU_PROCESS_ADDRESSES": "local"})
+    else:
+        env["COLAB_RELEASE_TAG"] = "release-colab-external-images_20261101-060000_RC00"
     with _fake(
         "kaggle",
         env=env,
@@ -453,5 +699,6 @@ def fake_kaggle(
         markers=(),
         folders=("/kaggle/input", "/kaggle/working"),
         common=_Common(root, environ, _gpus(gpu, gpu_count), session_start, now),
+        colab_package=not tpu,
     ) as fake:
         yield fake

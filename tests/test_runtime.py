@@ -75,9 +75,18 @@ def test_colab_from_hostname_marker(tmp_path: Path) -> None:
     assert rt.session_deadline == START + timedelta(hours=12)
 
 
-def test_colab_from_shell_class_and_from_env(tmp_path: Path) -> None:
-    assert runtime(probe=probe(tmp_path, ipython=ColabShell)).kind == "colab"
-    assert runtime(probe=probe(tmp_path, {"COLAB_RELEASE_TAG": "release-colab_1"})).kind == "colab"
+def test_colab_image_without_hosted_colab_is_jupyter_or_script(tmp_path: Path) -> None:
+    # Colab's local-runtime image (and Kaggle's image on one's own machine) has Colab's kernel and
+    # COLAB_RELEASE_TAG but not /var/colab/hostname, which drive.mount requires: no hosted Drive there.
+    tag = {"COLAB_RELEASE_TAG": "release-colab_1"}
+    local = runtime(probe=probe(tmp_path, tag, ipython=ColabShell))
+    assert local.kind == "jupyter" and local.in_notebook
+    assert local.drive_mountpoint == Path.cwd() / "colabkit_drive"
+    assert runtime(probe=probe(tmp_path, tag)).kind == "script"
+    kaggle_image = {"COLAB_RELEASE_TAG": "release-colab-external-images_1"}
+    assert runtime(probe=probe(tmp_path, kaggle_image, ipython=ZMQInteractiveShell)).kind == "jupyter"
+    hosted = runtime(probe=probe(tmp_path, tag, files=("/var/colab/hostname",), ipython=ColabShell))
+    assert hosted.kind == "colab"
 
 
 def test_kaggle_is_checked_before_colab(tmp_path: Path) -> None:
@@ -89,6 +98,23 @@ def test_kaggle_is_checked_before_colab(tmp_path: Path) -> None:
     assert rt.data_dir.is_dir()  # created if missing
     assert rt.work_dir == tmp_path / "kaggle" / "working"
     assert rt.session_limit == timedelta(hours=12)
+
+
+def test_kaggle_tpu_vm_image_says_tpu_and_nine_hours(tmp_path: Path) -> None:
+    # Kaggle's TPU image (tpu/Dockerfile: FROM python:3.12, ENV ISTPUVM=1, TPU_PROCESS_ADDRESSES=local):
+    # no COLAB_RELEASE_TAG, no GPU.
+    env = {
+        "KAGGLE_KERNEL_RUN_TYPE": "Interactive",
+        "KAGGLE_URL_BASE": "https://www.kaggle.com",
+        "ISTPUVM": "1",
+        "TPU_PROCESS_ADDRESSES": "local",
+    }
+    rt = runtime(probe=probe(tmp_path, env, ipython=ZMQInteractiveShell))
+    assert (rt.kind, rt.accelerator) == ("kaggle", "tpu")
+    assert rt.session_limit == timedelta(hours=9)
+    for only in ("ISTPUVM", "TPU_PROCESS_ADDRESSES"):
+        alone = {k: v for k, v in env.items() if k not in {"ISTPUVM", "TPU_PROCESS_ADDRESSES"} - {only}}
+        assert runtime(probe=probe(tmp_path, alone)).accelerator == "tpu"
 
 
 def test_kaggle_tpu_has_nine_hours(tmp_path: Path) -> None:
@@ -135,7 +161,7 @@ def test_env_overrides_for_dirs(tmp_path: Path) -> None:
 
 
 def test_use_probe_nests_and_restores(tmp_path: Path) -> None:
-    colab = probe(tmp_path, {"COLAB_RELEASE_TAG": "x"})
+    colab = probe(tmp_path, {"COLAB_RELEASE_TAG": "x"}, files=("/var/colab/hostname",))
     with use_probe(colab):
         assert runtime().kind == "colab"
         with use_probe(probe(tmp_path, {"KAGGLE_URL_BASE": "k"})):

@@ -37,6 +37,7 @@ def _keepalive_threads() -> list[threading.Thread]:
 @pytest.fixture(autouse=True)
 def _isolated(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     monkeypatch.setattr(drive, "_last_mount", drive._MountOptions())
+    monkeypatch.setattr(drive, "_modes", {})
     monkeypatch.delenv("COLABKIT_SESSION_HOURS", raising=False)
     yield
     for pending in PendingSave.made:
@@ -397,9 +398,47 @@ def test_download_on_colab_file_and_zipped_folder() -> None:
         archive = download(folder)
         assert archive.name == "results.zip"
         with zipfile.ZipFile(archive) as z:
-            assert sorted(z.namelist()) == ["results/metrics.csv", "results/plots/", "results/plots/loss.txt"]
+            assert sorted(z.namelist()) == ["results/metrics.csv", "results/plots/loss.txt"]
             assert z.read("results/plots/loss.txt") == b"0.1"
         assert [c["filename"] for c in colab.calls_to("files.download")] == [str(model), str(archive)]
+
+
+def test_download_zips_folders_with_make_archive() -> None:
+    # One packer for every zip colabkit makes: JPEGs and checkpoints are stored, not deflated again.
+    with fake_colab() as colab:
+        folder = colab.path("/content/shots")
+        folder.mkdir()
+        (folder / "a.jpg").write_bytes(b"\xff\xd8" + bytes(4096))
+        (folder / "notes.txt").write_text("x" * 4096)
+        archive = download(folder)
+        with zipfile.ZipFile(archive) as z:
+            methods = {info.filename: info.compress_type for info in z.infolist()}
+        assert methods == {"shots/a.jpg": zipfile.ZIP_STORED, "shots/notes.txt": zipfile.ZIP_DEFLATED}
+
+
+def test_download_from_a_script_on_colab_says_how_to_get_the_file(capsys: pytest.CaptureFixture[str]) -> None:
+    # `!python train.py`: no kernel, and Colab's files.download needs get_ipython().kernel.
+    with fake_colab(notebook=False) as colab:
+        model = colab.path("/content/model.pt")
+        model.write_bytes(b"m")
+        assert download("/content/model.pt") == model
+        assert colab.calls_to("files.download") == []
+        out = capsys.readouterr().out
+        assert "no notebook kernel" in out and "Files panel" in out and "model.pt" in out
+        from google.colab import files
+
+        with pytest.raises(AttributeError, match="kernel"):
+            files.download(str(model))  # what colabkit spared the script
+
+
+def test_end_session_flushes_a_mount_colabkit_did_not_make() -> None:
+    with fake_colab() as colab:
+        from google.colab import drive as colab_drive
+
+        colab_drive.mount("/content/gdrive")
+        end_session()
+        assert colab.calls_to("drive.flush_and_unmount")
+        assert colab.calls_to("drive.mount")[-1]["mountpoint"] == "/content/gdrive"
 
 
 def test_download_on_kaggle_copies_into_working(capsys: pytest.CaptureFixture[str]) -> None:

@@ -111,7 +111,7 @@ def test_files_output_runtime(tmp_path: Path) -> None:
         assert colab.calls_to("files.download")[-1] == {"filename": str(tmp_path / "a.txt")}
 
         colab.uploads = {"up.csv": b"1,2"}
-        assert files.upload(target_dir=str(tmp_path)) == {"up.csv": b"1,2"}
+        assert files.upload(target_dir=str(tmp_path)) == {str(tmp_path / "up.csv"): b"1,2"}
         assert (tmp_path / "up.csv").read_bytes() == b"1,2"
 
         colab.js_result = 42
@@ -131,6 +131,140 @@ def test_files_output_runtime(tmp_path: Path) -> None:
 
         colab_runtime.unassign()
         assert colab.unassigned
+
+
+def test_upload_creates_target_dir_keys_by_path_and_renames_like_colab(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    with fake_colab() as colab:
+        from google.colab import files
+
+        colab.uploads = {"data.csv": b"new", "b.txt": b"b"}
+        (tmp_path / "in").mkdir()
+        (tmp_path / "in" / "data.csv").write_bytes(b"old")
+        saved = files.upload("in")
+        assert saved == {"in/data (1).csv": b"new", "in/b.txt": b"b"}
+        assert (tmp_path / "in" / "data.csv").read_bytes() == b"old"  # never overwritten
+        assert (tmp_path / "in" / "data (1).csv").read_bytes() == b"new"
+        assert "Saving data.csv to in/data (1).csv" in capsys.readouterr().out
+        colab.uploads = {"x.bin": b"x"}
+        assert files.upload("made/here") == {"made/here/x.bin": b"x"}  # target_dir is created
+        assert (tmp_path / "made" / "here" / "x.bin").read_bytes() == b"x"
+
+
+def test_upload_file_and_view_like_colab(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    with fake_colab() as colab:
+        from google.colab import files
+
+        with pytest.raises(ValueError, match="File has not been uploaded"):
+            files.upload_file("one.bin")
+        colab.uploads = {"a": b"1", "b": b"2"}
+        with pytest.raises(ValueError, match="Multiple files received"):
+            files.upload_file("one.bin")
+        colab.uploads = {"picked.bin": b"1"}
+        assert files.upload_file("one.bin") is None
+        assert (tmp_path / "one.bin").read_bytes() == b"1"
+        files.view("one.bin")
+        assert colab.calls_to("files.view") == [{"filepath": "one.bin"}]
+        with pytest.raises(FileNotFoundError, match="Cannot find file"):
+            files.view("missing")
+
+
+def test_error_classes_like_colab() -> None:
+    from colabkit.testing import MessageError
+
+    with fake_colab():
+        from google.colab import _message, errors
+
+        assert not issubclass(errors.WidgetException, errors.Error)
+        assert issubclass(errors.WidgetException, Exception)
+        assert issubclass(errors.AuthorizationError, errors.Error)
+        assert _message.MessageError is MessageError and issubclass(MessageError, errors.Error)
+
+
+def test_a_refused_authorisation_with_message_error() -> None:
+    from colabkit.errors import DriveError
+    from colabkit.testing import MessageError
+
+    with fake_colab() as colab:
+        colab.auth_error = MessageError("Error: credential propagation was unsuccessful")
+        with pytest.raises(DriveError, match="accept the pop-up"):
+            colabkit.mount_drive()
+        assert colab.mounted_at is None
+
+
+def test_mount_checks_in_colabs_order() -> None:
+    with fake_colab(hosted=False) as colab:
+        from google.colab import drive
+
+        with pytest.raises(NotImplementedError, match="unsupported in this environment"):
+            drive.mount("/content/my drive")  # /var/colab/hostname first, then the space
+    with fake_colab(enterprise=True):
+        from google.colab import drive
+
+        with pytest.raises(ValueError, match="space"):
+            drive.mount("/content/my drive")  # the space before Colab Enterprise
+    with fake_colab() as colab:
+        from google.colab import drive
+
+        from colabkit.testing import MessageError
+
+        del colab.environ["TBE_EPHEM_CREDS_ADDR"]
+        colab.auth_error = MessageError("refused")
+        with pytest.raises(KeyError, match="TBE_EPHEM_CREDS_ADDR"):
+            drive.mount("/content/drive")  # the credentials address before the authorisation request
+        assert colab.calls_to("message.blocking_request") == []
+
+
+def test_a_second_mountpoint_kills_the_first_and_mounts_refuse_threads() -> None:
+    from colabkit import _io
+
+    with fake_colab() as colab:
+        from google.colab import drive
+
+        drive.mount("/content/drive")
+        (colab.path("/content/drive/MyDrive") / "kept.txt").write_text("k")
+        drive.mount("/content/gdrive")
+        assert colab.is_dead("/content/drive/MyDrive/kept.txt")
+        assert "/content/drive fuse.drive" in colab.mount_table()  # dead, but still in the table
+        with pytest.raises(OSError) as caught:
+            _io.atomic_write_bytes(colab.path("/content/drive/MyDrive/new.txt"), b"n")
+        assert caught.value.errno == 107
+        assert (colab.path("/content/gdrive/MyDrive") / "kept.txt").read_text() == "k"
+        drive.mount("/content/drive", force_remount=True)  # and back
+        assert not colab.is_dead("/content/drive")
+        errors: list[BaseException] = []
+
+        def from_thread() -> None:
+            try:
+                drive.mount("/content/drive", force_remount=True)
+            except RuntimeError as exc:
+                errors.append(exc)
+
+        asked = len(colab.calls_to("message.blocking_request"))
+        thread = threading.Thread(target=from_thread)
+        thread.start()
+        thread.join()
+        assert errors and "drive.mount called from a background thread" in str(errors[0])
+        assert len(colab.calls_to("message.blocking_request")) == asked  # refused before asking the browser
+
+
+def test_fake_kaggle_tpu_looks_like_the_tpu_image() -> None:
+    with fake_kaggle(tpu=True) as kaggle:
+        rt = colabkit.runtime()
+        assert (rt.kind, rt.accelerator) == ("kaggle", "tpu")
+        assert kaggle.environ["ISTPUVM"] == "1" and kaggle.environ["TPU_PROCESS_ADDRESSES"] == "local"
+        assert "COLAB_RELEASE_TAG" not in kaggle.environ  # built FROM python:3.12, not Colab's image
+        assert "TPU_ACCELERATOR_TYPE" not in kaggle.environ
+        with pytest.raises(ImportError):
+            import google.colab  # noqa: F401
+    with fake_kaggle():
+        from google.colab import drive  # Kaggle's GPU image is Colab's: importable, but no Drive
+
+        with pytest.raises(NotImplementedError):
+            drive.mount("/content/drive")
 
 
 def test_fake_kaggle() -> None:
@@ -171,3 +305,21 @@ def test_fake_colab_keeps_the_real_google_namespace() -> None:
         for name in [n for n in sys.modules if n == "google" or n.startswith("google.")]:
             del sys.modules[name]
         sys.modules.update(saved)
+
+
+def test_an_ops_wrapper_put_back_after_the_fake_is_transparent(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import errno
+
+    from colabkit import _io
+
+    with fake_colab():
+        wrapper = _io.ops
+    # What a monkeypatch made inside the fake does when it is undone after the fake: put the wrapper back.
+    monkeypatch.setattr(_io, "ops", wrapper)
+
+    def boom(fd: int) -> None:
+        raise OSError(errno.EIO, "Input/output error")
+
+    monkeypatch.setattr(_io.ops, "fsync", boom)  # what test_io does: patch the instance
+    with pytest.raises(OSError, match="Input/output"):
+        _io.atomic_write_bytes(tmp_path / "x", b"x")

@@ -23,11 +23,11 @@ from typing import Any, Literal
 
 import torch
 
-from colabkit import _io, _notify
+from colabkit import _io, _notify, drive
 from colabkit.checkpoint import lease as lease_module
 from colabkit.checkpoint import registry
 from colabkit.checkpoint import state as state_module
-from colabkit.checkpoint.mirror import Lane, Mirror, mirror_targets, on_drive
+from colabkit.checkpoint.mirror import Lane, Mirror, mirror_targets
 from colabkit.checkpoint.store import (
     CheckpointInfo,
     CheckpointListing,
@@ -96,7 +96,7 @@ class CheckpointManager:
         # The lease lives where every runtime sees it: the folder named, on Drive if it is there.
         # Drive has no locks across runtimes: wait a beat and read the lease back.
         self._lease = lease_module.acquire(
-            self.directory, takeover=takeover, settle=1.0 if on_drive(self.directory) else 0.0
+            self.directory, takeover=takeover, settle=1.0 if drive.is_drive_path(self.directory) else 0.0
         )
         try:
             if local != self.directory:
@@ -171,6 +171,7 @@ class CheckpointManager:
         """
         self._check_open()
         self._lease.check()
+        drive.recover_if_lost()  # a main-thread Drive touch: remount for copies that lost Drive
         payload, clean_metrics = state_module.prepare(state, step=step, metrics=metrics)
         epoch = payload.get("epoch")
         fields = {
@@ -281,8 +282,9 @@ class CheckpointManager:
             CheckpointError: A commit or mirror copy failed (each failure is also
                 warned about when it happens); the message names them.
         """
+        drive.recover_if_lost()  # a main-thread Drive touch: remount for copies that lost Drive
         self._commit_lane.join()
-        self._mirror.lane.join()
+        self._mirror.lane.join_recovering()
         self._commit_lane.join()
         self._mirror.join(retry=True)
         with self._lock:

@@ -17,31 +17,23 @@ import functools
 import hashlib
 import os
 import threading
+import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import TypeVar
 
-from colabkit import _io, _notify
+from colabkit import _io, _notify, drive
 from colabkit.checkpoint.store import CheckpointInfo, Retention, Store
-from colabkit.errors import ArgumentError
+from colabkit.errors import ArgumentError, DriveLostError
 
-__all__ = ["Lane", "Mirror", "mirror_targets", "on_drive"]
+__all__ = ["Lane", "Mirror", "mirror_targets"]
 
 T = TypeVar("T")
 
 
-def on_drive(path: Path) -> bool:
-    """Whether ``path`` lies on Google Drive (colabkit.drive decides)."""
-    from colabkit.drive import is_drive_path
-
-    return is_drive_path(path)
-
-
 def _mirror_retry(fn: Callable[[], T]) -> T:
-    """Run one mirror step with Drive's retry policy (remount on errno 107 when available)."""
-    from colabkit.drive import drive_retry
-
-    return drive_retry(fn, retries=3)
+    """Run one mirror step with Drive's retry policy (on errno 107: wait for the main thread's remount)."""
+    return drive.drive_retry(fn, retries=3)
 
 
 def _auto_staging(directory: Path) -> Path:
@@ -54,12 +46,11 @@ def _auto_staging(directory: Path) -> Path:
 
 def _unreachable(folder: Path) -> bool:
     """Whether ``folder``'s absence would prove nothing: a Drive folder while Drive is not mounted."""
-    if not on_drive(folder):
+    if not drive.is_drive_path(folder):
         return False
-    from colabkit.drive import drive_mounted
     from colabkit.runtime import runtime
 
-    return runtime().kind == "colab" and not drive_mounted()
+    return runtime().kind == "colab" and not drive.drive_mounted()
 
 
 def mirror_targets(
@@ -76,7 +67,7 @@ def mirror_targets(
         ArgumentError: A mirror is the local folder itself.
     """
     targets: list[Path] = []
-    if staging_dir is not None and on_drive(directory):
+    if staging_dir is not None and drive.is_drive_path(directory):
         local = _auto_staging(directory) if staging_dir == "auto" else Path(staging_dir).expanduser()
         targets.append(directory)
     else:
@@ -141,15 +132,26 @@ class Lane:
                     raise
                 _notify.logger.exception("colabkit: background checkpoint job failed")
 
-    def join(self) -> None:
+    def join(self, timeout: float | None = None) -> bool:
+        """Wait until the lane is idle (at most ``timeout`` seconds); True when it is."""
+        deadline = None if timeout is None else time.monotonic() + timeout
         with self._cond:
             if self._thread is threading.current_thread():
-                return
+                return True
             while self._thread is not None:
-                self._cond.wait()
+                left = None if deadline is None else deadline - time.monotonic()
+                if left is not None and left <= 0:
+                    return False
+                self._cond.wait(left)
             last = self._last
         if last is not None and last is not threading.current_thread():
-            last.join()
+            last.join(None if deadline is None else max(0.0, deadline - time.monotonic()))
+            return not last.is_alive()
+        return True
+
+    def join_recovering(self) -> None:
+        """:meth:`join`, remounting Drive meanwhile if a job lost it (on the main thread)."""
+        drive.wait_recovering(self.join)
 
 
 def _start_thread(thread: threading.Thread) -> None:
@@ -203,12 +205,13 @@ class Mirror:
 
     def join(self, *, retry: bool) -> None:
         """Wait for queued copies; with ``retry``, one more pass when a copy failed."""
-        self.lane.join()
+        self.lane.join_recovering()
         with self.lock:
             again = retry and bool(self._errors) and bool(self.remotes)
         if again:  # Drive may be back (or remounted) by now
+            drive.recover_if_lost()
             self.queue_sync()
-            self.lane.join()
+            self.lane.join_recovering()
 
     def take_errors(self) -> list[str]:
         with self.lock:
@@ -262,6 +265,18 @@ class Mirror:
             self._rotate_local()
 
     def _report(self, key: tuple[int, str], info: CheckpointInfo, remote: Store, exc: Exception) -> None:
+        if isinstance(exc, DriveLostError):
+            # Parked, not failed: colabkit.drive already said how to remount; the next pass copies it.
+            message = (
+                f"checkpoint step {info.step} is not yet on {remote.root}: Google Drive is not connected "
+                f"(errno 107); the local copy {info.path} is intact and is copied once Drive is remounted"
+            )
+            with self.lock:
+                new = key not in self._errors
+                self._errors[key] = message
+            if new:
+                _notify.say(message)
+            return
         message = (
             f"could not copy checkpoint step {info.step} to {remote.root} "
             f"({type(exc).__name__}: {exc}); the local copy {info.path} is intact "

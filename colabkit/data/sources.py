@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import errno
+import functools
 import hashlib
 import http.client
 import inspect
@@ -32,12 +33,13 @@ import urllib.error
 import urllib.parse
 import urllib.request
 from collections.abc import Callable, Iterable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import wait as futures_wait
 from pathlib import Path
 from types import ModuleType
 from typing import Any, Literal, Protocol, TypeVar
 
-from colabkit import _io
+from colabkit import _io, drive
 from colabkit.data.archive import _progress_bar
 from colabkit.errors import ArgumentError, ColabkitIOError, DownloadError, missing_dependency
 from colabkit.runtime import runtime
@@ -100,27 +102,10 @@ def with_retries(fn: Callable[[], T], retries: int) -> T:
     return drive_retry(fn, retries=retries, sleep=sleep)
 
 
-_DRIVE_HINTS = frozenset({"drive", "MyDrive", "My Drive", "colabkit_drive", "Shareddrives", "Shared drives"})
-
-
 def is_remote_path(path: Path) -> bool:
-    """Whether reads of ``path`` are remote, so it is copied off first: Drive, or another FUSE mount (gcsfuse...).
-
-    colabkit.drive.is_drive_path asks runtime(), which may probe GPUs; only ask it
-    when the path looks like Drive, so staging a plain local file stays instant.
-    """
-    from colabkit import drive
-
-    if (drive.mount_type(path) or "").startswith("fuse"):
-        return True
-    stand_in = os.environ.get("COLABKIT_DRIVE_DIR")
-    looks_like_drive = not _DRIVE_HINTS.isdisjoint(path.parts) or (
-        bool(stand_in) and str(path).startswith(os.path.abspath(stand_in or ""))
-    )
-    if not looks_like_drive:
-        return False
+    """Whether reads of ``path`` are remote, so it is copied off first: Drive, or another FUSE mount (gcsfuse...)."""
     try:
-        return bool(drive.is_drive_path(path))
+        return drive.is_drive_path(path) or (drive.mount_type(path) or "").startswith("fuse")
     except OSError:
         return False
 
@@ -270,6 +255,10 @@ def copy_file(
     return with_retries(attempt, retries)
 
 
+def _settled(future: Future[Any], timeout: float) -> bool:
+    return bool(futures_wait([future], timeout=timeout).done)
+
+
 def copy_tree(
     src: Path,
     dst: Path,
@@ -314,6 +303,8 @@ def copy_tree(
                 futures = [pool.submit(one, pair) for pair in files]
                 try:
                     for future in futures:
+                        # A copier that lost Drive (errno 107) waits for a remount only this thread may make.
+                        drive.wait_recovering(functools.partial(_settled, future))
                         total_bytes += future.result()
                         tick(1)
                 except BaseException:

@@ -27,7 +27,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
-from colabkit import _io, _notify
+from colabkit import _io, _notify, drive
 from colabkit.data import sources as _sources
 from colabkit.data.archive import ArchiveLimits, archive_format, extract_archive, extracted_size, remove_path
 from colabkit.errors import ArgumentError, ChecksumError, ColabkitError, InsufficientSpaceError
@@ -108,6 +108,7 @@ def stage(
         >>> dataset = torchvision.datasets.ImageFolder(root)  # doctest: +SKIP
     """
     _check_options(sha256, md5, extract, retries, workers)
+    drive.recover_if_lost()  # a main-thread Drive touch: remount here if a background copy lost Drive
     src = _sources.resolve(source)
     base = Path(os.path.abspath(runtime().host_path(os.path.expanduser(dest)))) if dest is not None else _default_dest()
     folder_name = _check_name(name if name is not None else src.default_name(), name is not None)

@@ -38,7 +38,7 @@ from typing import Any
 
 import torch
 
-from colabkit import _notify
+from colabkit import _io, _notify, drive
 from colabkit import device as _device
 from colabkit._signals import SignalFlag, save_on_signal
 from colabkit.errors import (
@@ -754,6 +754,8 @@ class _Trainer:
 
     def _after_step(self, *, epoch_ends: bool) -> str:
         """Callbacks, progress, stop and save decisions after an optimizer step. Returns a stop reason."""
+        # Background checkpoint copies that lost Drive (errno 107) wait for this thread to remount it.
+        drive.recover_if_lost()
         pos = self.pos
         now = _clock()
         if self.step_callbacks:
@@ -864,7 +866,7 @@ class _Trainer:
         if self.dist.enabled:
             reason = (reason or "callback") if _dist.any_flags([bool(reason)], self.device)[0] else ""
         if self.is_main and o.directory is not None:
-            self.history.to_csv(o.directory / "history.csv")
+            self._write_history(o.directory / "history.csv")
         self._check_session()
         if o.save_epoch or self.save_after_epoch or reason or pos.epoch >= o.epochs:
             self._save(metrics=record)
@@ -872,6 +874,22 @@ class _Trainer:
         self.totals = Totals(self.metric_names)
         self.elapsed_before = 0.0
         return reason
+
+    def _write_history(self, path: Path) -> None:
+        """history.csv beside the checkpoints; on Drive a lost connection (errno 107) is remounted here."""
+
+        def write() -> None:
+            # On Drive the folder may not exist yet: the mirror creates it with its first copy, in the background.
+            path.parent.mkdir(parents=True, exist_ok=True)
+            self.history.to_csv(path)
+
+        try:
+            drive.drive_retry(write)
+        except OSError as exc:
+            if not _io.is_transient(exc):
+                raise
+            # The checkpoints hold the history too; a flaky Drive must not end the run.
+            _notify.warn(f"could not write {path} ({exc}); the checkpoints keep the history, training goes on")
 
     def _validate(self) -> dict[str, float] | None:
         """Validation metrics (summed over ranks), or None if a signal arrived meanwhile (single process)."""
