@@ -197,33 +197,53 @@ def test_temporary_leftovers_are_emptied_before_cleanup(tmp_path: Path) -> None:
     assert (tmp_path / "trash").stat().st_size == 0
 
 
-def test_deleting_the_drive_folder_between_two_fits_starts_over(tmp_path: Path, capsys) -> None:
+def test_deleting_the_drive_folder_between_two_fits_starts_over(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from colabkit import mount_drive
     from colabkit.testing import fake_colab
 
     with fake_colab(root=tmp_path) as colab:
+        mount_drive()
         target = colab.path("/content/drive/MyDrive/run1/checkpoints")
         first = StepLog()
-        train(target, first, epochs=1)
+        train(target, first)
         assert first.span == (1, 4)
         assert list(target.glob("step-*.json"))  # the Drive copy completed
         shutil.rmtree(target)  # the user deletes the folder on Drive: "start over"
         second = StepLog()
-        train(target, second, epochs=1)
+        train(target, second)
         assert second.span == (1, 4)  # started over, did not resume the local staged copy
         assert "no longer on Drive" in capsys.readouterr().out
         # And a plain rerun now resumes as usual (nothing left to train: finished).
         third = StepLog()
-        train(target, third, epochs=1)
+        train(target, third)
         assert third.steps == []
+
+
+def test_a_drive_that_is_not_mounted_proves_nothing(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from colabkit.testing import fake_colab
+
+    with fake_colab(root=tmp_path) as colab:  # Colab, but Drive not mounted now
+        target = colab.path("/content/drive/MyDrive/run1/checkpoints")
+        first = StepLog()
+        train(target, first)
+        shutil.rmtree(target)  # what an unmounted Drive looks like
+        second = StepLog()
+        train(target, second, epochs=2)
+        assert second.span == (5, 8)  # the local staged copy resumed
+        assert "no longer on Drive" not in capsys.readouterr().out
 
 
 def test_a_local_checkpoint_whose_drive_copy_never_completed_is_resumed(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    from colabkit import mount_drive
     from colabkit.checkpoint import mirror as mirror_module
     from colabkit.testing import fake_colab
 
     with fake_colab(root=tmp_path) as colab:
+        mount_drive()
         target = colab.path("/content/drive/MyDrive/run1/checkpoints")
 
         def broken_copy(*args: object, **kwargs: object) -> int:
