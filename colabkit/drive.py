@@ -838,7 +838,12 @@ def drive_retry(
     seen = [_loss.generation]
 
     def attempt() -> T:
-        seen[0] = _loss.generation  # read before the call: which mount this attempt runs on
+        with _loss.cond:
+            lost, seen[0] = _loss.lost, _loss.generation  # which mount this attempt runs on
+        if lost and not _on_main_thread():
+            # Never start on a mount the main thread is replacing: its folder is empty meanwhile.
+            _wait_for_remount(seen[0], wait, runtime(), OSError(errno.ENOTCONN, "Google Drive is being remounted"))
+            seen[0] = _loss.generation
         return fn()
 
     def on_retry(exc: BaseException, number: int) -> None:

@@ -267,8 +267,8 @@ class FakePlatform:
 
     def _stop(self, real: Path) -> None:
         """DriveFS of the mount at ``real`` dies: its files stay in the cloud, the entry stays in the table."""
+        self._mounts[real].alive = False  # dead before its files go: no moment of a live, empty mount
         os.rename(real / "MyDrive", self.drive_storage)
-        self._mounts[real].alive = False
 
     def _unmount(self, real: Path) -> None:
         mount = self._mounts.pop(real)
@@ -394,12 +394,23 @@ class _DriveFSOps(_io.FileOps):
             return target
         fake = object.__getattribute__(self, "_fake")
 
-        def call(*args: Any, **kwargs: Any) -> Any:
+        def dead_path(args: tuple[Any, ...]) -> str | None:
             for arg in args:
                 where = arg if isinstance(arg, (str, os.PathLike)) else getattr(arg, "name", None)
                 if isinstance(where, (str, os.PathLike)) and fake.is_dead(where):
-                    raise OSError(errno.ENOTCONN, _ENOTCONN, os.fspath(where))
-            return target(*args, **kwargs)
+                    return os.fspath(where)
+            return None
+
+        def call(*args: Any, **kwargs: Any) -> Any:
+            dead = dead_path(args)
+            if dead is None:
+                try:
+                    return target(*args, **kwargs)
+                except FileNotFoundError:
+                    dead = dead_path(args)  # DriveFS died between the check and the call
+                    if dead is None:
+                        raise
+            raise OSError(errno.ENOTCONN, _ENOTCONN, dead)
 
         return call
 
