@@ -19,6 +19,7 @@ import errno
 import hashlib
 import os
 import shutil
+import stat
 import time
 import uuid
 from collections.abc import Callable, Iterable, Iterator
@@ -28,6 +29,7 @@ from typing import IO, Any, TypeVar
 from colabkit.errors import InsufficientSpaceError
 
 __all__ = [
+    "SPACE_MARGIN",
     "TEMP_MARK",
     "TRANSIENT_ERRNOS",
     "FileOps",
@@ -35,6 +37,7 @@ __all__ = [
     "atomic_write_bytes",
     "copy_file",
     "copy_stream",
+    "discard",
     "ensure_free_space",
     "free_space",
     "fsync_dir",
@@ -45,6 +48,7 @@ __all__ = [
     "ops",
     "pid_alive",
     "retry",
+    "space_margin",
     "temp_name",
     "temp_owner_alive",
     "write_all",
@@ -166,7 +170,7 @@ def atomic_open(path: str | os.PathLike[str], mode: str = "wb", *, durable: bool
         ops.replace(tmp, target)
     except BaseException:
         with contextlib.suppress(OSError):
-            tmp.unlink()
+            discard(tmp)
         raise
     if durable:
         fsync_dir(target.parent)
@@ -311,12 +315,25 @@ def copy_file(
         return copied
 
 
-def free_space(path: str | os.PathLike[str]) -> int:
-    """Free bytes on the filesystem that holds ``path`` (or its nearest existing parent)."""
+def _existing(path: str | os.PathLike[str]) -> Path:
     probe = Path(path).absolute()
     while not probe.exists() and probe != probe.parent:
         probe = probe.parent
-    return shutil.disk_usage(probe).free
+    return probe
+
+
+def free_space(path: str | os.PathLike[str]) -> int:
+    """Free bytes on the filesystem that holds ``path`` (or its nearest existing parent)."""
+    return shutil.disk_usage(_existing(path)).free
+
+
+#: Most head-room :func:`ensure_free_space` keeps free, so the system itself does not run dry.
+SPACE_MARGIN = 64 * 1024 * 1024
+
+
+def space_margin(path: str | os.PathLike[str]) -> int:
+    """The head-room kept free on ``path``'s disk: :data:`SPACE_MARGIN`, or 5% of a smaller disk."""
+    return min(SPACE_MARGIN, shutil.disk_usage(_existing(path)).total // 20)
 
 
 def human_bytes(size: float) -> str:
@@ -328,20 +345,72 @@ def human_bytes(size: float) -> str:
     raise AssertionError("unreachable")  # pragma: no cover
 
 
-def ensure_free_space(path: str | os.PathLike[str], needed: int, *, what: str, margin: int = 64 * 1024 * 1024) -> None:
+def ensure_free_space(
+    path: str | os.PathLike[str], needed: int, *, what: str, margin: int | None = None, fix: str = ""
+) -> None:
     """Raise :class:`InsufficientSpaceError` when ``path``'s disk lacks ``needed`` bytes plus a margin.
+
+    The message names every number, so it adds up: what is needed, the margin, their
+    sum and what is free.
 
     Args:
         path: Where the data will be written.
         needed: Bytes about to be written.
         what: Names the data in the message (``"the extracted dataset"``).
-        margin: Head-room kept free so the system itself does not run dry.
+        margin: Head-room kept free so the system itself does not run dry; default
+            :func:`space_margin` (64 MB, or 5% of a disk smaller than 1.25 GB).
+        fix: How to get more room, for the message (default: delete files or use a larger disk).
     """
     available = free_space(path)
-    if needed + margin > available:
+    keep = space_margin(path) if margin is None else margin
+    if needed + keep > available:
+        total = needed + keep
         raise InsufficientSpaceError(
             errno.ENOSPC,
-            f"not enough free disk for {what}: it needs {human_bytes(needed)} "
-            f"({needed} bytes) but {path} has {human_bytes(available)} ({available} bytes) free; "
-            "free some space (delete old checkpoints or datasets) or pass a dest on a larger disk",
+            f"not enough free disk for {what}: it needs {human_bytes(needed)} ({needed} bytes) plus "
+            f"{human_bytes(keep)} ({keep} bytes) kept free as a safety margin, {human_bytes(total)} "
+            f"({total} bytes) in all, but {path} has {human_bytes(available)} ({available} bytes) free; "
+            + (fix or "free some space (delete old checkpoints or datasets) or pass a dest on a larger disk"),
         )
+
+
+def discard(path: str | os.PathLike[str]) -> None:
+    """Delete a file after emptying it, so no trash or other link keeps its bytes.
+
+    Google Drive keeps deleted files in its trash for 30 days, counted against the
+    quota; a file truncated to zero bytes (and fsynced, so the empty version is the one
+    uploaded) leaves only an empty entry there. Elsewhere this is an ordinary delete.
+
+    The file first moves to a temporary name (:func:`temp_name`), so its own name
+    vanishes at once: a kill half-way never leaves an emptied file under a name that
+    readers trust, only a leftover that cleanup recognises. A missing file is fine; a
+    symbolic link is removed without touching its target; emptying is best effort (a
+    read-only file is still removed). The unlink's own errors propagate.
+    """
+    target = Path(path)
+    try:
+        if stat.S_ISDIR(os.lstat(target).st_mode):
+            raise IsADirectoryError(errno.EISDIR, "discard() removes files, not folders", str(target))
+    except FileNotFoundError:
+        return
+    doomed = temp_name(target)
+    try:
+        os.replace(target, doomed)
+    except FileNotFoundError:
+        return
+    except OSError:
+        doomed = target  # a filesystem that cannot rename: empty it where it is
+    try:
+        fd = os.open(doomed, os.O_WRONLY | getattr(os, "O_NOFOLLOW", 0))
+    except OSError:
+        fd = -1  # a symlink (ELOOP) or a read-only file: nothing to empty here
+    if fd >= 0:
+        try:
+            os.ftruncate(fd, 0)
+            ops.fsync(fd)
+        except OSError:
+            pass  # the unlink below is what matters; an unemptied file only costs trash space
+        finally:
+            os.close(fd)
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(doomed)

@@ -16,6 +16,7 @@ working for code that does not know colabkit::
     │   ├── InsufficientSpaceError                not enough free disk
     │   ├── DownloadError                         URL / gdown / bucket fetch failed
     │   └── CheckpointError                       checkpoint write or read failed
+    │       └── CheckpointInUseError              another run holds the folder's lease
     ├── ChecksumError            (ValueError)     data does not match its hash
     ├── UnsafeArchiveError       (ValueError)     archive member rejected
     ├── CheckpointNotFoundError  (FileNotFoundError)
@@ -35,6 +36,7 @@ from __future__ import annotations
 __all__ = [
     "ArgumentError",
     "CheckpointError",
+    "CheckpointInUseError",
     "CheckpointMismatchError",
     "CheckpointNotFoundError",
     "ChecksumError",
@@ -107,6 +109,13 @@ class DownloadError(ColabkitIOError):
 
 class CheckpointError(ColabkitIOError):
     """A checkpoint could not be written or read."""
+
+
+class CheckpointInUseError(CheckpointError):
+    """Another run holds the checkpoint folder's lease (or took it over from this one).
+
+    Its ``errno`` is ``EBUSY``; the message names the holder and the ways forward.
+    """
 
 
 class MagicUsageError(ArgumentError):

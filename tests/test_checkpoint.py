@@ -35,6 +35,7 @@ from colabkit.checkpoint import (
 from colabkit.checkpoint import mirror as mirror_module
 from colabkit.checkpoint import state as state_module
 from colabkit.checkpoint import store as store_module
+from colabkit.checkpoint.lease import LEASE_NAME
 from colabkit.errors import (
     ArgumentError,
     CheckpointError,
@@ -53,6 +54,11 @@ def tiny_state(step: int, **extra: Any) -> dict[str, Any]:
 
 def manifests(folder: Path) -> dict[int, dict[str, Any]]:
     return {int(p.name[5:14]): json.loads(p.read_text()) for p in folder.iterdir() if p.name.endswith(".json")}
+
+
+def files(folder: Path) -> list[Path]:
+    """The folder's entries, less the lease an open manager holds there."""
+    return [p for p in folder.iterdir() if p.name != LEASE_NAME]
 
 
 def assert_clean(folder: Path) -> None:
@@ -113,7 +119,7 @@ def test_save_snapshots_so_training_can_go_on(tmp_path: Path) -> None:
         weights.add_(5)
         history.append({"loss": 0.5})
         history[0]["loss"] = 99.0
-        assert manifests(tmp_path) == {} and list(tmp_path.iterdir()) == []
+        assert manifests(tmp_path) == {} and files(tmp_path) == []
         gate.set()
         state = ckpt.load()  # load() waits for the local commit
     assert torch.equal(state["model_state_dict"]["w"], torch.zeros(4))
@@ -147,7 +153,7 @@ def test_large_states_are_written_before_save_returns(tmp_path: Path, monkeypatc
         ckpt.save(tiny_state(1), step=1)
         # Serialised under a temporary name, not committed: invisible to anyone scanning the folder.
         assert manifests(tmp_path) == {}
-        assert [_io.is_temp_name(p.name) for p in tmp_path.iterdir()] == [True]
+        assert [_io.is_temp_name(p.name) for p in files(tmp_path)] == [True]
         gate.set()
         assert ckpt.latest() is not None  # latest() waits for the local commit
         ckpt._commit = original  # type: ignore[method-assign]
@@ -585,8 +591,8 @@ def _save_second(root: Path, monkeypatch: pytest.MonkeyPatch, ops: FaultyOps) ->
     local, mirror = root / "local", root / "mirror"
     with CheckpointManager(local, mirror=mirror) as ckpt:
         ckpt.save(tiny_state(1), step=1)
-    monkeypatch.setattr(_io, "ops", ops)
     ckpt = CheckpointManager(local, mirror=mirror)
+    monkeypatch.setattr(_io, "ops", ops)  # after the lease is taken: this is about saving
     error = None
     try:
         with warnings.catch_warnings():
@@ -886,7 +892,7 @@ def test_end_session_waits_for_pending_mirror_copies(tmp_path: Path) -> None:
     manager.save({"model_state_dict": {"w": torch.ones(3)}, "epoch": 1}, step=1)
     assert manager in registry.live_managers()
     session.end_session(flush=False)
-    mirrored = CheckpointManager(tmp_path / "mirror").latest()
+    mirrored = CheckpointListing(tmp_path / "mirror").latest()  # a reader: no lease, no threads
     assert mirrored is not None
     manager.close()
 

@@ -24,6 +24,7 @@ from colabkit import errors
         (errors.InsufficientSpaceError, OSError),
         (errors.DownloadError, OSError),
         (errors.CheckpointError, OSError),
+        (errors.CheckpointInUseError, OSError),
         (errors.ChecksumError, ValueError),
         (errors.UnsafeArchiveError, ValueError),
         (errors.CheckpointNotFoundError, FileNotFoundError),

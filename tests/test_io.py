@@ -122,6 +122,28 @@ def test_temp_owner_alive(tmp_path: Path) -> None:
     assert not _io.temp_owner_alive("plain-name")
 
 
+def test_discard_empties_the_file_before_removing_it(tmp_path: Path) -> None:
+    # A hard link stands in for Drive's trash, which keeps a reference to a deleted file.
+    target = tmp_path / "step.pt"
+    target.write_bytes(b"x" * 100_000)
+    trash = tmp_path / "trash-copy"
+    os.link(target, trash)
+    _io.discard(target)
+    assert not target.exists()
+    assert trash.stat().st_size == 0
+
+
+def test_discard_tolerates_missing_files_and_spares_symlink_targets(tmp_path: Path) -> None:
+    _io.discard(tmp_path / "never-there")
+    precious = tmp_path / "precious"
+    precious.write_bytes(b"keep me")
+    link = tmp_path / "link"
+    link.symlink_to(precious)
+    _io.discard(link)
+    assert not link.exists() and not link.is_symlink()
+    assert precious.read_bytes() == b"keep me"
+
+
 def test_copy_stream_feeds_hashers_and_progress() -> None:
     import io
 

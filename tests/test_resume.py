@@ -312,10 +312,15 @@ def test_resume_with_fp16_grad_scaler(tmp_path: Path) -> None:
     assert_resumed(resumed, reference, after_step=5, samples_done=5 * 4)
 
 
-def test_changed_batch_size_on_resume_is_warned_about(tmp_path: Path) -> None:
+def test_changed_batch_size_on_resume_is_said_and_goes_on_from_the_same_sample(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Every setting's behaviour on rerun is tested in test_rerun.py; this is the resume-side view.
     run(tmp_path, Augmented(), batch_size=4, num_workers=0, max_steps=3)
-    with pytest.warns(UserWarning, match="saved with 11 batches per epoch, this run has 6"):
-        again = run(tmp_path, Augmented(), batch_size=8, num_workers=0)
+    capsys.readouterr()
+    again = run(tmp_path, Augmented(), batch_size=8, num_workers=0)
+    assert "batch_size was 4 when the checkpoint was saved and is 8 now" in capsys.readouterr().out
+    # 3 steps of 4 samples done: the rest of the epoch goes on in batches of 8 from sample 8.
     assert again.history.stop_reason == "completed" and again.steps.first == 4
 
 

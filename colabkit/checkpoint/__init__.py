@@ -8,6 +8,7 @@ The package, one job per module:
   (sanitise, RAM snapshot, model unwrapping, the weights check, :func:`restore_state`).
 - :mod:`~colabkit.checkpoint.mirror`: background copies to Drive and other folders.
 - :mod:`~colabkit.checkpoint.registry`: the live managers, flushed at exit and by ``end_session()``.
+- :mod:`~colabkit.checkpoint.lease`: one writer per folder (a lease file renewed by a heartbeat).
 - :mod:`~colabkit.checkpoint.manager`: :class:`CheckpointManager`, which ties them together.
 
 Loading always uses ``torch.load(weights_only=True)`` after checking the sha256, and

@@ -15,6 +15,7 @@ import errno
 import os
 import threading
 import time
+import weakref
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from types import TracebackType
@@ -23,6 +24,7 @@ from typing import Any, Literal
 import torch
 
 from colabkit import _io, _notify, drive
+from colabkit.checkpoint import lease as lease_module
 from colabkit.checkpoint import registry
 from colabkit.checkpoint import state as state_module
 from colabkit.checkpoint.mirror import Lane, Mirror, mirror_targets
@@ -53,9 +55,19 @@ class CheckpointManager:
             background, e.g. a Drive folder while ``directory`` is local.
         staging_dir: Local folder for staging when ``directory`` is on Drive; ``"auto"``
             picks one on the runtime's local disk, ``None`` writes to Drive directly.
+        takeover: Take ``directory`` over even while another run holds its lease (that run
+            stops saving at its next heartbeat). A holder whose process is gone, or whose
+            heartbeat is older than 5 minutes, is taken over without it.
+
+    Only one writer at a time: the manager holds a lease on ``directory`` (the file
+    ``.colabkit-lease``, renewed every minute) until :meth:`close` or the end of the
+    process. Reading checkpoints (:func:`load_checkpoint`, :class:`CheckpointListing`,
+    ``load_for_inference``) never needs it.
 
     Raises:
         ArgumentError: An option has an unusable value.
+        CheckpointInUseError: Another live run holds the folder's lease.
+        CheckpointError: A folder is not a writable folder.
 
     Example:
         >>> with CheckpointManager("ckpt", keep_last=2, mirror="/content/drive/MyDrive/run1") as ckpt:
@@ -73,20 +85,44 @@ class CheckpointManager:
         mode: Literal["min", "max"] = "min",
         mirror: str | os.PathLike[str] | Iterable[str | os.PathLike[str]] | None = None,
         staging_dir: str | os.PathLike[str] | None = "auto",
+        takeover: bool = False,
     ) -> None:
         retention = Retention(keep_last, keep_best, monitor, mode)  # checks the four options
         self.directory = Path(directory).expanduser()
         self.keep_last, self.keep_best, self.monitor, self.mode = keep_last, keep_best, monitor, mode
         local, targets = mirror_targets(self.directory, staging_dir, mirror)
+        for folder in dict.fromkeys((self.directory, local)):
+            _make_folder(folder)
+        # The lease lives where every runtime sees it: the folder named, on Drive if it is there.
+        # Drive has no locks across runtimes: wait a beat and read the lease back.
+        self._lease = lease_module.acquire(
+            self.directory, takeover=takeover, settle=1.0 if drive.is_drive_path(self.directory) else 0.0
+        )
         try:
-            local.mkdir(parents=True, exist_ok=True)
-        except OSError as exc:
-            raise CheckpointError(
-                exc.errno or errno.EIO, f"cannot create checkpoint folder {local}: {exc}; pick a writable folder"
-            ) from exc
+            if local != self.directory:
+                _check_writable(local)
+            self._open(local, targets, retention)
+        except BaseException:
+            self._lease.release()
+            raise
+        # A manager dropped without close() (``CheckpointManager(d).latest()``) lets go of the
+        # folder when collected; at exit the registry's flush runs first, then the lease's own hook.
+        weakref.finalize(self, self._lease.release).atexit = False
+
+    def _open(self, local: Path, targets: list[Path], retention: Retention) -> None:
         self._local = Store(local)
         self._lock = threading.RLock()
-        self._mirror = Mirror(self._local, [Store(t) for t in targets], retention, self._lock, self._rotate_local)
+        # Weakly: no reference cycle keeps a dropped manager (and its lease) alive until a gc pass.
+        rotate = weakref.WeakMethod(self._rotate_local)
+
+        def rotate_local() -> None:
+            method = rotate()
+            if method is not None:
+                method()
+
+        self._mirror = Mirror(self._local, [Store(t) for t in targets], retention, self._lock, rotate_local)
+        lease = self._lease  # not self: the mirror must not keep the manager alive
+        self._mirror.may_write = lambda: lease.held
         self._listing = CheckpointListing(self._local, *self._mirror.remotes, lock=self._lock)
         self._commit_lane = Lane("colabkit-checkpoint-commit")
         self._commit_errors: list[str] = []
@@ -95,6 +131,7 @@ class CheckpointManager:
         warn_old_torch()
         with self._lock:
             self._local.cleanup()
+        self._mirror.forget_deleted()
         self._mirror.start()
         registry.register(self)
 
@@ -133,6 +170,7 @@ class CheckpointManager:
             InsufficientSpaceError: The local disk cannot hold the checkpoint.
         """
         self._check_open()
+        self._lease.check()
         drive.recover_if_lost()  # a main-thread Drive touch: remount for copies that lost Drive
         payload, clean_metrics = state_module.prepare(state, step=step, metrics=metrics)
         epoch = payload.get("epoch")
@@ -262,6 +300,7 @@ class CheckpointManager:
         flush at interpreter exit, or another ``close()``, still waits for the copies.
         """
         if self._closed and not registry.is_live(self):
+            self._lease.release()
             return
         self._closed = True
         self._buffers = {}
@@ -269,8 +308,10 @@ class CheckpointManager:
             self.wait()
         except Exception:
             registry.forget(self)  # the failures are reported: nothing left to wait for
+            self._lease.release()
             raise
         registry.forget(self)
+        self._lease.release()
 
     def __enter__(self) -> CheckpointManager:
         return self
@@ -327,7 +368,7 @@ class CheckpointManager:
                 return
             for leftover in (tmp, final):
                 with contextlib.suppress(OSError):
-                    leftover.unlink()
+                    _io.discard(leftover)
             message = (
                 f"checkpoint for step {step} was not saved in {store.root} ({type(exc).__name__}: {exc}); "
                 "the previous checkpoints are untouched. Fix the cause (free disk space, say) and save again"
@@ -341,7 +382,7 @@ class CheckpointManager:
     def _after_commit(self, info: CheckpointInfo, previous: CheckpointInfo | None) -> None:
         if previous is not None and previous.path.name != info.path.name:
             with contextlib.suppress(OSError):
-                previous.path.unlink()
+                _io.discard(previous.path)
         self._mirror.queue_sync()
         self._rotate_local()
 
@@ -353,6 +394,31 @@ class CheckpointManager:
                     self._mirror.rotation_deferred = True  # the mirror pass rotates once the copy is done
         except OSError as exc:
             _notify.warn(f"could not remove old checkpoints in {self._local.root}: {exc}")
+
+
+def _make_folder(folder: Path) -> None:
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        what = "is a file, not a folder" if folder.is_file() else f"cannot be created ({exc})"
+        raise CheckpointError(
+            exc.errno or errno.EIO, f"the checkpoint folder {folder} {what}; pick a writable folder"
+        ) from exc
+
+
+def _check_writable(folder: Path) -> None:
+    """Write and remove a small file: the one test of writability that holds for root and FUSE alike."""
+    probe = _io.temp_name(folder / "write-test")
+    try:
+        try:
+            with open(probe, "wb") as handle:
+                handle.write(b"ok")
+        finally:
+            _io.discard(probe)
+    except OSError as exc:
+        raise CheckpointError(
+            exc.errno or errno.EIO, f"the checkpoint folder {folder} is not writable ({exc}); pick a writable folder"
+        ) from exc
 
 
 def _now_ns() -> int:

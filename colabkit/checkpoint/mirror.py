@@ -44,6 +44,15 @@ def _auto_staging(directory: Path) -> Path:
     return runtime().data_dir / ".colabkit-checkpoints" / f"{directory.name}-{key}"
 
 
+def _unreachable(folder: Path) -> bool:
+    """Whether ``folder``'s absence would prove nothing: a Drive folder while Drive is not mounted."""
+    if not drive.is_drive_path(folder):
+        return False
+    from colabkit.runtime import runtime
+
+    return runtime().kind == "colab" and not drive.drive_mounted()
+
+
 def mirror_targets(
     directory: Path,
     staging_dir: str | os.PathLike[str] | None,
@@ -176,6 +185,8 @@ class Mirror:
         self._rotate_local = rotate_local
         self._errors: dict[tuple[int, str], str] = {}
         self._sync_queued = False
+        #: Whether this run may still write (False once another run took the folder's lease over).
+        self.may_write: Callable[[], bool] = lambda: True
 
     def start(self) -> None:
         """Clean the mirrors' leftovers, then copy what they lack (in the background)."""
@@ -221,6 +232,8 @@ class Mirror:
         """
         with self.lock:
             self._sync_queued = False
+            if not self.may_write():
+                return  # another run writes these folders now
             local = [i for i in self.local.scan(report=False) if self.local.problem(i, rehash=False) is None]
             keep = self.retention.keep(local)
             todo = [i for i in Store.ordered(local) if (i.step, i.sha256) in keep]
@@ -287,6 +300,7 @@ class Mirror:
         """Copy ``info`` into ``remote`` unless it is there already; True when it copied."""
         existing = _mirror_retry(lambda: remote.read_manifest(info.step, report=False))
         if existing is not None and existing.sha256 == info.sha256 and remote.problem(existing) is None:
+            self.local.mark_mirrored(info, remote.root, self.lock)
             return False
         target = remote.root / info.path.name
 
@@ -302,14 +316,16 @@ class Mirror:
                 _io.ops.replace(tmp, target)
             except BaseException:
                 with contextlib.suppress(OSError):
-                    tmp.unlink()
+                    _io.discard(tmp)
                 raise
             _io.fsync_dir(remote.root)
             return target.stat().st_mtime_ns
 
         try:
             mtime = _mirror_retry(copy)
-            copied = dataclasses.replace(info, path=target, manifest=remote.manifest_path(info.step), mtime_ns=mtime)
+            copied = dataclasses.replace(
+                info, path=target, manifest=remote.manifest_path(info.step), mtime_ns=mtime, mirrored=()
+            )
             with self.lock:
                 previous = remote.read_manifest(info.step, report=False)
             _mirror_retry(lambda: remote.write_manifest(copied))
@@ -318,12 +334,48 @@ class Mirror:
             landed = remote.read_manifest(info.step, report=False)
             if landed is None or landed.path != target:
                 with contextlib.suppress(OSError):
-                    target.unlink()
+                    _io.discard(target)
             raise
         if previous is not None and previous.path.name != target.name:
             with contextlib.suppress(OSError):
-                previous.path.unlink()
+                _io.discard(previous.path)
+        # Only now, with data and manifest verified there: a copy that later vanishes was deleted.
+        self.local.mark_mirrored(info, remote.root, self.lock)
         return True
+
+    def forget_deleted(self) -> list[CheckpointInfo]:
+        """Drop local checkpoints whose confirmed mirror copy is gone: someone deleted it there.
+
+        Deleting the checkpoint folder on Drive means "start over"; without this the local
+        staged copy would silently resume the run. A copy that never completed proves
+        nothing (the local one is then the only good state and stays), and neither does a
+        folder that cannot be read now, or a Drive that is not mounted.
+        """
+        dropped: list[CheckpointInfo] = []
+        for remote in self.remotes:
+            name = str(remote.root.absolute())
+            with self.lock:
+                confirmed = [i for i in self.local.scan(report=False) if name in i.mirrored]
+            if not confirmed or _unreachable(remote.root):
+                continue
+            for info in confirmed:
+                try:
+                    there = _mirror_retry(functools.partial(remote.read_manifest, info.step, report=False))
+                except OSError:
+                    continue  # cannot tell now: keep it
+                if there is not None and there.sha256 == info.sha256:
+                    continue
+                with self.lock:
+                    self.local.remove(info)
+                dropped.append(info)
+        if dropped:
+            where = ", ".join(sorted({str(r.root) for r in self.remotes}))
+            _notify.say(
+                f"{len(dropped)} checkpoint(s) staged in {self.local.root} had been copied to {where} and are no "
+                "longer on Drive there (the folder or files were deleted): they are not resumed and were removed "
+                "locally; training starts over"
+            )
+        return dropped
 
     def _catch_up(self) -> None:
         """Background, at start: clean mirror leftovers, then copy what the mirrors lack."""

@@ -37,6 +37,7 @@ from typing import IO, Any
 import torch
 
 from colabkit import _io, _notify
+from colabkit.checkpoint.lease import LEASE_NAME
 from colabkit.errors import ArgumentError, CheckpointError, CheckpointNotFoundError
 
 __all__ = [
@@ -168,6 +169,8 @@ class CheckpointInfo:
         metrics: The metrics passed to ``save``.
         epoch: ``state["epoch"]`` when it was an int.
         mtime_ns: The data file's mtime recorded at commit (lets ``latest()`` skip re-hashing).
+        mirrored: The mirror folders that confirmed a verified copy (local manifests only):
+            a copy that vanished from one of them was deleted there, so the local one is too.
     """
 
     step: int
@@ -179,6 +182,7 @@ class CheckpointInfo:
     metrics: dict[str, Any]
     epoch: int | None
     mtime_ns: int | None = None
+    mirrored: tuple[str, ...] = ()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -292,6 +296,7 @@ class Store:
                 metrics=dict(data.get("metrics") or {}),
                 epoch=epoch if isinstance(epoch, int) else None,
                 mtime_ns=int(entry["mtime_ns"]) if entry.get("mtime_ns") is not None else None,
+                mirrored=tuple(str(folder) for folder in data.get("mirrored") or ()),
             )
         except (ValueError, KeyError, IndexError, TypeError) as exc:
             if report:
@@ -367,7 +372,7 @@ class Store:
                 handle.flush()
         except BaseException as exc:
             with contextlib.suppress(OSError):
-                tmp.unlink()
+                _io.discard(tmp)
             if not isinstance(exc, Exception):
                 raise
             cause = _os_error_in(exc)
@@ -429,16 +434,29 @@ class Store:
             "files": [{"name": info.path.name, "size": info.size, "sha256": info.sha256, "mtime_ns": info.mtime_ns}],
             **manifest_extras(),
         }
+        if info.mirrored:
+            body["mirrored"] = list(info.mirrored)
         data = json.dumps(body, indent=1, sort_keys=True).encode()
         _io.atomic_write_bytes(self.manifest_path(info.step), data)
 
     def remove(self, info: CheckpointInfo) -> None:
-        """Delete a checkpoint: manifest first, so it is invisible before its data goes."""
-        with contextlib.suppress(FileNotFoundError):
-            info.manifest.unlink()
-        with contextlib.suppress(FileNotFoundError):
-            info.path.unlink()
+        """Delete a checkpoint: manifest first, so it is invisible before its data goes.
+
+        Files are emptied before they are unlinked (:func:`colabkit._io.discard`), so
+        Drive's trash keeps no bytes of them against the quota.
+        """
+        _io.discard(info.manifest)
+        _io.discard(info.path)
         self._verified.pop(str(info.path), None)
+
+    def mark_mirrored(self, info: CheckpointInfo, folder: Path, lock: threading.RLock) -> None:
+        """Record in ``info``'s manifest that ``folder`` holds a verified copy of it."""
+        name = str(folder.absolute())
+        with lock:
+            current = self.read_manifest(info.step, report=False)
+            if current is None or current.sha256 != info.sha256 or name in current.mirrored:
+                return
+            self.write_manifest(dataclasses.replace(current, mirrored=(*current.mirrored, name)))
 
     def rotate(self, retention: Retention, *, busy: Path | None = None) -> bool:
         """Delete committed checkpoints outside the keep set; True when ``busy`` was due but spared."""
@@ -469,7 +487,7 @@ class Store:
             path = self.root / name
             if _io.is_temp_name(name):
                 base = name[1:].split(_io.TEMP_MARK, 1)[0]
-                if not (_DATA_RE.match(base) or _MANIFEST_RE.match(base)):
+                if not (_DATA_RE.match(base) or _MANIFEST_RE.match(base) or base == LEASE_NAME):
                     continue  # someone else's temporary: not ours to delete
                 # Only a name whose writer is known to be dead goes at once; others wait until stale.
                 owner_gone = _TEMP_PID_RE.search(name) is not None and not _io.temp_owner_alive(name)
@@ -484,8 +502,7 @@ class Store:
             if path.is_symlink() or not path.is_file():
                 continue  # never follow or delete links or folders (nothing we write is one)
             if owner_gone or now - st.st_mtime > STALE_SECONDS:
-                with contextlib.suppress(FileNotFoundError):
-                    path.unlink()
+                _io.discard(path)
                 removed.append(name)
         return removed
 

@@ -119,6 +119,7 @@ def fit(
     num_workers: int | str = "auto",
     checkpoint_dir: str | Path | None = None,
     resume: bool = True,
+    takeover: bool = False,
     save_every: str | int = "epoch",
     keep_last: int = 2,
     monitor: str = "val_loss",
@@ -164,6 +165,11 @@ def fit(
         num_workers: DataLoader workers for Datasets (``"auto"``: 0 for in-memory tensors, else up to 4).
         checkpoint_dir: Folder for checkpoints (and ``history.csv``); enables resume.
         resume: Continue from the newest valid checkpoint in ``checkpoint_dir``.
+        takeover: Take ``checkpoint_dir`` over even while another run holds its lease; that
+            run stops saving at its next heartbeat. Without it a second run on one folder (a
+            second tab, a second runtime on the same Drive folder) is refused before training.
+            A holder whose process is gone, or whose heartbeat is 5 minutes old, is taken
+            over anyway.
         save_every: ``"epoch"``, a number of optimizer steps, or a duration such as ``"10min"``.
         keep_last: Checkpoints to keep (the best one by ``monitor`` is kept as well).
         monitor: Record column that ranks checkpoints and drives ReduceLROnPlateau
@@ -186,11 +192,35 @@ def fit(
         compile: Run the model through ``torch.compile``.
         channels_last: Use channels-last memory format for the model and 4-D inputs.
 
+    Rerunning with other settings: the checkpoint records what the run was trained with,
+    and each setting that differs is reported and handled as follows (start over with
+    ``resume=False`` or a new ``checkpoint_dir`` to train from scratch instead)::
+
+        changed on rerun        what happens
+        ----------------------  ---------------------------------------------------------------
+        lr                      the new lr applies; a scheduler keeps its position, scaled to it
+        weight decay, betas,    the new values apply (written into the restored optimizer)
+          momentum, eps, ...
+        optimizer class         the new optimizer starts with empty state; weights, position and
+                                the schedule's progress resume
+        scheduler class         the new scheduler starts at its beginning, at its own start lr
+        scheduler settings      the checkpoint's values win (a warning says so)
+        batch_size              applies; inside an epoch the position carries over in samples
+        grad_accum              applies from the next optimizer step
+        precision               applies; fp16's loss scale restarts unless both runs use fp16
+        training set length     applies; an interrupted epoch is not an exact continuation
+        model, param groups     refused: CheckpointMismatchError
+        seed                    the checkpoint's seed wins
+
     Returns:
         The :class:`History` of all epochs, including those before a resume.
 
     Raises:
         ArgumentError: An argument is unusable (detected before the first step where possible).
+        CheckpointInUseError: Another run writes ``checkpoint_dir`` (its lease is held); the
+            message names it and the ways forward.
+        CheckpointError: ``checkpoint_dir`` is a file, read-only, or its disk too full for a
+            checkpoint (checked before training; the last good checkpoint stays).
         CheckpointMismatchError: ``checkpoint_dir`` holds another model's checkpoints.
         NonFiniteLossError: The loss became NaN or infinite.
         OutOfMemoryBackoffError: Out of memory even with a micro-batch of one sample.
@@ -426,7 +456,16 @@ class _Trainer:
 
         # 3.-5. From here a CheckpointManager may be open: an error (e.g. another model's
         #    checkpoints) closes it before propagating, so nothing is left waiting.
-        self.manager = resume.open_manager(o, is_main=self.is_main)
+        # This call's recipe, saved with every checkpoint (a rerun compares against it).
+        self.recipe = resume.describe_run(
+            model=model,
+            optimizer=self.optimizer,
+            scheduler=self.scheduler,
+            train=self.train,
+            grad_accum=o.grad_accum,
+            precision=self.policy.name,
+        )
+        self.manager = resume.open_manager(o, is_main=self.is_main, model=model)
         try:
             self._resume()
             # 5. What runs the forward pass: DDP and/or torch.compile around the model.
@@ -511,13 +550,15 @@ class _Trainer:
         if checkpoint:
             self._say(f"resuming from {path}")
             resume.check_compatible(checkpoint, self.model, o.directory)
-            resume.restore_weights(
+            self.recipe = resume.restore_weights(
                 checkpoint,
                 model=self.model,
                 optimizer=self.optimizer,
                 scheduler=self.scheduler,
                 scaler=self.scaler,
                 directory=o.directory,
+                recipe=self.recipe,
+                is_main=self.is_main,
             )
             if not fit_state:
                 self._say("the checkpoint was not written by fit(): starting at epoch 1 from its weights")
@@ -528,6 +569,7 @@ class _Trainer:
                 world_size=self.dist.world_size,
                 epoch_length=self.epoch_length,
                 grad_accum=o.grad_accum,
+                batch_size=self.recipe.get("batch_size"),
             )
             self.pos, self.history, self.backoff.chunks = saved.position, saved.history, saved.chunks
             self.totals.load_state_dict(saved.totals)
@@ -978,6 +1020,7 @@ class _Trainer:
                 epoch_seconds=self.elapsed_before + (_clock() - self.epoch_start if pos.batch else 0.0),
                 history=self.history,
                 callbacks=self.o.callback_list,
+                recipe=self.recipe,
             )
             clean = {k: v for k, v in (metrics or {}).items() if isinstance(v, (int, float)) and math.isfinite(v)}
             self.manager.save(state, step=pos.step, metrics=clean or None)

@@ -94,6 +94,7 @@ class FitOptions:
     num_workers: int | str
     checkpoint_dir: Any
     resume: bool
+    takeover: bool
     save_every: str | int
     keep_last: int
     monitor: str
@@ -136,6 +137,7 @@ class FitOptions:
             self.clip_grad_norm = _positive("clip_grad_norm", self.clip_grad_norm, "or None, e.g. 1.0")
         self.directory = None if self.checkpoint_dir is None else Path(self.checkpoint_dir).expanduser()
         self.resume = bool(self.resume)
+        self.takeover = bool(self.takeover)
         self.save_steps, self.save_seconds, self.save_epoch = _parse_save_every(self.save_every)
         _at_least("keep_last", self.keep_last, 1, "e.g. keep_last=2")
         if not isinstance(self.monitor, str) or not self.monitor:

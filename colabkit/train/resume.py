@@ -15,10 +15,11 @@ from typing import Any
 
 import torch
 
-from colabkit import _notify
+from colabkit import _io, _notify
 from colabkit.checkpoint import CheckpointManager, load_checkpoint, restore_state, weights_problems
 from colabkit.errors import CheckpointMismatchError
 from colabkit.train import distributed as _dist
+from colabkit.train import recipe as recipe_module
 from colabkit.train.history import History, metric_mode
 from colabkit.train.options import FitOptions
 from colabkit.train.state import TrainPosition, capture_rng_state, restore_rng_state
@@ -40,16 +41,45 @@ __all__ = [
 CHECKPOINT_VERSION = 1
 
 
-def open_manager(options: FitOptions, *, is_main: bool) -> CheckpointManager | None:
-    """Rank 0's CheckpointManager for ``checkpoint_dir`` (None without one, and on other ranks)."""
+def open_manager(options: FitOptions, *, is_main: bool, model: torch.nn.Module) -> CheckpointManager | None:
+    """Rank 0's CheckpointManager for ``checkpoint_dir`` (None without one, and on other ranks).
+
+    Opening it takes the folder's lease (one writer per folder) and checks, before any
+    training, that the folder is writable and its disk can hold a checkpoint.
+    """
     if options.directory is None or not is_main:
         return None
-    return CheckpointManager(
+    manager = CheckpointManager(
         options.directory,
         keep_last=options.keep_last,
         keep_best=1,
         monitor=options.monitor,
         mode=metric_mode(options.monitor),  # type: ignore[arg-type]
+        takeover=options.takeover,
+    )
+    try:
+        _check_room(manager, model)
+    except BaseException:
+        manager.close()
+        raise
+    return manager
+
+
+def _check_room(manager: CheckpointManager, model: torch.nn.Module) -> None:
+    """Refuse to train when the disk cannot take one more checkpoint (the newest one's size, or a guess)."""
+    saved = manager.checkpoints()
+    if saved:
+        needed, what = saved[-1].size, "a checkpoint the size of the last one"
+    else:
+        weights = sum(t.numel() * t.element_size() for t in model.state_dict().values() if isinstance(t, torch.Tensor))
+        # Weights plus an optimizer's state (Adam keeps two moments): about three times the weights.
+        needed, what = 3 * weights, "a checkpoint of this model (about 3x its weights, with the optimizer state)"
+    _io.ensure_free_space(
+        manager.local_dir,
+        needed,
+        what=what,
+        fix="nothing was trained or changed; free some space (old checkpoints, datasets) or pass a checkpoint_dir "
+        "on a larger disk",
     )
 
 
@@ -84,16 +114,79 @@ def check_compatible(checkpoint: Mapping[str, Any], model: torch.nn.Module, dire
         )
 
 
-def restore_weights(
-    checkpoint: dict[str, Any], *, model: Any, optimizer: Any, scheduler: Any, scaler: Any, directory: Path | None
-) -> None:
-    """Model, optimizer, scheduler and scaler states, in place."""
+def describe_run(
+    *, model: torch.nn.Module, optimizer: Any, scheduler: Any, train: Any, grad_accum: int, precision: str
+) -> dict[str, Any]:
+    """This call's recipe (see :mod:`colabkit.train.recipe`), taken before anything is restored."""
+    sampler = getattr(train, "batch_sampler", None)
+    batch_size = getattr(sampler, "batch_size", None) or getattr(getattr(train, "loader", None), "batch_size", None)
     try:
-        restore_state(checkpoint, model=model, optimizer=optimizer, scheduler=scheduler, scaler=scaler)
+        length: int | None = len(train.dataset)
+    except TypeError:
+        length = None
+    return recipe_module.describe(
+        optimizer=optimizer,
+        scheduler=scheduler,
+        batch_size=batch_size,
+        grad_accum=grad_accum,
+        precision=precision,
+        dataset_length=length,
+        model=model,
+    )
+
+
+def restore_weights(
+    checkpoint: dict[str, Any],
+    *,
+    model: Any,
+    optimizer: Any,
+    scheduler: Any,
+    scaler: Any,
+    directory: Path | None,
+    recipe: dict[str, Any],
+    is_main: bool,
+) -> dict[str, Any]:
+    """Model, optimizer, scheduler and scaler states, in place, as the recipe comparison decides.
+
+    ``recipe`` is this call's (:func:`describe_run`). Settings that differ from the
+    checkpoint's get the behaviour documented in fit(): most apply, scheduler settings
+    keep the checkpoint's values (warned), another model is refused. Returns the recipe
+    the run goes on with, to be saved in its checkpoints.
+    """
+    fit_state = checkpoint.get("fit") or {}
+    saved = fit_state.get("recipe")
+    plan = None
+    if isinstance(saved, Mapping):
+        mid_epoch = bool(fit_state.get("position", {}).get("batch"))
+        plan = recipe_module.compare(saved, recipe, mid_epoch=mid_epoch)
+        for change in plan.refused:
+            raise CheckpointMismatchError(
+                f"checkpoint_dir={str(directory)!r}: {change.message()}; pass a new checkpoint_dir or resume=False"
+            )
+    fresh = recipe_module.group_settings(optimizer)
+    keep = plan or recipe_module.Plan([])
+    try:
+        restore_state(
+            checkpoint,
+            model=model,
+            optimizer=optimizer if keep.restore_optimizer else None,
+            scheduler=scheduler if keep.restore_scheduler else None,
+            scaler=scaler if keep.restore_scaler else None,
+        )
     except CheckpointMismatchError as exc:
         raise CheckpointMismatchError(
             f"checkpoint_dir={str(directory)!r}: {exc}; pass a new checkpoint_dir or resume=False"
         ) from exc
+    if plan is None or not isinstance(saved, Mapping):
+        return recipe
+    recipe_module.apply(plan, optimizer=optimizer, scheduler=scheduler, fresh=fresh, saved=saved)
+    if is_main:
+        for change in plan.changes:
+            if change.decision == recipe_module.CHECKPOINT:
+                _notify.warn(change.message())
+            else:
+                _notify.say(change.message())
+    return recipe_module.effective(saved, recipe, plan)
 
 
 @dataclasses.dataclass
@@ -112,9 +205,19 @@ class Resumed:
 
 
 def read_fit_state(
-    fit_state: Mapping[str, Any], *, rank: int, world_size: int, epoch_length: int | None, grad_accum: int
+    fit_state: Mapping[str, Any],
+    *,
+    rank: int,
+    world_size: int,
+    epoch_length: int | None,
+    grad_accum: int,
+    batch_size: int | None = None,
 ) -> Resumed:
-    """The ``"fit"`` entry of a checkpoint, warning where this run differs from the saved one."""
+    """The ``"fit"`` entry of a checkpoint, warning where this run differs from the saved one.
+
+    With a recipe in the checkpoint the differences were reported by :func:`restore_weights`;
+    a new ``batch_size`` moves a mid-epoch position to the same sample.
+    """
     rngs = fit_state.get("rng", [])
     if len(rngs) != world_size:
         _notify.warn(
@@ -134,6 +237,11 @@ def read_fit_state(
         callbacks=list(fit_state.get("callbacks", [])),
     )
     resumed.history.stop_reason = ""
+    saved_recipe = fit_state.get("recipe")
+    if isinstance(saved_recipe, Mapping):
+        position = resumed.position
+        position.batch = recipe_module.samples_to_batches(position.batch, saved_recipe.get("batch_size"), batch_size)
+        return resumed
     saved_length = int(fit_state.get("epoch_length", -1))
     length = -1 if epoch_length is None else epoch_length
     if resumed.position.batch and saved_length != length:
@@ -183,10 +291,12 @@ def state_to_save(
     epoch_seconds: float,
     history: History,
     callbacks: Sequence[Any],
+    recipe: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """The checkpoint fit() writes at a step boundary: what :func:`read_fit_state` reads back."""
     fit_state = {
         "version": CHECKPOINT_VERSION,
+        "recipe": recipe,
         "position": position.state_dict(),
         "seed": seed,
         "chunks": chunks,
