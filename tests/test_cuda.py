@@ -8,8 +8,6 @@ writes a report. Run them alone with ``pytest -m cuda tests/test_cuda.py``.
 from __future__ import annotations
 
 import io
-import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -348,11 +346,9 @@ def test_compare_devices_and_matmul_speed_report_the_gpu() -> None:
 
 
 def _nvcc() -> str | None:
-    found = shutil.which("nvcc")
-    if found:
-        return found
-    fallback = Path("/usr/local/cuda/bin/nvcc")
-    return str(fallback) if os.access(fallback, os.X_OK) else None
+    from colabkit import magics
+
+    return magics._find_nvcc()  # the lookup %%cuda itself uses
 
 
 def test_cuda_magic_runs_a_kernel_that_prints() -> None:
