@@ -54,6 +54,7 @@ _LAZY: dict[str, str] = {
     "EarlyStopping": "colabkit.train.callbacks",
     "CSVLogger": "colabkit.train.callbacks",
     "launch": "colabkit.train.distributed",
+    "ImageArray": "colabkit.data.images.array",
 }
 
 __all__ = sorted(_LAZY)
@@ -63,6 +64,7 @@ if TYPE_CHECKING:
     from colabkit.bench import compare_devices, matmul_speed
     from colabkit.checkpoint import CheckpointManager
     from colabkit.data.archive import make_archive
+    from colabkit.data.images.array import ImageArray
     from colabkit.data.stage import stage
     from colabkit.device import free_memory, get_device, memory_summary, seed_everything, to_device
     from colabkit.drive import flush_drive, mount_drive, project_dirs

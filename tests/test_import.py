@@ -9,7 +9,7 @@ import sys
 import colabkit
 
 # The names DESIGN.md lists, plus the few helpers the issues add (memory_summary, free_memory,
-# save_on_signal, end_session, download, lr_find, inference and export, callbacks, launch).
+# save_on_signal, end_session, download, lr_find, inference and export, callbacks, launch, ImageArray).
 DESIGNED = {
     "ColabkitError",
     "Runtime",
@@ -45,6 +45,7 @@ DESIGNED = {
     "EarlyStopping",
     "CSVLogger",
     "launch",
+    "ImageArray",
 }
 
 
