@@ -118,7 +118,7 @@ class Fetched:
 
     Attributes:
         path: A file (archive or plain) or a folder on local disk.
-        name: The file's real name (downloads get made-up names); decides the archive format.
+        name: The file's real name (downloads get made-up names); the format comes from the bytes.
         temporary: True when ``path`` is a copy stage() may move or delete.
         is_dir: Whether ``path`` is a folder.
         hashes: Hex digests computed on the way (``"sha256"``, ``"md5"``).
