@@ -305,6 +305,7 @@ def _fill(
             progress=progress,
             scratch=scratch,
             keep_platform_files=options.keep_platform_files,
+            name=fetched.name,
         )
         tops = done.top_level
         single = (

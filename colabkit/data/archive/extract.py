@@ -43,6 +43,7 @@ def extract_archive(
     progress: bool = True,
     scratch: str | os.PathLike[str] | None = None,
     keep_platform_files: bool = False,
+    name: str | None = None,
 ) -> ExtractResult:
     """Validate every member of ``archive``, then extract it into the empty folder ``dest``.
 
@@ -63,6 +64,8 @@ def extract_archive(
         scratch: Folder for the temporary decompressed tar (default: ``dest``'s parent).
         keep_platform_files: Also write ``__MACOSX/``, ``._name``, ``.DS_Store``,
             ``Thumbs.db`` and ``desktop.ini`` members (see :func:`is_platform_file`).
+        name: The archive's real name when ``archive`` is a download under a made-up one: a
+            single compressed file becomes this name without ``.gz`` (``.bz2``, ``.xz``, ``.zst``).
 
     Returns:
         Counts of what was written, and of the platform litter skipped.
@@ -87,7 +90,7 @@ def extract_archive(
             f"{path} is not a zip, tar, tar.gz, tar.bz2, tar.xz, tar.zst, 7z, gz, bz2, xz or zst file; pass "
             "extract=False to keep it as it is"
         )
-    label = Path(path).name
+    label = name or Path(path).name
     with os.scandir(root) as entries:
         if any(True for _ in entries):
             raise ArgumentError(f"extract_archive(dest={os.fspath(dest)!r}): the folder must be empty")

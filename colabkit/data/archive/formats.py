@@ -177,7 +177,8 @@ def describe_bytes(head: bytes) -> str:
     if head.startswith(b"\x04\x22\x4d\x18"):
         return "it is an LZ4 stream, which stage() does not read (re-pack it with gzip or zstd)"
     text = head.decode("utf-8", "replace")  # a character cut at the end costs one replacement
-    if sum(ch.isprintable() or ch.isspace() for ch in text) >= 0.95 * len(text):
+    readable = sum(ch != "\ufffd" and (ch.isprintable() or ch.isspace()) for ch in text)
+    if readable >= 0.95 * len(text):
         return f"it is text, beginning {_snippet(head)}"
     return f"its first bytes are {head[:16].hex(' ')}, which no format stage() reads starts with"
 
