@@ -13,12 +13,10 @@ from __future__ import annotations
 
 import bz2
 import gzip
-import http.server
 import io
 import lzma
 import os
 import tarfile
-import threading
 import types
 import zipfile
 from collections.abc import Callable, Iterator
@@ -26,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from _http_server import Server
 
 from colabkit.data import sources
 from colabkit.data.archive import archive_format
@@ -193,50 +192,10 @@ def test_an_archive_name_over_other_bytes_says_what_arrived_and_the_fix(tmp_path
 # -- a real HTTP server -----------------------------------------------------------------------------
 
 
-class Server:
-    """Serves ``files``: path -> (body, extra headers), and records each request's headers."""
-
-    def __init__(self) -> None:
-        self.files: dict[str, tuple[bytes, dict[str, str]]] = {}
-        self.requests: list[dict[str, str]] = []
-        outer = self
-
-        class Handler(http.server.BaseHTTPRequestHandler):
-            def log_message(self, *args: Any) -> None:
-                pass
-
-            def do_GET(self) -> None:
-                outer.requests.append(dict(self.headers.items()))
-                found = outer.files.get(self.path)
-                if found is None:
-                    self.send_error(404, "Not Found")
-                    return
-                body, headers = found
-                self.send_response(200)
-                for key, value in headers.items():
-                    self.send_header(key, value)
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
-
-        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.thread = threading.Thread(target=self.httpd.serve_forever, args=(0.05,), daemon=True)
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.httpd.server_address[1]}"
-
-
 @pytest.fixture
 def server() -> Iterator[Server]:
-    srv = Server()
-    srv.thread.start()
-    try:
+    with Server() as srv:
         yield srv
-    finally:
-        srv.httpd.shutdown()
-        srv.httpd.server_close()
-        srv.thread.join()
 
 
 @pytest.fixture(autouse=True)
@@ -277,7 +236,8 @@ def test_every_kind_stages_alike_however_the_server_sends_it(
         # mod_mime: the type from the inner suffix, the encoding from .gz, the stored bytes as they are.
         headers = {"Content-Type": "application/x-tar" if kind == "tar.gz" else "text/csv"}
         headers["Content-Encoding"] = sending.removeprefix("apache-")
-    server.files[f"/files/{name}"] = (data, headers)
+    server.files[f"/files/{name}"] = data
+    server.headers[f"/files/{name}"] = headers
     root = stage(f"{server.url}/files/{name}", tmp_path, progress=False)
     assert_staged(root, kind)
     assert server.requests[-1]["Accept-Encoding"] == "identity"
@@ -285,7 +245,8 @@ def test_every_kind_stages_alike_however_the_server_sends_it(
 
 def test_an_html_page_in_place_of_an_archive_names_the_url(tmp_path: Path, server: Server) -> None:
     page = b"<html><body>Too many users have viewed or downloaded this file recently</body></html>"
-    server.files["/d/data.tar.gz"] = (page, {"Content-Type": "text/html"})
+    server.files["/d/data.tar.gz"] = page
+    server.headers["/d/data.tar.gz"] = {"Content-Type": "text/html"}
     url = f"{server.url}/d/data.tar.gz"
     with pytest.raises(ArgumentError, match=r"data\.tar\.gz.*HTML page.*Too many users.*extract=False") as caught:
         stage(url, tmp_path, progress=False)
