@@ -19,6 +19,7 @@ import os
 import tarfile
 import types
 import zipfile
+import zlib
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -29,7 +30,7 @@ from _http_server import Server
 from colabkit.data import sources
 from colabkit.data.archive import archive_format
 from colabkit.data.stage import stage
-from colabkit.errors import ArgumentError
+from colabkit.errors import ArgumentError, DownloadError
 from colabkit.testing import fake_colab
 
 TREE = {"ds/a.txt": b"alpha " * 300, "ds/sub/b.bin": bytes(range(256)) * 8}
@@ -251,6 +252,14 @@ def test_an_html_page_in_place_of_an_archive_names_the_url(tmp_path: Path, serve
     with pytest.raises(ArgumentError, match=r"data\.tar\.gz.*HTML page.*Too many users.*extract=False") as caught:
         stage(url, tmp_path, progress=False)
     assert url in str(caught.value)
+
+
+def test_an_encoding_that_bytes_cannot_tell_is_refused_by_name(tmp_path: Path, server: Server) -> None:
+    server.files["/d/data.zip"] = zlib.compress(zip_bytes())
+    server.headers["/d/data.zip"] = {"Content-Encoding": "deflate"}
+    with pytest.raises(DownloadError, match=r"data\.zip.*Content-Encoding: deflate.*curl --compressed"):
+        stage(f"{server.url}/d/data.zip", tmp_path, progress=False)
+    assert not (tmp_path / "data").exists()
 
 
 # -- Drive, a Drive link and a bucket go through the same detection ----------------------------------------

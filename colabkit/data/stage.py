@@ -70,17 +70,19 @@ def stage(
     Args:
         source: A file or folder path (local or on the mounted Drive): an archive
             (``.zip``, ``.tar``, ``.tar.gz``/``.tgz``, ``.tar.bz2``, ``.tar.xz``, ``.tar.zst``,
-            ``.7z``), a single ``.gz`` or ``.zst`` file, any other file, or a folder. Or a Google Drive share link,
-            file id or folder link (through gdown); an ``http(s)://`` URL (resumable);
-            an ``s3://`` / ``gs://`` URL (through fsspec).
+            ``.7z``), a single ``.gz``, ``.bz2``, ``.xz`` or ``.zst`` file, any other file, or a folder. Or a
+            Google Drive share link, file id or folder link (through gdown); an ``http(s)://`` URL
+            (resumable); an ``s3://`` / ``gs://`` URL (through fsspec). The format comes from the
+            file's bytes, not its name or the server's headers.
         dest: Folder that receives the dataset folder; default: the runtime's fast
             local data folder (``/content/data`` on Colab).
         name: Name of the dataset folder under ``dest``; default: the source's
             name without its archive suffix (a Drive id for share links).
         sha256: Expected SHA-256 hex digest of the source file; checked before extraction.
         md5: Expected MD5 hex digest of the source file.
-        extract: ``"auto"`` extracts archives and ``.gz`` files and copies anything
-            else; ``False`` keeps the file as it is; ``True`` requires an archive.
+        extract: ``"auto"`` extracts archives and compressed files and copies anything
+            else (a file named like an archive that is none is an error); ``False`` keeps
+            the file as it is; ``True`` requires an archive.
         overwrite: Restage even when the source is unchanged, and replace a folder
             that ``stage()`` did not create.
         retries: Extra attempts on Drive's transient errors (errno 5, 107) and network errors.
