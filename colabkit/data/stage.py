@@ -237,7 +237,8 @@ def _check_space(src: _sources.Source, base: Path, extract: bool | Literal["auto
     if not isinstance(src, _sources.PathSource) or src.path.is_dir():
         return
     size = _sources.with_retries(lambda: src.path.stat().st_size, 2)
-    fmt = archive_format(src.path) if extract is not False else None
+    # The first bytes tell the format: one small read, retried as Drive's reads are.
+    fmt = _sources.with_retries(lambda: archive_format(src.path), 2) if extract is not False else None
     copy = size if fmt is not None and _sources.is_remote_path(src.path) else 0
     # A compressed tar (or zip) is first decompressed next to the files it holds.
     compressed_tar = fmt is not None and holds_members(fmt) and fmt not in CONTAINERS
