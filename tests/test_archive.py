@@ -14,8 +14,9 @@ from pathlib import Path
 import pytest
 
 from colabkit import _io
-from colabkit.data import archive, zipdir
+from colabkit.data import zipdir
 from colabkit.data.archive import ArchiveLimits, archive_format, extract_archive, make_archive, scan_archive
+from colabkit.data.archive import workers as archive_workers
 from colabkit.errors import ChecksumError, UnsafeArchiveError
 
 
@@ -91,7 +92,7 @@ def test_zip_extracts_every_member(tmp_path: Path, workers: int, method: int) ->
 
 
 def test_big_member_streams_in_chunks(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(archive, "_BIG", 1000)
+    monkeypatch.setattr(archive_workers, "BIG", 1000)
     payload = os.urandom(5000) + b"z" * 20000
     src = make_zip(tmp_path / "big.zip", {"big.bin": payload, "small.txt": b"hi"})
     out = tmp_path / "out"

@@ -22,7 +22,9 @@ from pathlib import Path
 
 import pytest
 
-from colabkit.data import archive, zipdir
+from colabkit.data import zipdir
+from colabkit.data.archive import tools as archive_tools
+from colabkit.data.archive import workers as archive_workers
 from colabkit.data.stage import MARKER, stage
 from colabkit.errors import ChecksumError, ColabkitError, MissingDependencyError, UnsafeArchiveError
 
@@ -203,10 +205,10 @@ def test_deflate64_without_unzip_uses_7z_and_without_either_names_the_fix(
     out = tmp_path / "data.zip"
     run(["7z", "a", "-tzip", "-mm=Deflate64", "-bd", str(out), "data"], source.parent)
     real_which = shutil.which
-    monkeypatch.setattr(archive.shutil, "which", lambda name: None if name == "unzip" else real_which(name))
+    monkeypatch.setattr(archive_tools.shutil, "which", lambda name: None if name == "unzip" else real_which(name))
     root = stage(out, tmp_path / "by-7z", progress=False)
     assert without_modes(snapshot(root)) == without_modes(snapshot(source))
-    monkeypatch.setattr(archive.shutil, "which", lambda name: None)
+    monkeypatch.setattr(archive_tools.shutil, "which", lambda name: None)
     with pytest.raises(MissingDependencyError, match=r"Deflate64 \(method 9\).*apt-get install -y unzip"):
         stage(out, tmp_path / "none", progress=False)
     assert not (tmp_path / "none").exists() or os.listdir(tmp_path / "none") == []
@@ -453,14 +455,14 @@ def test_70000_entry_zip_takes_the_parallel_fast_path(tmp_path: Path, monkeypatc
     entries, _ = zipdir.read_central(str(src))
     assert len(entries) == count
     forked: list[int] = []
-    real = archive._run_forked
+    real = archive_workers.run_forked
 
     def spy(task: object, chunks: list[object], workers: int, done: object) -> None:
         forked.append(workers)
         real(task, chunks, workers, done)  # type: ignore[arg-type]
 
-    monkeypatch.setattr(archive, "_run_forked", spy)
-    monkeypatch.setattr(archive.os, "cpu_count", lambda: 2)
+    monkeypatch.setattr(archive_workers, "run_forked", spy)
+    monkeypatch.setattr(archive_workers.os, "cpu_count", lambda: 2)
     root = stage(src, tmp_path / "out", progress=False)
     assert forked == [2]
     assert (root / "7" / "12347.png").read_bytes() == b"12347"

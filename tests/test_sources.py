@@ -4,18 +4,15 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import http.server
 import io
 import os
-import re
-import threading
 import types
 import zipfile
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
+from _http_server import Server
 
 from colabkit.data import sources
 from colabkit.data.stage import stage
@@ -41,70 +38,10 @@ def _no_sleep(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(sources, "sleep", lambda seconds: None)
 
 
-class Server:
-    """Serves ``files`` with Range support; ``cut`` makes the next full GETs stop half-way."""
-
-    def __init__(self) -> None:
-        self.files: dict[str, bytes] = {}
-        self.requests: list[dict[str, str]] = []
-        self.cut = 0
-        self.etag = '"v1"'
-        outer = self
-
-        class Handler(http.server.BaseHTTPRequestHandler):
-            def log_message(self, *args: Any) -> None:
-                pass
-
-            def do_GET(self) -> None:
-                outer.requests.append({"path": self.path, **{k: v for k, v in self.headers.items()}})
-                body = outer.files.get(self.path.split("?")[0])
-                if body is None:
-                    self.send_error(404, "Not Found")
-                    return
-                start = 0
-                ranged = self.headers.get("Range")
-                if_range = self.headers.get("If-Range")
-                if ranged and (if_range is None or if_range == outer.etag):
-                    start = int(re.match(r"bytes=(\d+)-", ranged).group(1))  # type: ignore[union-attr]
-                    if start >= len(body):
-                        self.send_response(416)
-                        self.send_header("Content-Range", f"bytes */{len(body)}")
-                        self.send_header("Content-Length", "0")
-                        self.end_headers()
-                        return
-                    self.send_response(206)
-                    self.send_header("Content-Range", f"bytes {start}-{len(body) - 1}/{len(body)}")
-                else:
-                    self.send_response(200)
-                self.send_header("Content-Length", str(len(body) - start))
-                self.send_header("ETag", outer.etag)
-                self.end_headers()
-                if outer.cut and not ranged:
-                    outer.cut -= 1
-                    self.wfile.write(body[: len(body) // 2])
-                    self.wfile.flush()
-                    self.close_connection = True
-                    return
-                self.wfile.write(body[start:])
-
-        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.thread = threading.Thread(target=self.httpd.serve_forever, args=(0.05,), daemon=True)
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.httpd.server_address[1]}"
-
-
 @pytest.fixture
 def server() -> Iterator[Server]:
-    srv = Server()
-    srv.thread.start()
-    try:
+    with Server() as srv:
         yield srv
-    finally:
-        srv.httpd.shutdown()
-        srv.httpd.server_close()
-        srv.thread.join()
 
 
 def test_http_zip_is_downloaded_and_extracted(tmp_path: Path, server: Server) -> None:

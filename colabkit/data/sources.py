@@ -118,7 +118,7 @@ class Fetched:
 
     Attributes:
         path: A file (archive or plain) or a folder on local disk.
-        name: The file's real name (downloads get made-up names); decides the archive format.
+        name: The file's real name (downloads get made-up names); the format comes from the bytes.
         temporary: True when ``path`` is a copy stage() may move or delete.
         is_dir: Whether ``path`` is a folder.
         hashes: Hex digests computed on the way (``"sha256"``, ``"md5"``).
@@ -431,6 +431,9 @@ def _gdown_error_types(gdown: ModuleType) -> tuple[type[BaseException], ...]:
 # -- http(s) ------------------------------------------------------------------------------------------
 
 _RETRY_STATUS = frozenset({408, 425, 429, 500, 502, 503, 504})
+#: Content-Encodings whose bytes carry no mark to tell them by; gzip and zstd are told by
+#: their magic bytes and peeled by extraction, whatever the header says.
+_UNMARKED_ENCODINGS = frozenset({"br", "deflate", "compress", "x-compress"})
 
 
 def _network_transient(exc: BaseException) -> bool:
@@ -525,6 +528,14 @@ class HttpSource:
         except urllib.error.URLError as exc:
             raise OSError(errno.EIO, f"cannot reach {self.url}: {exc.reason}") from exc
         with response:
+            encoding = (response.headers.get("Content-Encoding") or "").strip().lower()
+            if encoding in _UNMARKED_ENCODINGS:
+                raise DownloadError(
+                    f"downloading {self.url}: the server sent the body with Content-Encoding: {encoding} although "
+                    "colabkit asked for none (Accept-Encoding: identity), and such bytes cannot be told apart from "
+                    "the file's own. Fix: download it with a tool that decodes it (curl --compressed -o FILE URL) "
+                    "and stage() the file"
+                )
             status = getattr(response, "status", 200)
             length = response.headers.get("Content-Length")
             if status == 206 and have:

@@ -30,6 +30,7 @@ from typing import Any, Literal
 from colabkit import _io, _notify, drive
 from colabkit.data import sources as _sources
 from colabkit.data.archive import ArchiveLimits, archive_format, extract_archive, extracted_size, remove_path
+from colabkit.data.archive.formats import CONTAINERS, describe_bytes, holds_members, named_like_archive, plain_name
 from colabkit.errors import ArgumentError, ChecksumError, ColabkitError, InsufficientSpaceError
 from colabkit.runtime import runtime
 
@@ -69,17 +70,19 @@ def stage(
     Args:
         source: A file or folder path (local or on the mounted Drive): an archive
             (``.zip``, ``.tar``, ``.tar.gz``/``.tgz``, ``.tar.bz2``, ``.tar.xz``, ``.tar.zst``,
-            ``.7z``), a single ``.gz`` or ``.zst`` file, any other file, or a folder. Or a Google Drive share link,
-            file id or folder link (through gdown); an ``http(s)://`` URL (resumable);
-            an ``s3://`` / ``gs://`` URL (through fsspec).
+            ``.7z``), a single ``.gz``, ``.bz2``, ``.xz`` or ``.zst`` file, any other file, or a folder. Or a
+            Google Drive share link, file id or folder link (through gdown); an ``http(s)://`` URL
+            (resumable); an ``s3://`` / ``gs://`` URL (through fsspec). The format comes from the
+            file's bytes, not its name or the server's headers.
         dest: Folder that receives the dataset folder; default: the runtime's fast
             local data folder (``/content/data`` on Colab).
         name: Name of the dataset folder under ``dest``; default: the source's
             name without its archive suffix (a Drive id for share links).
         sha256: Expected SHA-256 hex digest of the source file; checked before extraction.
         md5: Expected MD5 hex digest of the source file.
-        extract: ``"auto"`` extracts archives and ``.gz`` files and copies anything
-            else; ``False`` keeps the file as it is; ``True`` requires an archive.
+        extract: ``"auto"`` extracts archives and compressed files and copies anything
+            else (a file named like an archive that is none is an error); ``False`` keeps
+            the file as it is; ``True`` requires an archive.
         overwrite: Restage even when the source is unchanged, and replace a folder
             that ``stage()`` did not create.
         retries: Extra attempts on Drive's transient errors (errno 5, 107) and network errors.
@@ -190,7 +193,7 @@ def _stage_fresh(
     try:
         _verify(fetched, src, {"sha256": sha256, "md5": md5})
         staging.mkdir()
-        result, files, size, skipped = _fill(fetched, staging, options, threads, scratch)
+        result, files, size, skipped = _fill(fetched, src.description, staging, options, threads, scratch)
         marker = {
             "version": _MARKER_VERSION,
             "identity": identity,
@@ -234,10 +237,11 @@ def _check_space(src: _sources.Source, base: Path, extract: bool | Literal["auto
     if not isinstance(src, _sources.PathSource) or src.path.is_dir():
         return
     size = _sources.with_retries(lambda: src.path.stat().st_size, 2)
-    fmt = archive_format(src.path) if extract is not False else None
+    # The first bytes tell the format: one small read, retried as Drive's reads are.
+    fmt = _sources.with_retries(lambda: archive_format(src.path), 2) if extract is not False else None
     copy = size if fmt is not None and _sources.is_remote_path(src.path) else 0
-    # A compressed tar is first decompressed next to the files it holds.
-    compressed_tar = fmt in ("tar.gz", "tar.bz2", "tar.xz", "tar.zst")
+    # A compressed tar (or zip) is first decompressed next to the files it holds.
+    compressed_tar = fmt is not None and holds_members(fmt) and fmt not in CONTAINERS
     if fmt is not None and not copy and not compressed_tar:
         return  # a local zip, tar or gz: extraction checks exactly this before it writes
     extracted = extracted_size(src.path, fmt) if fmt is not None else size
@@ -270,9 +274,14 @@ def _tidy_scratch(scratch: Path) -> None:
 
 
 def _fill(
-    fetched: _sources.Fetched, staging: Path, options: _Options, threads: int, scratch: Path
+    fetched: _sources.Fetched, source: str, staging: Path, options: _Options, threads: int, scratch: Path
 ) -> tuple[str, int, int, int]:
-    """Put the data into ``staging``; returns (result folder relative to it, files, bytes, litter skipped)."""
+    """Put the data into ``staging``; returns (result folder relative to it, files, bytes, litter skipped).
+
+    What a file is comes from its bytes alone: a tar that a server sent already decoded
+    under a ``.tar.gz`` name stages as a tar, a ``.gz`` file that arrived decoded is
+    just the file (under its name without ``.gz``).
+    """
     extract, retries, progress = options.extract, options.retries, options.progress
     if fetched.is_dir:
         if fetched.temporary:
@@ -286,10 +295,10 @@ def _fill(
             return ".", count, size, 0
         count, size = _sources.copy_tree(fetched.path, staging, workers=threads, retries=retries, progress=progress)
         return ".", count, size, 0
-    fmt = archive_format(fetched.path, name=fetched.name) if extract is not False else None
+    fmt = archive_format(fetched.path) if extract is not False else None
     if fmt is not None:
-        if fmt.startswith("tar."):
-            scratch.mkdir(parents=True, exist_ok=True)
+        if fmt not in CONTAINERS:
+            scratch.mkdir(parents=True, exist_ok=True)  # for the decompressed archive inside the stream
         done = extract_archive(
             fetched.path,
             staging,
@@ -299,22 +308,29 @@ def _fill(
             progress=progress,
             scratch=scratch,
             keep_platform_files=options.keep_platform_files,
+            name=fetched.name,
         )
         tops = done.top_level
         single = (
             len(tops) == 1
-            and fmt not in ("gz", "zst")
+            and holds_members(fmt)
             and (staging / tops[0]).is_dir()
             and not (staging / tops[0]).is_symlink()
         )
         return (tops[0] if single else "."), done.files, done.bytes, done.skipped
-    if extract is True:
+    if extract is True or (extract == "auto" and named_like_archive(fetched.name)):
+        with open(fetched.path, "rb") as handle:
+            what = describe_bytes(handle.read(520))
+        said = f"stage(extract=True): {source} is not"
+        if extract == "auto":
+            said = f"stage(): {source} is named like an archive ({fetched.name}) but is not"
         raise ArgumentError(
-            f"stage(extract=True): {fetched.name} is not a zip, tar, tar.gz, tar.bz2, tar.xz, tar.zst, 7z, gz or zst "
-            "archive; "
-            "pass extract='auto' or False to copy it as it is"
+            f"{said} a zip, tar, tar.gz, tar.bz2, tar.xz, tar.zst, 7z, gz, bz2, xz or zst "
+            f"file: {what}. Fix: check that the source is the file itself and fetch it again, or pass "
+            "extract=False to keep it as it is"
         )
-    out = staging / fetched.name
+    # Not compressed whatever its name says: a .gz that arrived decoded is the file itself.
+    out = staging / (plain_name(fetched.name) if extract == "auto" else fetched.name)
     size = fetched.path.stat().st_size
     if fetched.temporary:
         os.replace(fetched.path, out)
