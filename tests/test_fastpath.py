@@ -352,10 +352,8 @@ def test_the_data_notice_gives_a_reason_shared_by_train_and_val_once(capsys: pyt
     (x, y), (xv, yv) = classification(24, 1), classification(8, 2)
     train(Plain(x, y), Plain(xv, yv), epochs=1, progress=True)
     out = capsys.readouterr().out
-    assert (
-        "data: train on the DataLoader path, since Plain reads its samples its own way (a per-sample transform); val too"
-        in out
-    )
+    reason = "since Plain reads its samples its own way (a per-sample transform)"
+    assert f"data: train on the DataLoader path, {reason}; val too" in out, out
     assert out.count("reads its samples its own way") == 1, out
 
 

@@ -91,7 +91,11 @@ def test_plot_ticks_epochs_at_whole_numbers() -> None:
         assert all(ax.get_xlabel() == "epoch" for ax in axes)
         low, high = axes[0].get_xlim()
         labels = {
-            tuple(text.get_text() for value, text in zip(ax.get_xticks(), ax.get_xticklabels()) if low <= value <= high)
+            tuple(
+                text.get_text()
+                for value, text in zip(ax.get_xticks(), ax.get_xticklabels(), strict=True)
+                if low <= value <= high
+            )
             for ax in axes
         }
         assert len(labels) == 1  # every panel alike
