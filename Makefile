@@ -6,7 +6,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.colabkit-installed
 
-.PHONY: venv tools demo test lint typecheck pytest bench gpu-check dist clean
+.PHONY: venv tools demo test lint typecheck pytest bench notebooks gpu-check dist clean
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -37,6 +37,11 @@ pytest: venv tools
 
 bench: venv
 	@for script in bench/bench_*.py; do echo "== $$script"; $(PY) $$script || exit 1; done
+
+# Every examples/*.ipynb executed offline (stand-in data, faked Colab / Kaggle, as the tests run
+# them) and rendered to HTML in build/notebooks/, to look at in a browser (minutes on a CPU).
+notebooks: venv
+	$(PY) examples/_run_notebooks.py --out build/notebooks
 
 # The CUDA tests and bench/bench_gpu.py on one GPU (< 8 min), report in gpu-check-report.md.
 # Without a GPU it says so and succeeds. A GPU box without this .venv uses its own python3.

@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import torch
 from torch import nn
 
-from colabkit import _notify, _plot, display
+from colabkit import _plot, display
 from colabkit import device as _device
 from colabkit.errors import ArgumentError
 from colabkit.train.batches import (
@@ -71,8 +71,6 @@ Phase = Literal["train", "inference"]
 #: Seconds each timed measurement aims for when ``steps="auto"``.
 _AUTO_BUDGET = 1.0
 _AUTO_MIN_STEPS, _AUTO_MAX_STEPS = 3, 200
-#: DeviceComparison.plot() switches to a log axis beyond this fastest/slowest ratio.
-_LOG_SPREAD = 30.0
 #: Distinct batches kept in memory per batch size; timing cycles through them.
 _POOL_BATCHES = 4
 
@@ -303,9 +301,9 @@ class DeviceComparison:
         """Bar chart of samples per second, grouped by phase, one bar per device.
 
         Each bar is labelled with its samples per second and, for an accelerator, its speed-up
-        over the CPU. The axis is linear, so bar heights compare directly, unless the fastest
-        bar is over 30 times the slowest (a GPU against a CPU, often): then it is logarithmic,
-        so the CPU's bars stay visible.
+        over the CPU. The axis is linear from zero, so bar heights compare directly, unless the
+        fastest bar is over 100 times the slowest (a big GPU against a CPU): then it is
+        logarithmic, so the CPU's bars stay visible. Tick labels are plain numbers.
 
         Args:
             ax: Axes to draw on; default: a new figure.
@@ -341,12 +339,7 @@ class DeviceComparison:
         ax.set_xticks(range(len(groups)))
         ax.set_xticklabels([f"{p}\nbatch {b}" if several_sizes else p for p, b in groups])
         ax.set_ylabel("samples / second")
-        rates = [t.samples_per_s for t in self.timings if 0 < t.samples_per_s < math.inf]
-        if rates and max(rates) > _LOG_SPREAD * min(rates):
-            ax.set_yscale("log")
-            ax.set_ylim(min(rates) / 2, max(rates) * 4)  # room for the two-line labels on top
-        else:
-            ax.margins(y=0.15)  # room for the labels above the tallest bar
+        _plot.bar_scale(ax, [t.samples_per_s for t in self.timings])
         ax.set_title("Training and inference throughput by device" + ("" if self.gpu_found else " (no GPU found)"))
         ax.legend()
         return _plot.finish(ax, path, created=created)
@@ -472,8 +465,7 @@ def compare_devices(
         # As DataLoader(pin_memory=True) in real training: page-locked batches copy asynchronously.
         pool = {size: [_pin(batch) for batch in batches] for size, batches in pool.items()}
     if not any(d.type != "cpu" for d in targets):
-        notes.append(_NO_GPU)
-        _notify.say_once("bench-no-gpu", _NO_GPU)
+        notes.append(_NO_GPU)  # said once, with the table it explains (not also while timing)
 
     timings: list[PhaseTiming] = []
     work = [(d, p, b) for d in targets for b in pool for p in phases]
@@ -601,6 +593,11 @@ class MatmulResult:
     timings: tuple[MatmulTiming, ...]
     notes: tuple[str, ...] = ()
 
+    @property
+    def gpu_found(self) -> bool:
+        """Whether any accelerator (not the CPU) was timed."""
+        return any(t.device != "cpu" for t in self.timings)
+
     def get(self, device: str, dtype: str, size: int) -> MatmulTiming:
         """The measurement for one combination.
 
@@ -666,6 +663,9 @@ class MatmulResult:
     def plot(self, *, ax: Axes | None = None, path: str | Path | None = None) -> Figure:
         """Bar chart of TFLOP/s by matrix size, one bar per device and dtype.
 
+        The axis is linear from zero unless the values span more than a factor of 100 (a GPU in
+        float16 against a CPU): then it is logarithmic. Tick labels are plain numbers.
+
         Args:
             ax: Axes to draw on; default: a new figure.
             path: Also save the chart there.
@@ -693,8 +693,8 @@ class MatmulResult:
         ax.set_xticks(range(len(sizes)))
         ax.set_xticklabels([f"{n}x{n}" for n in sizes])
         ax.set_ylabel("TFLOP/s")
-        ax.set_yscale("log")
-        ax.set_title("Matrix multiply throughput")
+        _plot.bar_scale(ax, [t.tflops for t in self.timings])
+        ax.set_title("Matrix multiply throughput" + ("" if self.gpu_found else " (no GPU found)"))
         ax.legend(fontsize=8)
         return _plot.finish(ax, path, created=created)
 
@@ -747,8 +747,7 @@ def matmul_speed(
             raise ArgumentError(f"dtypes={dtypes!r}: use some of {sorted(_DTYPES)} or 'auto'")
     timed_repeats = None if repeats == "auto" else _positive_int("repeats", repeats)
     if not has_gpu:
-        notes.append(_NO_GPU)
-        _notify.say_once("bench-no-gpu", _NO_GPU)
+        notes.append(_NO_GPU)  # said once, with the table it explains (not also while timing)
 
     plan = []
     for device in targets:

@@ -131,15 +131,16 @@ def _parse(prefer: str | torch.device, *, argument: str) -> torch.device:
 
 
 def _gpu_hint() -> None:
+    # Advice, not a fault: a notice (plain output), not a warning (a red box in a notebook).
     rt = runtime()
     if rt.kind == "colab":
-        _notify.warn_once(
+        _notify.say_once(
             "no-gpu-colab",
             "no GPU in this Colab runtime: training will run on the CPU. "
             "Switch one on with Runtime > Change runtime type > Hardware accelerator: GPU (e.g. T4), then rerun.",
         )
     elif rt.kind == "kaggle":
-        _notify.warn_once(
+        _notify.say_once(
             "no-gpu-kaggle",
             "no GPU in this Kaggle session: training will run on the CPU. "
             "Switch one on in the notebook's Settings > Accelerator (GPU T4 x2 or P100), then rerun.",

@@ -681,7 +681,7 @@ def _tell_lost(rt: Runtime, why: str, *, again: bool = False) -> None:
     )
     _notify.logger.warning("%s", message)
     if _on_main_thread():
-        _notify.warn(message, stacklevel=4)
+        _notify.warn(message)
     else:
         # A warning raised in a worker (warnings as errors) must not replace the error its caller handles.
         _notify.say(message)

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import math
+import re
 import sys
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 import torch
@@ -78,7 +80,9 @@ def test_compare_devices_cpu_only_says_no_gpu_and_leaves_the_model_alone(capsys:
     assert result.speedup("cpu", "train") == pytest.approx(1.0)
     assert not result.gpu_found
     assert any("no GPU was found" in note for note in result.notes)
-    assert "no GPU was found" in capsys.readouterr().out
+    print(result)  # a notebook cell: the call, then its table
+    out = capsys.readouterr().out
+    assert out.count("no GPU was found") == 1, out  # with the table it explains, not also while timing
     text = str(result)
     assert "samples/s" in text and "vs CPU" in text and "no GPU was found" in text
     assert "<table>" in result._repr_html_()
@@ -163,9 +167,72 @@ def test_speedups_are_relative_to_the_cpu_for_the_same_phase_and_batch(agg: None
     labels = [text.get_text() for text in ax.texts]
     assert labels == ["320/s", "640/s", "6,400/s\n20.0x CPU", "2,560/s\n4.0x CPU"]
     assert ax.get_yscale() == "linear"
+    assert ax.get_ylim()[0] == 0
     faster = bench.PhaseTiming("cuda:0", "A100", "train", 64, 10, 0.01)
     wide = bench.DeviceComparison(tuple(bench._with_speedups([timings[0], faster])))
-    assert wide.plot().axes[0].get_yscale() == "log"  # 200x: the CPU bar stays visible
+    (ax,) = wide.plot().axes
+    assert ax.get_yscale() == "log"  # 200x: the CPU bar stays visible
+    ax.figure.canvas.draw()
+    assert _tick_labels(ax) == ["1,000", "10,000", "100,000"]
+    assert not any(text.get_text() for text in ax.yaxis.get_minorticklabels())
+
+
+def test_device_chart_labels_millions_plainly(agg: None) -> None:
+    # Millions of samples/s within a factor of 2: linear, and no "1e6" offset above the axis.
+    timings = [
+        bench.PhaseTiming("cuda:0", "A100", "inference", 4096, 300, 0.5),
+        bench.PhaseTiming("cuda:1", "H100", "inference", 4096, 600, 0.5),
+    ]
+    (ax,) = bench.DeviceComparison(tuple(timings)).plot().axes
+    ax.figure.canvas.draw()
+    assert ax.get_yscale() == "linear" and ax.get_ylim()[0] == 0
+    assert ax.yaxis.get_offset_text().get_text() == ""
+    labels = _tick_labels(ax)
+    assert labels[0] == "0" and "5000000" in labels, labels
+
+
+def _tick_labels(ax: Any) -> list[str]:
+    """The y tick labels matplotlib drew in view (after canvas.draw()), each checked to be a plain number."""
+    low, high = ax.get_ylim()
+    ticks = zip(ax.get_yticks(), ax.get_yticklabels(), strict=True)
+    labels = [text.get_text() for value, text in ticks if low <= value <= high]
+    for label in labels:
+        assert re.fullmatch(r"\d+(,\d{3})*(\.\d+)?", label), f"tick label {label!r} is not a plain number"
+    return labels
+
+
+def _matmul(device: str, dtype: str, size: int, tflops: float) -> bench.MatmulTiming:
+    repeats = 10
+    return bench.MatmulTiming(device, device.upper(), dtype, size, repeats, 2 * size**3 * repeats / (tflops * 1e12))
+
+
+def test_matmul_chart_reads_true(agg: None) -> None:
+    # The CPU at 0.127-0.157 TFLOP/s: a 20 % spread must look like 20 %, from a zero baseline.
+    close = bench.MatmulResult(
+        (
+            _matmul("cpu", "float32", 512, 0.127),
+            _matmul("cpu", "float32", 1024, 0.157),
+            _matmul("cpu", "float32", 2048, 0.15),
+        )
+    )
+    (ax,) = close.plot().axes
+    ax.figure.canvas.draw()
+    assert ax.get_yscale() == "linear" and ax.get_ylim()[0] == 0
+    assert [(round(bar.get_y(), 9), round(bar.get_height(), 3)) for bar in ax.patches] == [
+        (0, 0.127),
+        (0, 0.157),
+        (0, 0.15),
+    ]
+    labels = _tick_labels(ax)
+    assert labels[0] in ("0.00", "0.000") and len(labels) >= 3
+    assert ax.get_title() == "Matrix multiply throughput (no GPU found)"
+    # A T4 in float16 against the CPU: 400x, orders of magnitude, so a log axis, still plainly labelled.
+    wide = bench.MatmulResult((close.timings[1], _matmul("cuda:0", "float16", 1024, 60.0)))
+    (ax,) = wide.plot().axes
+    ax.figure.canvas.draw()
+    assert ax.get_yscale() == "log" and ax.get_title() == "Matrix multiply throughput"
+    assert _tick_labels(ax) == ["0.1", "1", "10", "100"]
+    assert not any(text.get_text() for text in ax.yaxis.get_minorticklabels())
 
 
 def test_compare_devices_rejects_unusable_devices_and_bad_options() -> None:
@@ -237,7 +304,9 @@ def test_plots_return_the_figure_as_history_plot_does(agg: None, monkeypatch: py
 
 
 # -- matmul_speed -----------------------------------------------------------------------------------
-def test_matmul_speed_reports_tflops_per_dtype_and_size(agg: None, tmp_path: object) -> None:
+def test_matmul_speed_reports_tflops_per_dtype_and_size(
+    agg: None, tmp_path: object, capsys: pytest.CaptureFixture[str]
+) -> None:
     result = bench.matmul_speed(sizes=[32, 64], dtypes=["float32", "bfloat16"], repeats=2, progress=False)
 
     assert [(t.dtype, t.size) for t in result.timings] == [
@@ -251,6 +320,8 @@ def test_matmul_speed_reports_tflops_per_dtype_and_size(agg: None, tmp_path: obj
     assert fp32.speedup == pytest.approx(1.0)
     assert result.best("cpu").tflops >= fp32.tflops
     assert "TFLOP/s" in str(result) and "no GPU was found" in str(result)
+    print(result)  # a notebook cell: the call, then its table
+    assert capsys.readouterr().out.count("no GPU was found") == 1
     from pathlib import Path
 
     png = Path(str(tmp_path)) / "matmul.png"

@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import re
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -35,13 +36,15 @@ def _load_builder() -> object:
     return module
 
 
-def _outputs(nb: object) -> str:
-    texts = []
-    for cell in nb.cells:  # type: ignore[attr-defined]
-        for output in cell.get("outputs", []):
-            texts.append(output.get("text", ""))
-            texts.extend(str(v) for k, v in output.get("data", {}).items() if k == "text/plain")
-    return "\n".join(texts)
+def _texts(output: Any) -> str:
+    """What one output shows as text: a stream's text, an error's traceback, a display's text/plain."""
+    data = output.get("data", {})
+    parts = [str(output.get("text", "")), *map(str, output.get("traceback", [])), str(data.get("text/plain", ""))]
+    return "\n".join(part for part in parts if part)
+
+
+def _outputs(nb: Any) -> str:
+    return "\n".join(_texts(output) for cell in nb.cells for output in cell.get("outputs", []))
 
 
 def test_there_are_four_notebooks_and_they_match_their_generator() -> None:
@@ -101,6 +104,15 @@ def test_notebook_runs_top_to_bottom(
         if cell.cell_type == "code" and ".plot()" in cell.source:
             images = [o for o in cell.outputs if "image/png" in o.get("data", {})]
             assert len(images) == 1, (cell.source, [o.get("output_type") for o in cell.outputs])
+    for cell in nb.cells:
+        if cell.cell_type != "code":
+            continue
+        # Nothing shows colabkit's own files or source lines (a warning names the user's line), and
+        # each notice is said once per cell.
+        text = "\n".join(_texts(output) for output in cell.outputs)
+        assert f"{ROOT / 'colabkit'}{os.sep}" not in text and "_gpu_hint" not in text, (cell.source, text)
+        for said in ("no GPU was found", "no GPU in this", "is not in-memory tensors"):
+            assert text.count(said) <= 1, (said, cell.source, text)
     drive = root / "platform" / "content" / "drive" / "MyDrive"
     if path.stem == "quickstart":
         assert "resuming from" in out  # the second fit() call continued the first

@@ -348,6 +348,15 @@ def assert_same_training(a: tuple[torch.nn.Module, Any], b: tuple[torch.nn.Modul
     assert records[0] and records[0] == records[1]
 
 
+def test_the_data_notice_gives_a_reason_shared_by_train_and_val_once(capsys: pytest.CaptureFixture[str]) -> None:
+    (x, y), (xv, yv) = classification(24, 1), classification(8, 2)
+    train(Plain(x, y), Plain(xv, yv), epochs=1, progress=True)
+    out = capsys.readouterr().out
+    reason = "since Plain reads its samples its own way (a per-sample transform)"
+    assert f"data: train on the DataLoader path, {reason}; val too" in out, out
+    assert out.count("reads its samples its own way") == 1, out
+
+
 @pytest.mark.parametrize("accum", [1, 3])
 def test_fit_on_the_fast_path_equals_the_dataloader_path(accum: int, capsys: pytest.CaptureFixture[str]) -> None:
     (x, y), (xv, yv) = classification(70, 1), classification(30, 2)

@@ -583,7 +583,6 @@ class WallAndMonotonic:
         self.seconds += 30.0
 
 
-@pytest.mark.filterwarnings("ignore:no GPU in this Colab runtime")
 @pytest.mark.parametrize(
     ("left", "warning"), [(timedelta(minutes=31), "under 30 min"), (timedelta(minutes=10.5), "under 10 min")]
 )

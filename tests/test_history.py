@@ -79,6 +79,39 @@ def test_plot_draws_train_and_val_curves() -> None:
         plt.close("all")
 
 
+def test_plot_ticks_epochs_at_whole_numbers() -> None:
+    matplotlib = pytest.importorskip("matplotlib")
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    def epoch_ticks(history: History) -> list[str]:
+        figure = history.plot()
+        figure.canvas.draw()
+        axes = figure.axes
+        assert all(ax.get_xlabel() == "epoch" for ax in axes)
+        low, high = axes[0].get_xlim()
+        labels = {
+            tuple(
+                text.get_text()
+                for value, text in zip(ax.get_xticks(), ax.get_xticklabels(), strict=True)
+                if low <= value <= high
+            )
+            for ax in axes
+        }
+        assert len(labels) == 1  # every panel alike
+        return list(labels.pop())
+
+    try:
+        # One epoch: a single tick "1", not 0.96 0.98 1.00 1.02 1.04.
+        assert epoch_ticks(History([{"epoch": 0, "loss": 2.31, "val_loss": 2.32}])) == ["1"]
+        assert epoch_ticks(History(RECORDS)) == ["1", "2", "3"]
+        many = History([{"epoch": e, "loss": 1 / (e + 1)} for e in range(30)])
+        ticks = epoch_ticks(many)
+        assert 3 <= len(ticks) <= 11 and all(tick.isdigit() for tick in ticks), ticks
+    finally:
+        plt.close("all")
+
+
 def test_plot_in_a_notebook_is_shown_once(monkeypatch: pytest.MonkeyPatch) -> None:
     matplotlib = pytest.importorskip("matplotlib")
     matplotlib.use("Agg")

@@ -16,8 +16,8 @@ import os
 from collections.abc import Iterator, Sequence
 from typing import Any
 
-from colabkit import _io, display
-from colabkit.errors import ArgumentError, missing_dependency
+from colabkit import _io, _plot
+from colabkit.errors import ArgumentError
 
 __all__ = ["History", "metric_mode"]
 
@@ -146,10 +146,7 @@ class History:
             MissingDependencyError: matplotlib is not installed.
             ArgumentError: a requested metric is not recorded.
         """
-        try:
-            import matplotlib.pyplot as plt
-        except ImportError:
-            raise missing_dependency("matplotlib", "plot", purpose="History.plot()") from None
+        plt = _plot.pyplot("History.plot()")
         bases = self._bases()
         if metrics is not None:
             unknown = [name for name in metrics if name not in bases]
@@ -159,7 +156,7 @@ class History:
                 )
             bases = list(metrics)
         count = max(len(bases), 1)
-        fig, axes = plt.subplots(1, count, figsize=figsize or (5 * count, 3.5), squeeze=False)
+        _, axes = plt.subplots(1, count, figsize=figsize or (5 * count, 3.5), squeeze=False)
         epochs = [record.get("epoch", index) + 1 for index, record in enumerate(self.records)]
         for ax, base in zip(axes[0], bases, strict=False):
             for key, label in ((base, "train"), (f"val_{base}", "val")):
@@ -169,11 +166,9 @@ class History:
                         ax.plot(*zip(*points, strict=True), marker="o", label=label)
             ax.set_title(base)
             ax.set_xlabel("epoch")
+            _plot.whole_numbers(ax)
             ax.legend()
-        fig.tight_layout()
-        if display.in_notebook():
-            plt.close(fig)
-        return fig
+        return _plot.finish(axes[0][0], None, created=True)
 
     def _bases(self) -> list[str]:
         bases: dict[str, None] = {}

@@ -537,9 +537,11 @@ class _Trainer:
         for batches in (self.train, self.val):
             if isinstance(batches, TensorBatches):
                 batches.place()
-        notice = f"data: train on the {path_notice(train, self.train, self.device)}"
+        train_path = path_notice(train, self.train, self.device)
+        notice = f"data: train on the {train_path}"
         if val is not None:
-            notice += f", val on the {path_notice(val, self.val, self.device, ordered=True)}"
+            val_path = path_notice(val, self.val, self.device, ordered=True)
+            notice += "; val too" if val_path == train_path else f", val on the {val_path}"  # said once
         return notice
 
     def _resume(self) -> None:
@@ -645,7 +647,7 @@ class _Trainer:
     def _check_session(self) -> None:
         if self.watch is not None:
             for message in self.watch.check():
-                _notify.warn(message, stacklevel=2)
+                _notify.warn(message)
 
     def _finished(self) -> bool:
         done_steps = self.o.max_steps is not None and self.pos.step >= self.o.max_steps
