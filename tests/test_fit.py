@@ -304,6 +304,10 @@ def test_bad_data_with_a_checkpoint_changes_nothing(tmp_path: Path) -> None:
     with pytest.raises(ArgumentError, match="empty"):
         fit(fresh, TensorDataset(torch.zeros(0, 4), torch.zeros(0, dtype=torch.long)), checkpoint_dir=tmp_path)
     assert all(torch.equal(a, b) for a, b in zip(before, fresh.parameters(), strict=True))
+    # The checkpoints are as they were: a rerun with good data resumes after the first run's 4 steps.
+    steps = StepLog()
+    fit(fresh, blobs(), epochs=2, batch_size=16, checkpoint_dir=tmp_path, callbacks=[steps], progress=False)
+    assert steps.span == (5, 8)
 
 
 def test_evaluate_needs_targets() -> None:
@@ -333,6 +337,12 @@ def test_nan_loss_names_the_step_and_keeps_the_last_checkpoint(tmp_path: Path) -
     state = CheckpointManager(tmp_path).load()
     assert state["fit"]["position"]["step"] == 3
     assert all(torch.isfinite(v).all() for v in state["model_state_dict"].values())
+    # That checkpoint is the one a rerun goes on from, once the bad sample is fixed: after step 3.
+    x[37] = 0.0
+    steps = StepLog()
+    fit(mlp(), DataLoader(TensorDataset(x, torch.zeros(64, dtype=torch.long)), batch_size=8),
+        checkpoint_dir=tmp_path, save_every=3, callbacks=[steps], progress=False)  # fmt: skip
+    assert steps.span == (4, 8)
 
 
 def test_interrupt_saves_and_returns_history_then_resumes(tmp_path: Path) -> None:

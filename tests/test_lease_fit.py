@@ -306,6 +306,9 @@ def test_a_read_only_checkpoint_dir_fails_before_training_and_keeps_the_last_che
     assert steps.steps == []
     subprocess.run(["mount", "-o", "remount,rw", str(disk)], check=True)
     assert load_checkpoint(folder)["fit"]["position"]["step"] == good
+    # Writable again, the rerun goes on from that checkpoint.
+    train(folder, steps, epochs=2)
+    assert steps.first == good + 1
 
 
 def test_a_full_disk_fails_before_training_with_numbers_that_add_up(
