@@ -144,21 +144,26 @@ def test_takeover_passes_through_fit(tmp_path: Path, capsys: pytest.CaptureFixtu
 def test_a_manager_holds_the_lease_until_closed_and_stops_saving_once_taken_over(tmp_path: Path) -> None:
     folder = tmp_path / "ckpt"
     write_lease(folder, host="other-runtime", age=1)
+    refused = CheckpointManager(folder)  # reading needs no lease...
+    assert refused.latest() is None
     with pytest.raises(CheckpointInUseError, match="other-runtime"):
-        CheckpointManager(folder)
+        refused.save(tiny(0), step=0)  # ...writing does
+    refused.close()
     first = CheckpointManager(folder, takeover=True)
-    assert Holder.from_bytes((folder / LEASE_NAME).read_bytes()).pid == os.getpid()
     first.save(tiny(1), step=1, blocking=True)
-    # The same cell run again: a second manager on the folder takes over from the first.
+    assert Holder.from_bytes((folder / LEASE_NAME).read_bytes()).pid == os.getpid()
+    # The same cell run again: a second manager on the folder takes over from the first at its first save.
     second = CheckpointManager(folder)
-    with pytest.raises(CheckpointInUseError, match="taken over"):
-        first.save(tiny(2), step=2)
+    assert second.latest() is not None
+    first.save(tiny(2), step=2, blocking=True)  # a second manager that only read took nothing
     second.save(tiny(3), step=3, blocking=True)
+    with pytest.raises(CheckpointInUseError, match="taken over"):
+        first.save(tiny(4), step=4)
     first.close()
     assert (folder / LEASE_NAME).exists()  # the first does not remove the second's lease
     second.close()
     assert not (folder / LEASE_NAME).exists()
-    assert sorted(info.step for info in CheckpointListing(folder).checkpoints()) == [1, 3]
+    assert sorted(info.step for info in CheckpointListing(folder).checkpoints()) == [2, 3]
 
 
 def tiny(step: int) -> dict[str, object]:
@@ -191,8 +196,8 @@ def test_temporary_leftovers_are_emptied_before_cleanup(tmp_path: Path) -> None:
     leftover = tmp_path / "ckpt" / f".step-000000001-00000000.pt{_io.TEMP_MARK}{pid}-deadbeef"
     leftover.write_bytes(b"x" * 10_000)
     os.link(leftover, tmp_path / "trash")
-    with CheckpointManager(tmp_path / "ckpt"):
-        pass
+    with CheckpointManager(tmp_path / "ckpt") as ckpt:
+        ckpt.acquire()  # the writer's start cleans up
     assert not leftover.exists()
     assert (tmp_path / "trash").stat().st_size == 0
 
