@@ -137,7 +137,7 @@ def test_input_advice_fits_the_path_that_runs() -> None:
     assert "colabkit.stage()" in files and "TensorDataset" in files
     # Tensors in memory with a per-sample transform (DataLoader path): not "use a TensorDataset".
     transformed = _input_message(path="dataloader", num_workers=0, cpus=2, tensors=True)
-    assert "num_workers (now 0" in transformed and "TensorDataset" not in transformed
+    assert "num_workers (now 0" in transformed and "TensorDataset" not in transformed and "stage()" not in transformed
     assert "whole batches" in transformed
     # Every core has a worker already: more would not help.
     busy = _input_message(path="dataloader", num_workers=4, cpus=4)

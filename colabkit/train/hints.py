@@ -198,7 +198,7 @@ def _lr(records: Sequence[Mapping[str, Any]], facts: RunFacts) -> str:
     )
     return (
         f"the training loss has not fallen over the first {LR_EPOCHS} epochs ({first:.4g} -> {last:.4g}){at}: "
-        f"the learning rate is probably too low, or too high. Find one with result = colabkit.lr_find(model, train) "
+        "the learning rate is probably too low, or too high. Find one with result = colabkit.lr_find(model, train) "
         f"{use}; check too that the labels match the inputs"
     )
 
@@ -288,21 +288,22 @@ def _input_fixes(facts: RunFacts) -> str:
         # On the GPU a batch is an index there; on the CPU it is a copy in memory: nothing to fetch faster.
         return ""
     workers = facts.num_workers
+    busy = workers is not None and facts.cpus is not None and workers >= facts.cpus
     fixes = []
     if workers is None:
-        fixes.append("Raise num_workers")
-    elif facts.cpus is None or workers < facts.cpus:
+        fixes.append("raise num_workers")
+    elif not busy:
         cores = f", up to this machine's {facts.cpus} CPU cores" if facts.cpus else ""
-        fixes.append(f"Raise num_workers (now {workers}){cores}")
-    fixes.append("stage the dataset to local disk with colabkit.stage() if it is read from Drive")
-    if facts.tensors:
-        fixes.append("or do the per-sample work (decoding, transforms) once or on whole batches")
+        fixes.append(f"raise num_workers (now {workers}){cores}")
+    if facts.tensors:  # in memory already: only the per-sample step is left to speed up
+        fixes.append("do the per-sample work (decoding, transforms) once or on whole batches")
     else:
-        fixes.append("or load it into memory as tensors (a TensorDataset takes the in-memory fast path)")
-    text = ", ".join(fixes)
-    if workers is not None and facts.cpus is not None and workers >= facts.cpus:
-        text = f"The {workers} workers use every CPU core already: {text[0].lower()}{text[1:]}"
-    return text
+        fixes.append("stage the dataset to local disk with colabkit.stage() if it is read from Drive")
+        fixes.append("load it into memory as tensors (a TensorDataset takes the in-memory fast path)")
+    text = ", ".join(fixes[:-1]) + f", or {fixes[-1]}" if len(fixes) > 1 else fixes[0]
+    if busy:
+        return f"The {workers} workers use every CPU core already: {text}"
+    return text[0].upper() + text[1:]
 
 
 _CHECKS: dict[str, Callable[[Sequence[Mapping[str, Any]], RunFacts], str]] = {
