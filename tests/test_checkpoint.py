@@ -454,7 +454,9 @@ def test_stale_temporaries_are_cleaned_on_start(tmp_path: Path) -> None:
     fresh_orphan.write_bytes(b"maybe being committed by a live writer")
     foreign = tmp_path / f".data.bin{_io.TEMP_MARK}{dead_pid}-deadbeef"
     foreign.write_bytes(b"someone else's")
-    CheckpointManager(tmp_path).close()
+    CheckpointManager(tmp_path).close()  # a reader deletes nothing
+    assert ours.exists() and old_orphan.exists()
+    CheckpointManager(tmp_path).acquire().close()  # a writer's start cleans up
     assert not ours.exists() and not old_orphan.exists()
     assert alive.exists() and fresh_orphan.exists() and foreign.exists()
 
@@ -591,7 +593,7 @@ def _save_second(root: Path, monkeypatch: pytest.MonkeyPatch, ops: FaultyOps) ->
     local, mirror = root / "local", root / "mirror"
     with CheckpointManager(local, mirror=mirror) as ckpt:
         ckpt.save(tiny_state(1), step=1)
-    ckpt = CheckpointManager(local, mirror=mirror)
+    ckpt = CheckpointManager(local, mirror=mirror).acquire()
     monkeypatch.setattr(_io, "ops", ops)  # after the lease is taken: this is about saving
     error = None
     try:
@@ -753,6 +755,9 @@ def test_catch_up_mirrors_what_an_interrupted_run_left(tmp_path: Path) -> None:
     stale.write_bytes(b"half a copy")
     os.utime(stale, (1, 1))
     with CheckpointManager(local, mirror=mirror) as ckpt:
+        ckpt.wait()  # a reader copies nothing
+        assert stale.exists() and manifests(mirror) == {}
+        ckpt.acquire()  # the writer catches the mirror up
         ckpt.wait()
     assert sorted(manifests(mirror)) == [1, 2]
     assert not stale.exists()
@@ -856,6 +861,7 @@ def test_kill_anywhere(tmp_path: Path, zygote: subprocess.Popen[str]) -> None:
             assert state["step"] >= previous, f"trial {trial}: went back from {previous} to {state['step']}"
             previous = state["step"]
             seen_steps.append(previous)
+            ckpt.acquire()  # as the next writer: the killed saver's leftovers go (a reader deletes nothing)
             assert not any(_io.is_temp_name(p.name) for p in folder.iterdir())
     # Each waited-for commit stays visible after the kill, so latest() moved on at least that often.
     assert len(set(seen_steps)) >= waited, "a committed checkpoint was lost to a later kill"

@@ -171,12 +171,42 @@ def test_per_step_scheduler() -> None:
 
 
 def test_clip_grad_norm_and_channels_last_run() -> None:
-    torch.manual_seed(0)
-    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.Flatten(), torch.nn.Linear(4 * 4 * 4, 2))
-    x = torch.randn(16, 3, 6, 6)
-    y = torch.randint(0, 2, (16,))
-    history = fit(model, TensorDataset(x, y), batch_size=4, clip_grad_norm=0.5, channels_last=True, progress=False)
-    assert history.stop_reason == "completed"
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(16, 3, 6, 6, generator=generator) * 10  # large inputs: gradient norms well above the cap
+    y = torch.randint(0, 2, (16,), generator=generator)
+
+    def run(**kwargs: Any) -> tuple[torch.nn.Module, list[float], set[tuple[bool, bool]]]:
+        """The trained model, the gradient norm each optimizer step used, and (input, weight) channels-last
+        as the convolution saw them."""
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.Flatten(), torch.nn.Linear(4 * 4 * 4, 2))
+        conv = model[0]
+        layouts: set[tuple[bool, bool]] = set()
+
+        def seen(module: torch.nn.Module, args: tuple[torch.Tensor, ...]) -> None:
+            layout = torch.channels_last
+            layouts.add((args[0].is_contiguous(memory_format=layout), conv.weight.is_contiguous(memory_format=layout)))
+
+        conv.register_forward_pre_hook(seen)
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+        norms: list[float] = []
+
+        def before_step(*_: Any) -> None:  # the gradients the update uses (clipped already, if clipping)
+            grads = [p.grad.detach().flatten() for p in model.parameters() if p.grad is not None]
+            norms.append(float(torch.cat(grads).norm()))
+
+        optimizer.register_step_pre_hook(before_step)
+        history = fit(model, TensorDataset(x, y), batch_size=4, optimizer=optimizer, seed=0, progress=False, **kwargs)
+        assert history.stop_reason == "completed"
+        return model, norms, layouts
+
+    plain, plain_norms, plain_layouts = run()
+    clipped, clipped_norms, clipped_layouts = run(clip_grad_norm=0.5, channels_last=True)
+    assert max(plain_norms) > 1.0  # unclipped, the norms pass the cap...
+    assert len(clipped_norms) == len(plain_norms) and max(clipped_norms) <= 0.5 + 1e-4  # ...clipped, none does
+    assert not all(torch.equal(a, b) for a, b in zip(plain.parameters(), clipped.parameters(), strict=True))
+    assert plain_layouts == {(False, False)}
+    assert clipped_layouts == {(True, True)}  # inputs and weights channels-last inside forward
 
 
 @pytest.mark.parametrize(
@@ -274,6 +304,10 @@ def test_bad_data_with_a_checkpoint_changes_nothing(tmp_path: Path) -> None:
     with pytest.raises(ArgumentError, match="empty"):
         fit(fresh, TensorDataset(torch.zeros(0, 4), torch.zeros(0, dtype=torch.long)), checkpoint_dir=tmp_path)
     assert all(torch.equal(a, b) for a, b in zip(before, fresh.parameters(), strict=True))
+    # The checkpoints are as they were: a rerun with good data resumes after the first run's 4 steps.
+    steps = StepLog()
+    fit(fresh, blobs(), epochs=2, batch_size=16, checkpoint_dir=tmp_path, callbacks=[steps], progress=False)
+    assert steps.span == (5, 8)
 
 
 def test_evaluate_needs_targets() -> None:
@@ -303,6 +337,12 @@ def test_nan_loss_names_the_step_and_keeps_the_last_checkpoint(tmp_path: Path) -
     state = CheckpointManager(tmp_path).load()
     assert state["fit"]["position"]["step"] == 3
     assert all(torch.isfinite(v).all() for v in state["model_state_dict"].values())
+    # That checkpoint is the one a rerun goes on from, once the bad sample is fixed: after step 3.
+    x[37] = 0.0
+    steps = StepLog()
+    fit(mlp(), DataLoader(TensorDataset(x, torch.zeros(64, dtype=torch.long)), batch_size=8),
+        checkpoint_dir=tmp_path, save_every=3, callbacks=[steps], progress=False)  # fmt: skip
+    assert steps.span == (4, 8)
 
 
 def test_interrupt_saves_and_returns_history_then_resumes(tmp_path: Path) -> None:
@@ -448,8 +488,13 @@ def test_precision_policy(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def test_bf16_on_cpu_trains() -> None:
-    history = fit(mlp(), blobs(), epochs=2, batch_size=16, precision="bf16", lr=0.05, progress=False)
+    model = mlp()
+    dtypes: set[torch.dtype] = set()
+    model[0].register_forward_hook(lambda module, args, output: dtypes.add(output.dtype))
+    history = fit(model, blobs(), epochs=2, batch_size=16, precision="bf16", lr=0.05, progress=False)
     assert history["loss"][1] < history["loss"][0]
+    assert dtypes == {torch.bfloat16}  # the forward pass ran under bf16 autocast
+    assert model[0].weight.dtype == torch.float32  # the weights stay fp32
 
 
 def test_no_value_is_read_back_per_step(monkeypatch: pytest.MonkeyPatch) -> None:

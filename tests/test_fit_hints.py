@@ -19,6 +19,7 @@ from torch.utils.data import Dataset, TensorDataset
 from colabkit import fit
 from colabkit.display import use_screen
 from colabkit.testing import FakeScreen, fake_colab
+from colabkit.train.fastpath import dataloader_reason
 from colabkit.train.history import History
 
 
@@ -65,16 +66,18 @@ class _Hooked(torch.nn.Module):
 
 
 class _Slow(Dataset):  # type: ignore[type-arg]
-    """Samples that take 0.1 s each to load, as from a slow disk (sleeping: slow even on a busy machine)."""
+    """Samples that take 0.1 s (or ``seconds``) each to load, as from a slow disk (sleeping: slow even on a busy
+    machine)."""
 
-    def __init__(self, data: TensorDataset) -> None:
+    def __init__(self, data: TensorDataset, seconds: float = 0.1) -> None:
         self.data = data
+        self.seconds = seconds
 
     def __len__(self) -> int:
         return len(self.data)
 
     def __getitem__(self, index: int) -> Any:
-        time.sleep(0.1)
+        time.sleep(self.seconds)
         return self.data[index]
 
 
@@ -104,12 +107,84 @@ def test_memorised_tiny_dataset_gives_the_overfitting_hint_once() -> None:
     assert "early_stopping" in history.hints[0]["message"]
 
 
+def test_advice_leaves_out_what_fit_was_told_already() -> None:
+    model = _mlp()
+    flat = torch.optim.SGD(model.parameters(), lr=0.0)
+    history, screen = _fit(model, _blobs(128, 0), epochs=3, batch_size=32, optimizer=flat)
+    (message,) = [hint["message"] for hint in history.hints]
+    assert "create your optimizer with lr=result.suggestion" in message  # fit(lr=) does not reach it
+    generator = torch.Generator().manual_seed(0)
+    noise = TensorDataset(torch.randn(48, 8, generator=generator), torch.randint(0, 2, (48,), generator=generator))
+    unseen = TensorDataset(torch.randn(256, 8, generator=generator), torch.randint(0, 2, (256,), generator=generator))
+    history, screen = _fit(_mlp(512), noise, unseen, epochs=10, batch_size=16, lr=0.01, early_stopping=20)
+    assert _hints(history, screen) == ["overfitting"]
+    assert (
+        history.hints[0]["message"].startswith("overfitting: ") and "early_stopping" not in history.hints[0]["message"]
+    )
+
+
 def test_slow_dataset_gives_the_input_hint_once() -> None:
     history, screen = _fit(_mlp(), _Slow(_blobs(24, 0)), epochs=2, batch_size=4, num_workers=0, lr=0.01)
     assert _hints(history, screen) == ["input"]
     assert history.hints[0]["epoch"] == 0
     assert history["data_wait"][0] > 0.5
     assert "num_workers (now 0)" in history.hints[0]["message"]
+
+
+class _SlowTensors(TensorDataset):
+    """Tensors in memory with a per-sample step that sleeps 0.1 s (a subclass: the DataLoader path)."""
+
+    def __getitem__(self, index: int) -> Any:
+        time.sleep(0.1)
+        return super().__getitem__(index)
+
+
+class _SlowRows(torch.Tensor):
+    """A tensor whose rows take 0.25 s to gather, as from a memory-mapped file on a slow disk."""
+
+    @classmethod
+    def __torch_function__(cls, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        if func in (torch.Tensor.index_select, torch.index_select):
+            time.sleep(0.25)
+        with torch._C.DisableTorchFunctionSubclass():
+            return func(*args, **(kwargs or {}))
+
+
+def _input_hints(history: History, screen: FakeScreen) -> list[str]:
+    """The input hint's message, if given (said once, as every hint)."""
+    names = _hints(history, screen)
+    return [hint["message"] for name, hint in zip(names, history.hints, strict=True) if name == "input"]
+
+
+def test_an_epoch_too_short_to_time_gives_no_input_hint() -> None:
+    # The issue's shape: an epoch of 4 batches, most of it spent waiting for data. With so few
+    # batches the share is the loader's start and one step's noise, whatever the seconds.
+    slow = _Slow(_blobs(16, 0))
+    history, screen = _fit(_mlp(), slow, epochs=2, batch_size=4, num_workers=0, lr=0.01, hints=["input"])
+    assert history["data_wait"][0] > 0.5  # the sign, in an epoch too short to time
+    assert _input_hints(history, screen) == []
+    # The issue's own case: 64 tensors on the in-memory fast path, 4 batches of a few ms.
+    history, screen = _fit(_mlp(), _blobs(64, 0), epochs=3, batch_size=16, lr=0.01, hints=["input"])
+    assert history.hints == []
+
+
+def test_input_hint_on_tensors_with_a_per_sample_step_says_workers_not_tensordataset() -> None:
+    data = _SlowTensors(*_blobs(24, 0).tensors)
+    assert dataloader_reason(data, device=torch.device("cpu")) is not None  # the DataLoader path runs
+    history, screen = _fit(_mlp(), data, epochs=1, batch_size=4, lr=0.01, hints=["input"])
+    (message,) = _input_hints(history, screen)
+    assert "num_workers (now 0)" in message and "whole batches" in message
+    assert "TensorDataset" not in message  # it is one already
+
+
+def test_slow_rows_on_the_in_memory_fast_path_give_no_workers_advice() -> None:
+    x, y = _blobs(48, 0).tensors
+    data = TensorDataset(x.as_subclass(_SlowRows), y)
+    assert dataloader_reason(data, device=torch.device("cpu")) is None  # the in-memory fast path runs
+    history, screen = _fit(_mlp(), data, epochs=1, batch_size=8, lr=0.01)
+    assert history["data_wait"][0] > 0.5 and history["time"][0] > 1.0  # waited, long enough to time
+    # Tensors in memory cut by indexing on the CPU: neither workers nor a TensorDataset would help.
+    assert _input_hints(history, screen) == []
 
 
 def test_hints_can_be_silenced() -> None:

@@ -9,7 +9,16 @@ from typing import Any
 import pytest
 
 from colabkit.errors import ArgumentError
-from colabkit.train.hints import NAMES, Advisor, EpochClock, FinishEstimate, RunFacts, resolve_hints
+from colabkit.train.hints import (
+    INPUT_MIN_BATCHES,
+    INPUT_MIN_SECONDS,
+    NAMES,
+    Advisor,
+    EpochClock,
+    FinishEstimate,
+    RunFacts,
+    resolve_hints,
+)
 
 
 def _records(losses: list[float], **columns: list[float]) -> list[dict[str, Any]]:
@@ -74,6 +83,71 @@ def test_input_bound_names_workers_staging_and_memory() -> None:
     assert "70% of the epoch waiting" in hint.message
     assert "num_workers (now 2)" in hint.message and "colabkit.stage()" in hint.message
     assert "TensorDataset" in hint.message
+
+
+def test_each_sign_is_named_with_the_courses_word() -> None:
+    flat = Advisor(["lr"]).check(_records([0.7, 0.7, 0.7]))[0].message
+    assert "learning rate" in flat
+    gap = _records([1.0, 0.6, 0.3], accuracy=[0.6, 0.8, 0.97], val_accuracy=[0.58, 0.73, 0.80])
+    rising = _records([1.0, 0.6, 0.4, 0.3], val_loss=[0.9, 0.8, 0.85, 0.95])
+    for records in (gap, rising):
+        assert Advisor(["overfitting"]).check(records)[0].message.startswith("overfitting: ")
+    full = _records([1.0], peak_gpu_gb=[14.2], gpu_total_gb=[15.0])
+    assert "run out of memory" in Advisor(["memory"], facts=RunFacts(batch_size=64)).check(full)[0].message
+
+
+def test_advice_leaves_out_what_the_run_does_already() -> None:
+    flat = _records([0.7, 0.7, 0.7])
+    built = Advisor(["lr"], facts=RunFacts(own_optimizer=True)).check(flat)[0].message
+    assert "create your optimizer with lr=result.suggestion" in built and "fit(..., lr=" not in built
+    gap = _records([1.0, 0.6, 0.3], accuracy=[0.6, 0.8, 0.97], val_accuracy=[0.58, 0.73, 0.80])
+    stopping = Advisor(["overfitting"], facts=RunFacts(early_stopping=True)).check(gap)[0].message
+    assert "early_stopping" not in stopping and "augmentation" in stopping
+    full = _records([1.0], peak_gpu_gb=[14.2], gpu_total_gb=[15.0])
+    single = Advisor(["memory"], facts=RunFacts(batch_size=1)).check(full)[0].message
+    assert "batch_size=" not in single and "precision='bf16'" in single
+
+
+def _input_message(**facts: Any) -> str:
+    """The input hint on a long, slow epoch (20 batches, 30 s, 80% waiting) of a run with ``facts``."""
+    records = _records([1.0], data_wait=[0.8], time=[30.0])
+    hints = Advisor(["input"], facts=RunFacts(batches_per_epoch=20, **facts)).check(records)
+    return hints[0].message if hints else ""
+
+
+def test_input_is_not_timed_on_an_epoch_too_short_to_time() -> None:
+    # The issue's case: 4 batches, a 9 ms epoch, 52% of it "waiting".
+    tiny = _records([1.0], data_wait=[0.52], time=[0.009])
+    assert Advisor(["input"], facts=RunFacts(path="dataloader", batches_per_epoch=4)).check(tiny) == []
+    short = _records([1.0], data_wait=[0.9], time=[0.3])  # enough batches, well under a second
+    assert Advisor(["input"], facts=RunFacts(path="dataloader", batches_per_epoch=50)).check(short) == []
+    few = _records([1.0], data_wait=[0.9], time=[5.0])  # seconds long, but a handful of batches
+    assert (
+        Advisor(["input"], facts=RunFacts(path="dataloader", batches_per_epoch=INPUT_MIN_BATCHES - 1)).check(few) == []
+    )
+    timed = _records([1.0], data_wait=[0.9], time=[INPUT_MIN_SECONDS])
+    facts = RunFacts(path="dataloader", batches_per_epoch=INPUT_MIN_BATCHES)
+    assert [h.name for h in Advisor(["input"], facts=facts).check(timed)] == ["input"]
+
+
+def test_input_advice_fits_the_path_that_runs() -> None:
+    # The DataLoader path over files: every fix that helps there.
+    files = _input_message(path="dataloader", num_workers=0, cpus=2)
+    assert "80% of the epoch waiting" in files and "num_workers (now 0), up to this machine's 2 CPU cores" in files
+    assert "colabkit.stage()" in files and "TensorDataset" in files
+    # Tensors in memory with a per-sample transform (DataLoader path): not "use a TensorDataset".
+    transformed = _input_message(path="dataloader", num_workers=0, cpus=2, tensors=True)
+    assert "num_workers (now 0" in transformed and "TensorDataset" not in transformed and "stage()" not in transformed
+    assert "whole batches" in transformed
+    # Every core has a worker already: more would not help.
+    busy = _input_message(path="dataloader", num_workers=4, cpus=4)
+    assert "Raise num_workers" not in busy and "4 workers use every CPU core already" in busy
+    # The in-memory fast path: the data is tensors in memory already, cut by indexing.
+    for placement in ("device", "host"):
+        assert _input_message(path="fast", num_workers=0, placement=placement) == ""
+    pinned = _input_message(path="fast", num_workers=0, placement="pinned")
+    assert "uint8" in pinned and "too big to keep on the GPU" in pinned
+    assert "num_workers" not in pinned and "TensorDataset" not in pinned and "stage()" not in pinned
 
 
 def test_each_hint_once_silenced_or_already_given_before_a_resume() -> None:

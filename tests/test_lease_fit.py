@@ -10,6 +10,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import textwrap
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -20,7 +21,7 @@ import torch
 
 from colabkit import _io
 from colabkit.checkpoint import CheckpointListing, CheckpointManager, load_checkpoint
-from colabkit.checkpoint.lease import LEASE_NAME, STALE_PERIODS, Holder
+from colabkit.checkpoint.lease import LEASE_NAME, STALE_PERIODS, Holder, read_holder
 from colabkit.errors import CheckpointError, CheckpointInUseError, ColabkitWarning, InsufficientSpaceError
 from colabkit.train.loop import fit
 
@@ -92,6 +93,151 @@ def test_reading_needs_no_lease(tmp_path: Path, worker: Callable[..., subprocess
     assert first.returncode == 0
 
 
+READER = textwrap.dedent(
+    """
+    import sys
+    from colabkit.checkpoint import CheckpointManager
+
+    manager = CheckpointManager(sys.argv[1])  # opened once, held for the whole process
+
+    def newest():
+        latest = manager.latest()
+        return -1 if latest is None else manager.load(latest)["fit"]["position"]["step"]
+
+    print("read", newest(), flush=True)
+    for line in sys.stdin:  # each line asks for another read
+        if line.strip() == "quit":
+            break
+        print("read", newest(), flush=True)
+    manager.close()
+    print("closed", flush=True)
+    """
+)
+
+
+class Reader:
+    """A process that holds a CheckpointManager of a folder open and reads its newest step on demand."""
+
+    def __init__(self, folder: Path, env: dict[str, str]) -> None:
+        self.proc = subprocess.Popen(
+            [sys.executable, "-c", READER, str(folder)],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+        )  # fmt: skip
+        self.first = self._answer()
+
+    def _answer(self) -> int:
+        line = read_line(self.proc, timeout=120)
+        assert line.startswith("read "), (line, self.proc.stderr.read() if not line else "")
+        return int(line.split()[1])
+
+    def newest(self) -> int:
+        assert self.proc.stdin is not None
+        self.proc.stdin.write("again\n")
+        self.proc.stdin.flush()
+        return self._answer()
+
+    def close(self) -> None:
+        assert self.proc.stdin is not None
+        self.proc.stdin.write("quit\n")
+        self.proc.stdin.flush()
+        out, err = self.proc.communicate(timeout=60)
+        assert self.proc.returncode == 0 and "closed" in out, err
+
+
+@pytest.fixture
+def reader(subprocess_env: dict[str, str]) -> Iterator[Callable[[Path], Reader]]:
+    readers: list[Reader] = []
+
+    def start(folder: Path) -> Reader:
+        readers.append(Reader(folder, subprocess_env))
+        return readers[-1]
+
+    yield start
+    for one in readers:
+        if one.proc.poll() is None:
+            one.proc.kill()
+        one.proc.communicate()
+
+
+def holder_pid(folder: Path) -> int | None:
+    found, _problem = read_holder(folder)
+    return None if found is None else found.pid
+
+
+def test_readers_opened_before_during_and_after_a_writer_never_block_it(
+    tmp_path: Path, worker: Callable[..., subprocess.Popen[str]], reader: Callable[[Path], Reader]
+) -> None:
+    from colabkit import load_for_inference
+
+    folder, gate = tmp_path / "ckpt", tmp_path / "gate"
+    # Before: a reader process and a manager in this process, both open on the empty folder.
+    before = reader(folder)
+    here = CheckpointManager(folder)
+    assert before.first == -1 and here.latest() is None and here.restore(model()) == {}
+    assert holder_pid(folder) is None  # opening and reading took no lease
+    writer = worker(str(folder), "--gate", str(gate))
+    wait_progress(writer)  # not refused: the first epoch is trained and saved, the lease held
+    assert holder_pid(folder) == writer.pid
+
+    # During: every way of reading, from readers opened before and now, in other processes and this one.
+    during = reader(folder)
+    assert during.first == before.newest() == 4
+    assert [info.step for info in here.checkpoints()] == [4]
+    net = model()
+    assert here.restore(net)["fit"]["position"]["step"] == 4
+    assert here.load()["fit"]["position"]["step"] == 4
+    assert load_checkpoint(folder)["fit"]["position"]["step"] == 4
+    load_for_inference(folder, model(), device="cpu", monitor=None)
+    with CheckpointManager(folder) as closed_at_once:
+        assert closed_at_once.latest() is not None
+    assert holder_pid(folder) == writer.pid  # no reader took, broke or released the writer's lease
+
+    gate.touch()
+    out, err = writer.communicate(timeout=300)
+    assert writer.returncode == 0, err
+    assert "trained steps 1-12" in out  # the whole run, never refused or stopped
+    assert not (folder / LEASE_NAME).exists()  # the writer released it; no reader left one
+
+    # After: the readers see the end, and a rerun with more epochs writes again while they stay open.
+    after = reader(folder)
+    assert after.first == before.newest() == during.newest() == here.load()["fit"]["position"]["step"] == 12
+    rerun = worker(str(folder), "--epochs", "4")
+    out, err = rerun.communicate(timeout=300)
+    assert rerun.returncode == 0, err
+    assert "trained steps 13-16" in out  # resumed, not refused
+    assert before.newest() == after.newest() == 16
+    for one in (before, during, after):
+        one.close()
+    here.close()
+    assert not (folder / LEASE_NAME).exists()
+
+
+def test_a_writer_killed_while_a_reader_holds_a_manager_does_not_block_the_next_writer(
+    tmp_path: Path, worker: Callable[..., subprocess.Popen[str]], reader: Callable[[Path], Reader]
+) -> None:
+    folder, gate = tmp_path / "ckpt", tmp_path / "gate"
+    writer = worker(str(folder), "--gate", str(gate))
+    wait_progress(writer)
+    watcher = reader(folder)  # a notebook cell watching the run, in its own process
+    here = CheckpointManager(folder)
+    assert watcher.first == here.load()["fit"]["position"]["step"] == 4
+    writer.send_signal(signal.SIGKILL)
+    writer.wait(timeout=60)
+    assert holder_pid(folder) == writer.pid  # the kill left the dead writer's lease behind
+    # The readers read on after the kill, and keep their managers open.
+    assert watcher.newest() == 4 and here.latest() is not None
+    assert holder_pid(folder) == writer.pid  # reading neither took nor cleared it
+    nxt = worker(str(folder))
+    out, err = nxt.communicate(timeout=300)
+    assert nxt.returncode == 0, err
+    assert "its process is gone" in out  # the dead writer's lease taken over at once
+    assert "trained steps 5-12" in out  # resumed after the killed run's checkpoint
+    assert watcher.newest() == here.load()["fit"]["position"]["step"] == 12
+    watcher.close()
+    here.close()
+    assert not (folder / LEASE_NAME).exists()
+
+
 def test_a_sigkilled_holder_is_taken_over_at_once_by_a_rerun(
     tmp_path: Path, worker: Callable[..., subprocess.Popen[str]]
 ) -> None:
@@ -144,21 +290,26 @@ def test_takeover_passes_through_fit(tmp_path: Path, capsys: pytest.CaptureFixtu
 def test_a_manager_holds_the_lease_until_closed_and_stops_saving_once_taken_over(tmp_path: Path) -> None:
     folder = tmp_path / "ckpt"
     write_lease(folder, host="other-runtime", age=1)
+    refused = CheckpointManager(folder)  # reading needs no lease...
+    assert refused.latest() is None
     with pytest.raises(CheckpointInUseError, match="other-runtime"):
-        CheckpointManager(folder)
+        refused.save(tiny(0), step=0)  # ...writing does
+    refused.close()
     first = CheckpointManager(folder, takeover=True)
-    assert Holder.from_bytes((folder / LEASE_NAME).read_bytes()).pid == os.getpid()
     first.save(tiny(1), step=1, blocking=True)
-    # The same cell run again: a second manager on the folder takes over from the first.
+    assert Holder.from_bytes((folder / LEASE_NAME).read_bytes()).pid == os.getpid()
+    # The same cell run again: a second manager on the folder takes over from the first at its first save.
     second = CheckpointManager(folder)
-    with pytest.raises(CheckpointInUseError, match="taken over"):
-        first.save(tiny(2), step=2)
+    assert second.latest() is not None
+    first.save(tiny(2), step=2, blocking=True)  # a second manager that only read took nothing
     second.save(tiny(3), step=3, blocking=True)
+    with pytest.raises(CheckpointInUseError, match="taken over"):
+        first.save(tiny(4), step=4)
     first.close()
     assert (folder / LEASE_NAME).exists()  # the first does not remove the second's lease
     second.close()
     assert not (folder / LEASE_NAME).exists()
-    assert sorted(info.step for info in CheckpointListing(folder).checkpoints()) == [1, 3]
+    assert sorted(info.step for info in CheckpointListing(folder).checkpoints()) == [2, 3]
 
 
 def tiny(step: int) -> dict[str, object]:
@@ -191,8 +342,8 @@ def test_temporary_leftovers_are_emptied_before_cleanup(tmp_path: Path) -> None:
     leftover = tmp_path / "ckpt" / f".step-000000001-00000000.pt{_io.TEMP_MARK}{pid}-deadbeef"
     leftover.write_bytes(b"x" * 10_000)
     os.link(leftover, tmp_path / "trash")
-    with CheckpointManager(tmp_path / "ckpt"):
-        pass
+    with CheckpointManager(tmp_path / "ckpt") as ckpt:
+        ckpt.acquire()  # the writer's start cleans up
     assert not leftover.exists()
     assert (tmp_path / "trash").stat().st_size == 0
 
@@ -306,6 +457,9 @@ def test_a_read_only_checkpoint_dir_fails_before_training_and_keeps_the_last_che
     assert steps.steps == []
     subprocess.run(["mount", "-o", "remount,rw", str(disk)], check=True)
     assert load_checkpoint(folder)["fit"]["position"]["step"] == good
+    # Writable again, the rerun goes on from that checkpoint.
+    train(folder, steps, epochs=2)
+    assert steps.first == good + 1
 
 
 def test_a_full_disk_fails_before_training_with_numbers_that_add_up(

@@ -170,6 +170,10 @@ def test_resume_false_starts_over(tmp_path: Path) -> None:
     run(tmp_path, Augmented(), batch_size=4, num_workers=0, epochs=1)
     again = run(tmp_path, Augmented(), batch_size=4, num_workers=0, epochs=1, resume=False)
     assert again.loads == 44 and len(again.history) == 1 and again.steps.span == (1, 11)
+    # The witness that resume=False is what started it over: the same rerun without it resumes
+    # after the checkpoint that run wrote, loading only the new epoch's samples.
+    resumed = run(tmp_path, Augmented(), batch_size=4, num_workers=0, epochs=2)
+    assert resumed.loads == 44 and len(resumed.history) == 2 and resumed.steps.span == (12, 22)
 
 
 def test_sampler_order_depends_only_on_seed_and_epoch() -> None:

@@ -59,15 +59,17 @@ class CheckpointManager:
             stops saving at its next heartbeat). A holder whose process is gone, or whose
             heartbeat is older than 5 minutes, is taken over without it.
 
-    Only one writer at a time: the manager holds a lease on ``directory`` (the file
-    ``.colabkit-lease``, renewed every minute) until :meth:`close` or the end of the
-    process. Reading checkpoints (:func:`load_checkpoint`, :class:`CheckpointListing`,
-    ``load_for_inference``) never needs it.
+    Only one writer at a time: from its first :meth:`save` (or :meth:`acquire`) the manager
+    holds a lease on ``directory`` (the file ``.colabkit-lease``, renewed every minute) until
+    :meth:`close` or the end of the process. Until then it only reads: :meth:`latest`,
+    :meth:`best`, :meth:`checkpoints`, :meth:`load` and :meth:`restore` never take, wait for
+    or break a lease, and write or delete nothing, so a notebook cell may watch a folder
+    that a training run writes. The writer's housekeeping (leftovers of killed writers
+    removed, mirrors caught up) starts with the lease too.
 
     Raises:
         ArgumentError: An option has an unusable value.
-        CheckpointInUseError: Another live run holds the folder's lease.
-        CheckpointError: A folder is not a writable folder.
+        CheckpointError: ``directory`` (or the staging folder) cannot be a folder.
 
     Example:
         >>> with CheckpointManager("ckpt", keep_last=2, mirror="/content/drive/MyDrive/run1") as ckpt:
@@ -90,24 +92,12 @@ class CheckpointManager:
         retention = Retention(keep_last, keep_best, monitor, mode)  # checks the four options
         self.directory = Path(directory).expanduser()
         self.keep_last, self.keep_best, self.monitor, self.mode = keep_last, keep_best, monitor, mode
+        self.takeover = takeover
         local, targets = mirror_targets(self.directory, staging_dir, mirror)
         for folder in dict.fromkeys((self.directory, local)):
             _make_folder(folder)
-        # The lease lives where every runtime sees it: the folder named, on Drive if it is there.
-        # Drive has no locks across runtimes: wait a beat and read the lease back.
-        self._lease = lease_module.acquire(
-            self.directory, takeover=takeover, settle=1.0 if drive.is_drive_path(self.directory) else 0.0
-        )
-        try:
-            if local != self.directory:
-                _check_writable(local)
-            self._open(local, targets, retention)
-        except BaseException:
-            self._lease.release()
-            raise
-        # A manager dropped without close() (``CheckpointManager(d).latest()``) lets go of the
-        # folder when collected; at exit the registry's flush runs first, then the lease's own hook.
-        weakref.finalize(self, self._lease.release).atexit = False
+        self._lease: lease_module.Lease | None = None  # taken by the first write (acquire)
+        self._open(local, targets, retention)
 
     def _open(self, local: Path, targets: list[Path], retention: Retention) -> None:
         self._local = Store(local)
@@ -121,19 +111,59 @@ class CheckpointManager:
                 method()
 
         self._mirror = Mirror(self._local, [Store(t) for t in targets], retention, self._lock, rotate_local)
-        lease = self._lease  # not self: the mirror must not keep the manager alive
-        self._mirror.may_write = lambda: lease.held
+        self._mirror.may_write = lambda: False  # a reader copies nothing (acquire lets the writer)
         self._listing = CheckpointListing(self._local, *self._mirror.remotes, lock=self._lock)
         self._commit_lane = Lane("colabkit-checkpoint-commit")
         self._commit_errors: list[str] = []
         self._buffers: dict[tuple[Any, ...], torch.Tensor] = {}  # last snapshot's tensors, reused
         self._closed = False
         warn_old_torch()
-        with self._lock:
-            self._local.cleanup()
-        self._mirror.forget_deleted()
+
+    def acquire(self) -> CheckpointManager:
+        """Become the folder's writer now; :meth:`save` does this at its first call.
+
+        Takes the lease on ``directory``, checks the staging folder is writable, removes
+        leftovers of killed writers and starts catching the mirrors up. fit() calls it before
+        training, so a second run on the folder is refused before any work. Calling it again
+        while the lease is held does nothing.
+
+        Returns:
+            This manager.
+
+        Raises:
+            CheckpointInUseError: Another live run holds the folder's lease (``takeover=False``).
+            CheckpointError: The manager is closed, or a folder is not writable.
+        """
+        self._writer_lease()
+        return self
+
+    def _writer_lease(self) -> lease_module.Lease:
+        """The lease this manager writes under, taken now if it has none yet (see :meth:`acquire`)."""
+        self._check_open()
+        if self._lease is not None:
+            return self._lease  # held, or lost to a takeover (its check() says so)
+        # The lease lives where every runtime sees it: the folder named, on Drive if it is there.
+        # Drive has no locks across runtimes: wait a beat and read the lease back.
+        lease = lease_module.acquire(
+            self.directory, takeover=self.takeover, settle=1.0 if drive.is_drive_path(self.directory) else 0.0
+        )
+        try:
+            if self._local.root != self.directory:
+                _check_writable(self._local.root)
+            with self._lock:
+                self._local.cleanup()
+            self._mirror.forget_deleted()
+        except BaseException:
+            lease.release()
+            raise
+        self._lease = lease
+        self._mirror.may_write = lambda: lease.held  # not self: the mirror must not keep the manager alive
+        # A manager dropped without close() lets go of the folder when collected; at exit the
+        # registry's flush runs first, then the lease's own hook.
+        weakref.finalize(self, lease.release).atexit = False
         self._mirror.start()
         registry.register(self)
+        return lease
 
     @property
     def local_dir(self) -> Path:
@@ -169,8 +199,7 @@ class CheckpointManager:
             CheckpointError: The write failed, or the previous checkpoint's commit failed.
             InsufficientSpaceError: The local disk cannot hold the checkpoint.
         """
-        self._check_open()
-        self._lease.check()
+        self._writer_lease().check()
         drive.recover_if_lost()  # a main-thread Drive touch: remount for copies that lost Drive
         payload, clean_metrics = state_module.prepare(state, step=step, metrics=metrics)
         epoch = payload.get("epoch")
@@ -300,7 +329,7 @@ class CheckpointManager:
         flush at interpreter exit, or another ``close()``, still waits for the copies.
         """
         if self._closed and not registry.is_live(self):
-            self._lease.release()
+            self._release()
             return
         self._closed = True
         self._buffers = {}
@@ -308,10 +337,10 @@ class CheckpointManager:
             self.wait()
         except Exception:
             registry.forget(self)  # the failures are reported: nothing left to wait for
-            self._lease.release()
+            self._release()
             raise
         registry.forget(self)
-        self._lease.release()
+        self._release()
 
     def __enter__(self) -> CheckpointManager:
         return self
@@ -343,6 +372,10 @@ class CheckpointManager:
         self._closed = True
 
     # -- internals
+
+    def _release(self) -> None:
+        if self._lease is not None:
+            self._lease.release()
 
     def _check_open(self) -> None:
         if self._closed:

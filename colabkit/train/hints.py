@@ -9,7 +9,13 @@ extra reads from the GPU):
   points) two epochs in a row.
 - ``"memory"``: peak GPU memory above :data:`MEMORY_SHARE` of the device.
 - ``"input"``: the loop waited for the next batch more than :data:`INPUT_SHARE`
-  of the epoch (timed on the host around the loader).
+  of the epoch (timed on the host around the loader), in an epoch long enough to
+  time (:data:`INPUT_MIN_BATCHES` batches, :data:`INPUT_MIN_SECONDS` of training).
+
+Each message uses the course's words for the sign (learning rate, overfitting,
+out of memory) and advises only what the run does not do already
+(:class:`RunFacts`): no ``num_workers`` or ``TensorDataset`` on the in-memory
+fast path, no ``early_stopping=3`` when early stopping is on.
 
 Each hint given is kept in ``History.hints`` and so in checkpoints: a resumed
 run does not repeat it. ``fit(hints=False)`` silences them all, ``hints=("lr",)``
@@ -33,6 +39,8 @@ from colabkit.train.progress import MEMORY_KEYS
 
 __all__ = [
     "ACCURACY_GAP",
+    "INPUT_MIN_BATCHES",
+    "INPUT_MIN_SECONDS",
     "INPUT_SHARE",
     "LR_EPOCHS",
     "MEMORY_SHARE",
@@ -55,6 +63,10 @@ ACCURACY_GAP = 0.05
 MEMORY_SHARE = 0.9
 #: Share of an epoch's wall time spent waiting for the next batch that makes the data the bottleneck.
 INPUT_SHARE = 0.5
+#: An epoch shorter than this many batches, or this many seconds of training, is too short to time:
+#: fixed costs (the loader's start, the first step) and the clock's noise make its share meaningless.
+INPUT_MIN_BATCHES = 5
+INPUT_MIN_SECONDS = 1.0
 #: Record key of that share (set by fit()).
 DATA_WAIT = "data_wait"
 
@@ -97,11 +109,35 @@ class Hint:
 
 @dataclasses.dataclass(frozen=True)
 class RunFacts:
-    """What the advice quotes about the run (from fit()'s arguments)."""
+    """What the run already does, so the advice fits it (from fit()'s arguments and its data path).
+
+    None means unknown: the advice then names every usual fix.
+
+    Attributes:
+        batch_size: Samples per batch.
+        grad_accum: Batches per optimizer step.
+        num_workers: DataLoader worker processes (0 on the in-memory fast path).
+        path: How batches are made: ``"fast"`` (cut by indexing in-memory tensors) or ``"dataloader"``.
+        placement: On the fast path, where the tensors live (``"device"``, ``"pinned"`` or ``"host"``,
+            see :mod:`colabkit.train.fastpath`).
+        tensors: The dataset is tensors in memory already (a ``TensorDataset``, perhaps with a
+            per-sample transform that keeps it on the DataLoader path).
+        batches_per_epoch: Training batches in one epoch (this process's share).
+        cpus: CPU cores of this machine (DataLoader workers past that do not help).
+        own_optimizer: The user built the optimizer (``fit(lr=...)`` does not reach it).
+        early_stopping: An EarlyStopping callback is on.
+    """
 
     batch_size: int | None = None
     grad_accum: int = 1
     num_workers: int | None = None
+    path: str | None = None
+    placement: str | None = None
+    tensors: bool = False
+    batches_per_epoch: int | None = None
+    cpus: int | None = None
+    own_optimizer: bool = False
+    early_stopping: bool = False
 
 
 class Advisor:
@@ -155,15 +191,22 @@ def _lr(records: Sequence[Mapping[str, Any]], facts: RunFacts) -> str:
         return ""
     lr = _get(records[LR_EPOCHS - 1], "lr")
     at = f" at lr={lr:g}" if lr is not None else ""
+    use = (
+        "and create your optimizer with lr=result.suggestion (fit's lr= does not reach an optimizer you built)"
+        if facts.own_optimizer
+        else "and pass fit(..., lr=result.suggestion)"
+    )
     return (
         f"the training loss has not fallen over the first {LR_EPOCHS} epochs ({first:.4g} -> {last:.4g}){at}: "
         "the learning rate is probably too low, or too high. Find one with result = colabkit.lr_find(model, train) "
-        "and pass fit(..., lr=result.suggestion); check too that the labels match the inputs"
+        f"{use}; check too that the labels match the inputs"
     )
 
 
 def _overfitting(records: Sequence[Mapping[str, Any]], facts: RunFacts) -> str:
     # The gap must hold two epochs in a row: one epoch's gap on a small validation set is noise.
+    fixes = "Add data augmentation or regularisation (dropout, weight_decay)"
+    stop = "" if facts.early_stopping else ", or stop at the best epoch with fit(..., early_stopping=3)"
     last = records[-1]
     for key in last:
         if "accuracy" not in key or key.startswith("val_") or len(records) < 2:
@@ -172,10 +215,9 @@ def _overfitting(records: Sequence[Mapping[str, Any]], facts: RunFacts) -> str:
         if all(gap is not None and gap > ACCURACY_GAP for gap in gaps):
             value, val = last[key], last[f"val_{key}"]
             return (
-                f"validation lags training: {key} {value:.3f} vs val_{key} {val:.3f}, a "
-                f"{100 * (value - val):.0f}-point gap (over {100 * ACCURACY_GAP:.0f} means the model memorises "
-                "the training set). Add data augmentation or regularisation (dropout, weight_decay), more data, "
-                "or stop at the best epoch with fit(..., early_stopping=3)"
+                f"overfitting: {key} {value:.3f} vs val_{key} {val:.3f}, a {100 * (value - val):.0f}-point gap "
+                f"(over {100 * ACCURACY_GAP:.0f} means the model memorises the training set). {fixes}, "
+                f"more data{stop}"
             )
     recent = records[-3:]
     losses, val_losses = _values(recent, "loss"), _values(recent, "val_loss")
@@ -183,9 +225,8 @@ def _overfitting(records: Sequence[Mapping[str, Any]], facts: RunFacts) -> str:
         rising = val_losses[0] < val_losses[1] < val_losses[2]
         if rising and losses[2] < losses[0]:
             return (
-                f"val_loss rose two epochs in a row ({val_losses[0]:.4g} -> {val_losses[2]:.4g}) while the training "
-                "loss fell: the model starts to memorise the training set. Add data augmentation or regularisation "
-                "(dropout, weight_decay), or stop at the best epoch with fit(..., early_stopping=3)"
+                f"overfitting: val_loss rose two epochs in a row ({val_losses[0]:.4g} -> {val_losses[2]:.4g}) while "
+                f"the training loss fell, so the model starts to memorise the training set. {fixes}{stop}"
             )
     return ""
 
@@ -202,24 +243,67 @@ def _memory(records: Sequence[Mapping[str, Any]], facts: RunFacts) -> str:
         return ""
     gib = 2**30
     batch = facts.batch_size
-    smaller = f"batch_size={max(batch // 2, 1)} (now {batch})" if batch else "half the batch size"
+    if batch == 1:  # nothing left to halve
+        fix = "Use a smaller model or shorter inputs, or mixed precision (precision='bf16' or 'fp16')"
+    else:
+        smaller = f"batch_size={batch // 2} (now {batch})" if batch else "half the batch size"
+        fix = f"Use {smaller} and keep the effective batch with grad_accum={2 * facts.grad_accum}"
     return (
         f"peak GPU memory {_display.format_memory(peak * gib, total * gib)} ({100 * peak / total:.0f}%) is close to "
-        f"full: a longer input or a bigger batch will run out of memory. Use {smaller} and keep the effective "
-        f"batch with grad_accum={2 * facts.grad_accum}"
+        f"full: a longer input or a bigger batch will run out of memory. {fix}"
     )
 
 
 def _input(records: Sequence[Mapping[str, Any]], facts: RunFacts) -> str:
-    share = _get(records[-1], DATA_WAIT)
-    if share is None or share <= INPUT_SHARE:
+    last = records[-1]
+    share = _get(last, DATA_WAIT)
+    if share is None or share <= INPUT_SHARE or not _long_enough_to_time(last, facts):
         return ""
-    workers = f" (now {facts.num_workers})" if facts.num_workers is not None else ""
+    fixes = _input_fixes(facts)
+    if not fixes:
+        return ""
     return (
         f"the training loop spent {100 * share:.0f}% of the epoch waiting for the next batch: loading data is the "
-        f"bottleneck, not the model. Raise num_workers{workers}, stage the dataset to local disk with "
-        "colabkit.stage() instead of reading it from Drive, or load it into memory as tensors (TensorDataset)"
+        f"bottleneck, not the model. {fixes}"
     )
+
+
+def _long_enough_to_time(record: Mapping[str, Any], facts: RunFacts) -> bool:
+    """Whether the epoch had the batches and the seconds for its wait share to mean something."""
+    if facts.batches_per_epoch is not None and facts.batches_per_epoch < INPUT_MIN_BATCHES:
+        return False
+    seconds = _get(record, "time")
+    return seconds is None or seconds >= INPUT_MIN_SECONDS
+
+
+def _input_fixes(facts: RunFacts) -> str:
+    """What shortens the wait on the path that runs ("" when nothing left would)."""
+    if facts.path == "fast":
+        if facts.placement == "pinned":
+            # The one cost left: each batch crosses from host memory to the GPU.
+            return (
+                "The tensors are in memory already but too big to keep on the GPU, so each batch is copied there "
+                "from the host: store them smaller (uint8 images, float16 features) so they move to the GPU once"
+            )
+        # On the GPU a batch is an index there; on the CPU it is a copy in memory: nothing to fetch faster.
+        return ""
+    workers = facts.num_workers
+    busy = workers is not None and facts.cpus is not None and workers >= facts.cpus
+    fixes = []
+    if workers is None:
+        fixes.append("raise num_workers")
+    elif not busy:
+        cores = f", up to this machine's {facts.cpus} CPU cores" if facts.cpus else ""
+        fixes.append(f"raise num_workers (now {workers}){cores}")
+    if facts.tensors:  # in memory already: only the per-sample step is left to speed up
+        fixes.append("do the per-sample work (decoding, transforms) once or on whole batches")
+    else:
+        fixes.append("stage the dataset to local disk with colabkit.stage() if it is read from Drive")
+        fixes.append("load it into memory as tensors (a TensorDataset takes the in-memory fast path)")
+    text = ", ".join(fixes[:-1]) + f", or {fixes[-1]}" if len(fixes) > 1 else fixes[0]
+    if busy:
+        return f"The {workers} workers use every CPU core already: {text}"
+    return text[0].upper() + text[1:]
 
 
 _CHECKS: dict[str, Callable[[Sequence[Mapping[str, Any]], RunFacts], str]] = {

@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 import sys
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
@@ -491,14 +492,27 @@ class _Trainer:
         size: int | None
         if isinstance(self.train, TensorBatches):
             size, workers = self.train.batch_sampler.batch_size, 0  # indexed in this process
+            path, placement = "fast", self.train.placement
         else:
             loader = self.train.loader
             size = loader.batch_size or getattr(loader.batch_sampler, "batch_size", None)  # colabkit's own sampler
             workers = loader.num_workers
+            path, placement = "dataloader", None
         self.advisor = Advisor(
             o.hint_names,
             given=[str(hint.get("name")) for hint in self.history.hints],
-            facts=RunFacts(batch_size=size, grad_accum=o.grad_accum, num_workers=workers),
+            facts=RunFacts(
+                batch_size=size,
+                grad_accum=o.grad_accum,
+                num_workers=workers,
+                path=path,
+                placement=placement,
+                tensors=isinstance(self.train.dataset, torch.utils.data.TensorDataset),
+                batches_per_epoch=self.epoch_length,
+                cpus=os.cpu_count(),
+                own_optimizer=isinstance(o.optimizer, torch.optim.Optimizer),
+                early_stopping=any(isinstance(cb, EarlyStopping) for cb in o.callback_list),
+            ),
         )
 
     def _loader(self, data: Any, argument: str, *, shuffle: bool) -> Any:

@@ -58,6 +58,7 @@ def open_manager(options: FitOptions, *, is_main: bool, model: torch.nn.Module) 
         takeover=options.takeover,
     )
     try:
+        manager.acquire()  # the writer's lease now, not at the first save: a second run is refused before any work
         _check_room(manager, model)
     except BaseException:
         manager.close()
