@@ -58,7 +58,6 @@ from colabkit.train import resume
 from colabkit.train.batches import (
     LossFn,
     call_model,
-    check_batch_size,
     check_loss_fn,
     concat,
     describe,
@@ -72,7 +71,7 @@ from colabkit.train.batches import (
 )
 from colabkit.train.budget import TimeBudget
 from colabkit.train.callbacks import Callback, EarlyStopping, FitContext
-from colabkit.train.fastpath import TensorBatches, for_evaluation, for_training, path_notice
+from colabkit.train.datapath import Batches, evaluation_batches, training_batches
 from colabkit.train.hints import DATA_WAIT, Advisor, EpochClock, FinishEstimate, RunFacts
 from colabkit.train.history import History
 from colabkit.train.metrics import Totals, resolve_metrics
@@ -81,7 +80,7 @@ from colabkit.train.optim import make_optimizer, make_scheduler
 from colabkit.train.options import FitOptions, check_model, parse_duration
 from colabkit.train.precision import Precision, resolve_precision
 from colabkit.train.progress import MEMORY_KEYS, REFRESH_SECONDS, Bars
-from colabkit.train.state import TrainPosition, make_resumable, ordered_loader
+from colabkit.train.state import TrainPosition
 
 __all__ = ["evaluate", "fit", "parse_duration", "predict"]
 
@@ -327,17 +326,14 @@ def predict(
 
 def _prepare_eval(
     model: Any, data: Any, device: str | torch.device, precision: str, batch_size: int | None, num_workers: int | str
-) -> tuple[torch.nn.Module, torch.device, Precision, Any]:
-    """evaluate() and predict(): the checked model on its device, the precision policy and the loader."""
+) -> tuple[torch.nn.Module, torch.device, Precision, Batches]:
+    """evaluate() and predict(): the checked model on its device, the precision policy and the batches."""
     model = check_model(model)
     where = _model_device(model, device)
     policy = resolve_precision(precision, where)
-    loader = ordered_loader(
-        data, argument="data", batch_size=batch_size, num_workers=num_workers, pin_memory=where.type == "cuda"
-    )
+    batches = evaluation_batches(data, argument="data", batch_size=batch_size, num_workers=num_workers, device=where)
     model.to(where)
-    fast = for_evaluation(data, batch_size=check_batch_size(batch_size), device=where)
-    return model, where, policy, loader if fast is None else fast
+    return model, where, policy, batches
 
 
 def _model_device(model: torch.nn.Module, device: str | torch.device) -> torch.device:
@@ -452,7 +448,7 @@ class _Trainer:
         self.scheduler, self.per_step_scheduler = make_scheduler(o.scheduler, self.optimizer)
         self.scaler = self.policy.make_scaler()
         self.forward_model: Any = model
-        self.data_notice = self._data_notice(train, val)
+        self.data_notice = self._data_notice()
 
         # 3.-5. From here a CheckpointManager may be open: an error (e.g. another model's
         #    checkpoints) closes it before propagating, so nothing is left waiting.
@@ -488,58 +484,41 @@ class _Trainer:
             monitored=self._monitored(),
         )
         # Warning signs, once each: not those a resumed run's History says were given already.
-        size: int | None
-        if isinstance(self.train, TensorBatches):
-            size, workers = self.train.batch_sampler.batch_size, 0  # indexed in this process
-        else:
-            loader = self.train.loader
-            size = loader.batch_size or getattr(loader.batch_sampler, "batch_size", None)  # colabkit's own sampler
-            workers = loader.num_workers
         self.advisor = Advisor(
             o.hint_names,
             given=[str(hint.get("name")) for hint in self.history.hints],
-            facts=RunFacts(batch_size=size, grad_accum=o.grad_accum, num_workers=workers),
+            facts=RunFacts(batch_size=self.train.batch_size, grad_accum=o.grad_accum, num_workers=self.train.workers),
         )
 
-    def _loader(self, data: Any, argument: str, *, shuffle: bool) -> Any:
-        """The resumable batches of ``data``: the in-memory fast path for tensors, else a DataLoader."""
-        loader = make_resumable(
+    def _loader(self, data: Any, argument: str, *, shuffle: bool) -> Batches:
+        """The resumable batches of ``data`` (:mod:`colabkit.train.datapath` picks the path)."""
+        return training_batches(
             data,
             argument=argument,
             batch_size=self.o.batch_size,
             shuffle=shuffle,
             num_workers=self.o.num_workers,
-            pin_memory=self.device.type == "cuda",
-            seed=0,
+            device=self.device,
             rank=self.dist.rank,
             world_size=self.dist.world_size,
         )
-        fast = for_training(data, loader, self.device, argument=argument)
-        return loader if fast is None else fast
 
-    def _val_loader(self, val: Any) -> Any:
+    def _val_loader(self, val: Any) -> Batches:
         if self.dist.enabled and not isinstance(val, torch.utils.data.DataLoader):
             # Each rank validates its share; the sums are added up across ranks.
-            shard = self._loader(val, "val", shuffle=False)
-            return shard if isinstance(shard, TensorBatches) else shard.loader
-        loader = ordered_loader(
-            val,
-            argument="val",
-            batch_size=self.o.batch_size,
-            num_workers=self.o.num_workers,
-            pin_memory=self.device.type == "cuda",
+            return self._loader(val, "val", shuffle=False)
+        o = self.o
+        return evaluation_batches(
+            val, argument="val", batch_size=o.batch_size, num_workers=o.num_workers, device=self.device
         )
-        fast = for_evaluation(val, batch_size=check_batch_size(self.o.batch_size), device=self.device, argument="val")
-        return loader if fast is None else fast
 
-    def _data_notice(self, train: Any, val: Any) -> str:
-        """Which path the data takes (the tensors are placed now, with the model already on the device)."""
-        for batches in (self.train, self.val):
-            if isinstance(batches, TensorBatches):
+    def _data_notice(self) -> str:
+        """Which path the data takes (the data is placed now, with the model already on the device)."""
+        notice = "data: "
+        for name, batches in (("train", self.train), ("val", self.val)):
+            if batches is not None:
                 batches.place()
-        notice = f"data: train on the {path_notice(train, self.train, self.device)}"
-        if val is not None:
-            notice += f", val on the {path_notice(val, self.val, self.device, ordered=True)}"
+                notice += f"{', ' if batches is self.val else ''}{name} on the {batches.describe()}"
         return notice
 
     def _resume(self) -> None:

@@ -118,19 +118,13 @@ def describe_run(
     *, model: torch.nn.Module, optimizer: Any, scheduler: Any, train: Any, grad_accum: int, precision: str
 ) -> dict[str, Any]:
     """This call's recipe (see :mod:`colabkit.train.recipe`), taken before anything is restored."""
-    sampler = getattr(train, "batch_sampler", None)
-    batch_size = getattr(sampler, "batch_size", None) or getattr(getattr(train, "loader", None), "batch_size", None)
-    try:
-        length: int | None = len(train.dataset)
-    except TypeError:
-        length = None
     return recipe_module.describe(
         optimizer=optimizer,
         scheduler=scheduler,
-        batch_size=batch_size,
+        batch_size=train.batch_size,
         grad_accum=grad_accum,
         precision=precision,
-        dataset_length=length,
+        dataset_length=train.samples,
         model=model,
     )
 
