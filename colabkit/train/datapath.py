@@ -21,6 +21,7 @@ from typing import Any, Protocol
 import torch
 
 from colabkit.train.batches import as_dataset, check_batch_size
+from colabkit.train.distributed import DistInfo
 from colabkit.train.fastpath import dataloader_reason, for_evaluation, for_training
 from colabkit.train.state import ResumableLoader, make_resumable, ordered_loader
 
@@ -32,6 +33,7 @@ __all__ = [
     "TrainingPath",
     "evaluation_batches",
     "training_batches",
+    "validation_batches",
 ]
 
 
@@ -125,8 +127,7 @@ def training_batches(
     shuffle: bool,
     num_workers: int | str,
     device: torch.device,
-    rank: int = 0,
-    world_size: int = 1,
+    dist: DistInfo | None = None,
 ) -> Batches:
     """fit()'s resumable batches of ``data`` (seed 0 until :meth:`Batches.set_seed`).
 
@@ -141,8 +142,8 @@ def training_batches(
         num_workers=num_workers,
         pin_memory=device.type == "cuda",
         seed=0,
-        rank=rank,
-        world_size=world_size,
+        rank=0 if dist is None else dist.rank,
+        world_size=1 if dist is None else dist.world_size,
     )
     for path in TRAINING_PATHS:
         batches: Batches | None = path(data, resumable, device, argument=argument)
@@ -167,3 +168,14 @@ def evaluation_batches(
     ordered = ResumableLoader(loader, None, seed=0, exact=True, needs_epoch_rng=False)
     ordered.why = dataloader_reason(as_dataset(data, argument), device=device, ordered=True)
     return ordered
+
+
+def validation_batches(
+    data: Any, *, batch_size: int | None, num_workers: int | str, device: torch.device, dist: DistInfo
+) -> Batches:
+    """fit()'s validation data: in order; with DDP a Dataset is sharded (each rank validates its share
+    and the sums are added up across ranks), while a DataLoader is read whole by every rank."""
+    options: dict[str, Any] = {"batch_size": batch_size, "num_workers": num_workers, "device": device}
+    if dist.enabled and not isinstance(data, torch.utils.data.DataLoader):
+        return training_batches(data, argument="val", shuffle=False, dist=dist, **options)
+    return evaluation_batches(data, argument="val", **options)

@@ -16,7 +16,8 @@ sums, the History, callback states and every RNG state. The data order of an
 epoch depends only on ``(seed, epoch)`` (see :mod:`colabkit.train.state`), so
 the loader skips the finished batches without loading them; the RNG states
 are restored after that, right before the first new batch
-(``_Trainer._epoch_batches``, the one place an epoch's batches come from).
+(:meth:`RunState.epoch_batches <colabkit.train.runstate.RunState.epoch_batches>`, the one place
+an epoch's batches come from).
 
 Data: in-memory tensors (a TensorDataset, ``(x, y)``, or a plain DataLoader over a
 TensorDataset) take the fast path of :mod:`colabkit.train.fastpath` (whole batches
@@ -36,7 +37,7 @@ import contextlib
 import math
 import sys
 import time
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -58,7 +59,6 @@ from colabkit.train.batches import (
     call_model,
     check_loss_fn,
     concat,
-    describe,
     detach_to_cpu,
     forward,
     inputs_and_targets,
@@ -70,16 +70,16 @@ from colabkit.train.batches import (
 from colabkit.train.budget import TimeBudget
 from colabkit.train.cadence import MAX_BUFFER, Cadence
 from colabkit.train.callbacks import Callback, EarlyStopping, FitContext
-from colabkit.train.datapath import Batches, evaluation_batches, training_batches
+from colabkit.train.datapath import Batches, evaluation_batches, training_batches, validation_batches
 from colabkit.train.history import History
-from colabkit.train.metrics import Totals, resolve_metrics
+from colabkit.train.metrics import Totals, check_metrics, resolve_metrics
 from colabkit.train.oom import batch_length, is_out_of_memory, split_batch
 from colabkit.train.optim import make_optimizer, make_scheduler
 from colabkit.train.options import FitOptions, check_model, parse_duration
 from colabkit.train.precision import Precision, resolve_precision
 from colabkit.train.progress import Bars
 from colabkit.train.reporter import Reporter, peak_memory
-from colabkit.train.runstate import RunState
+from colabkit.train.runstate import capture_rngs
 
 __all__ = ["evaluate", "fit", "parse_duration", "predict"]
 
@@ -262,7 +262,7 @@ def evaluate(
     losses = LossFn(check_loss_fn(loss_fn))
     model, where, policy, loader = _prepare_eval(model, data, device, precision, batch_size, num_workers)
     with model_mode(model, train=False), Bars(progress) as bars:
-        totals = _run_eval(model, loader, where, policy, losses, metric_fns, bars, "evaluate")
+        totals = _run_eval(model, loader, where, policy, losses, metric_fns, bars, desc="evaluate")
     assert totals is not None  # no stop condition given
     return totals.means("")
 
@@ -344,8 +344,9 @@ def _run_eval(
     loss_fn: LossFn,
     metrics: Sequence[tuple[str, Callable[..., Any]]],
     bars: Bars,
-    desc: str,
     stop: Callable[[], bool] | None = None,
+    *,
+    desc: str = "validate",
 ) -> Totals | None:
     """Loss and metric sums over ``loader`` without gradients (shared by evaluate() and fit()'s validation).
 
@@ -404,8 +405,9 @@ class _Trainer:
 
         # 1. Data first, so a bad dataset fails before anything is created, loaded or moved.
         #    The seed (0 here) is set once the checkpoint is known; validation order is fixed anyway.
-        self.train = self._batches(train, "train", shuffle=True)
-        self.val = None if val is None else self._val_batches(val)
+        data: dict[str, Any] = {"batch_size": o.batch_size, "num_workers": o.num_workers, "device": self.device}
+        self.train = training_batches(train, argument="train", shuffle=True, dist=self.dist, **data)
+        self.val = None if val is None else validation_batches(val, dist=self.dist, **data)
         self.epoch_length = len(self.train) if self.train.has_length() else None
         if self.epoch_length == 0:
             raise ArgumentError("train gives 0 batches per epoch (batch_size larger than the dataset with drop_last?)")
@@ -424,7 +426,18 @@ class _Trainer:
         #    checkpoints) closes it before propagating, so nothing is left waiting.
         self.manager = resume.open_manager(o, is_main=self.dist.is_main, model=model)
         try:
-            self.state = self._resume()
+            self.state = resume.restore_run(
+                o,
+                self.manager,
+                model=model,
+                optimizer=self.optimizer,
+                scheduler=self.scheduler,
+                scaler=self.scaler,
+                train=self.train,
+                precision=self.policy.name,
+                dist=self.dist,
+                say=self.report.say,
+            )
             # 5. What runs the forward pass: DDP and/or torch.compile around the model.
             self.forward_model = _dist.wrap_model(model, self.dist, self.device)
             if o.compile:
@@ -445,81 +458,6 @@ class _Trainer:
             monitored=self._monitored(),
         )
         self.report.watch_for(self.state.history, self.train, o.grad_accum)
-
-    def _batches(self, data: Any, argument: str, *, shuffle: bool) -> Batches:
-        """The resumable batches of ``data`` (:mod:`colabkit.train.datapath` picks the path)."""
-        return training_batches(
-            data,
-            argument=argument,
-            batch_size=self.o.batch_size,
-            shuffle=shuffle,
-            num_workers=self.o.num_workers,
-            device=self.device,
-            rank=self.dist.rank,
-            world_size=self.dist.world_size,
-        )
-
-    def _val_batches(self, val: Any) -> Batches:
-        if self.dist.enabled and not isinstance(val, torch.utils.data.DataLoader):
-            # Each rank validates its share; the sums are added up across ranks.
-            return self._batches(val, "val", shuffle=False)
-        o = self.o
-        return evaluation_batches(
-            val, argument="val", batch_size=o.batch_size, num_workers=o.num_workers, device=self.device
-        )
-
-    def _resume(self) -> RunState:
-        """3. The newest valid checkpoint, checked and restored (the recipe decides); 4. the run seed."""
-        o, say = self.o, self.report.say
-        # This call's recipe, saved with every checkpoint (a rerun compares against it).
-        recipe = resume.describe_run(
-            model=self.model,
-            optimizer=self.optimizer,
-            scheduler=self.scheduler,
-            train=self.train,
-            grad_accum=o.grad_accum,
-            precision=self.policy.name,
-        )
-        checkpoint, path = resume.find_checkpoint(o, self.manager)
-        fit_state = checkpoint.get("fit", {})
-        if checkpoint:
-            say(f"resuming from {path}")
-            resume.check_compatible(checkpoint, self.model, o.directory)
-            recipe = resume.restore_weights(
-                checkpoint,
-                model=self.model,
-                optimizer=self.optimizer,
-                scheduler=self.scheduler,
-                scaler=self.scaler,
-                directory=o.directory,
-                recipe=recipe,
-                is_main=self.dist.is_main,
-            )
-            if not fit_state:
-                say("the checkpoint was not written by fit(): starting at epoch 1 from its weights")
-        metric_names = [name for name, _ in o.metric_fns]
-        if fit_state:
-            state = RunState.from_checkpoint(
-                fit_state,
-                metric_names=metric_names,
-                recipe=recipe,
-                callbacks=o.callback_list,
-                rank=self.dist.rank,
-                world_size=self.dist.world_size,
-            )
-            if state.backoff.chunks > 1:
-                say(f"resuming with {state.backoff.chunks} micro-batches per batch (after an earlier out-of-memory)")
-            # 4. Seed: the checkpoint's, else the argument's, else derived from torch's initial seed.
-            if o.seed is not None and o.seed != state.seed:
-                say(f"resuming with the checkpoint's seed {state.seed} (seed={o.seed} applies to new runs)")
-        else:
-            state = RunState(metric_names, recipe, o.callback_list)
-            if o.seed is not None:
-                state.seed = _device.seed_everything(o.seed)
-            else:
-                state.seed = int(_dist.broadcast_object(torch.initial_seed() % 2**32))
-        self.train.set_seed(state.seed)
-        return state
 
     def _monitored(self) -> tuple[str, ...]:
         names = ["loss", *(name for name, _ in self.o.metric_fns)]
@@ -562,28 +500,13 @@ class _Trainer:
                 report.check_session()
         return state.history
 
-    def _epoch_batches(self, epoch: int) -> Iterator[Any]:
-        """This epoch's batches from where the run stands: the one place an epoch's data comes from."""
-        state = self.state
-        if self.train.needs_epoch_rng:
-            if state.pos.batch and state.epoch_rng is not None:
-                resume.restore_rng(state.epoch_rng)  # the unknown sampler draws this epoch's order again
-            state.epoch_rng = resume.capture_rngs()
-        else:
-            state.epoch_rng = None
-        iterator = self.train.epoch(epoch, skip=state.pos.batch)
-        if state.pending_rng is not None:
-            resume.restore_rng(state.pending_rng)  # after skipping, right before the first new batch
-            state.pending_rng = None
-        return iterator
-
     def _train_epoch(self) -> str:
         """One epoch (or its remainder after a resume). Returns a stop reason, or "" to go on."""
         o, state, pos = self.o, self.state, self.state.pos
         epoch = pos.epoch
         self.ctx.epoch, self.ctx.batch = epoch, pos.batch
         self.report.start_epoch(epoch, self.epoch_length, pos.batch)
-        batches = self.report.timed(self._epoch_batches(epoch))
+        batches = self.report.timed(state.epoch_batches(self.train, epoch))
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
         state.start_epoch(self.cadence.start_epoch())
@@ -607,16 +530,7 @@ class _Trainer:
                 self._step(group)
                 stop_reason = self._after_step(epoch_ends=True)
         if pos.batch == 0:
-            raise ArgumentError(
-                f"train gave no batches in epoch {epoch + 1}"
-                + (
-                    ""
-                    if epoch == 0
-                    else " although earlier epochs had some: pass a Dataset or a DataLoader, not a generator or "
-                    "iterator that can be read only once"
-                )
-                + "; check that the dataset yields (inputs, targets) batches"
-            )
+            raise _no_batches(epoch)
         if stop_reason and pos.batch != self.epoch_length:
             self._save()
             return stop_reason
@@ -681,7 +595,7 @@ class _Trainer:
                     first = not self.loss_fn.checked
                     output, loss = forward(self.forward_model, piece_inputs, piece_target, self.loss_fn, autocast)
                     if first:
-                        self._check_metrics(output, piece_target)
+                        check_metrics(self.o.metric_fns, output, piece_target)
                     weight = share * size / samples
                     scaled = loss * weight if weight != 1.0 else loss
                     # fp16: scale the loss so that small gradients do not underflow.
@@ -694,17 +608,6 @@ class _Trainer:
                         state.totals.add_metric(metric, value, count)
             total += samples
         return total
-
-    def _check_metrics(self, output: Any, target: Any) -> None:
-        for name, fn in self.o.metric_fns:
-            try:
-                fn(output.detach(), target)
-            except Exception as exc:
-                raise ArgumentError(
-                    f"metric {name!r} cannot be computed for outputs {describe(output)} and targets "
-                    f"{describe(target)} ({str(exc).strip()[:200]}); choose metrics that fit the task, "
-                    "e.g. metrics=() or metrics=('mae',) for regression"
-                ) from exc
 
     # -- at each step boundary
 
@@ -731,16 +634,8 @@ class _Trainer:
     def _drain(self) -> None:
         """Read the buffered losses and metrics from the device; a NaN or infinite loss ends the run."""
         bad = self.state.totals.drain()
-        if bad is None:
-            return
-        step, epoch, batch = bad
-        saved = self.cadence.saved_step
-        last = f"the last checkpoint (step {saved}) is intact" if saved >= 0 else "no checkpoint was saved"
-        raise NonFiniteLossError(
-            f"the loss became NaN or infinite at optimizer step {step} (epoch {epoch + 1}, batch {batch}); {last}. "
-            f"Try a lower learning rate (lr={self.o.lr:g} now), clip_grad_norm=1.0, precision='fp32' "
-            f"(now {self.policy.name}), and check the inputs for NaN or extreme values"
-        )
+        if bad is not None:
+            raise _non_finite(bad, saved_step=self.cadence.saved_step, lr=self.o.lr, precision=self.policy.name)
 
     # -- epoch end
 
@@ -783,10 +678,7 @@ class _Trainer:
         self.report.check_session()
         if save:
             self._save(metrics=record)
-        left: float = o.epochs - pos.epoch
-        if o.max_steps is not None and self.epoch_length:
-            left = min(left, (o.max_steps - pos.step) * o.grad_accum / self.epoch_length)
-        self.report.say_finish(epochs_left=left, now=clock())
+        self.report.say_finish(pos, epoch_length=self.epoch_length, now=clock())
         state.new_epoch()
         return reason
 
@@ -795,21 +687,10 @@ class _Trainer:
         assert self.val is not None
         # With DDP every rank must finish the same collectives, so validation runs to its end there.
         stop = None if self.dist.enabled else (lambda: self.cadence.signal.requested)
+        where, policy, bars = self.device, self.policy, self.report.bars
         with model_mode(self.model, train=False):
-            totals = _run_eval(
-                self.forward_model,
-                self.val,
-                self.device,
-                self.policy,
-                self.loss_fn,
-                self.o.metric_fns,
-                self.report.bars,
-                "validate",
-                stop,
-            )
-        if totals is None:
-            return None
-        return totals.summed(self._all_sum).means("val_")
+            totals = _run_eval(self.forward_model, self.val, where, policy, self.loss_fn, self.o.metric_fns, bars, stop)
+        return None if totals is None else totals.summed(self._all_sum).means("val_")
 
     def _all_sum(self, values: list[float]) -> list[float]:
         return _dist.all_sum(values, self.device)
@@ -826,7 +707,7 @@ class _Trainer:
             return
         self._drain()  # never save a model that a NaN step already spoiled
         started = clock()
-        rngs = resume.capture_rngs()
+        rngs = capture_rngs()
         if self.manager is not None:
             checkpoint = resume.checkpoint(
                 state.state_dict(rngs=rngs, now=clock()),
@@ -844,6 +725,29 @@ class _Trainer:
             with contextlib.suppress(CheckpointError):  # each failure was warned about when it happened
                 self.manager.wait()
             self.cadence.flushed(saved_at)
+
+
+def _non_finite(where: tuple[int, int, int], *, saved_step: int, lr: float, precision: str) -> NonFiniteLossError:
+    step, epoch, batch = where
+    last = f"the last checkpoint (step {saved_step}) is intact" if saved_step >= 0 else "no checkpoint was saved"
+    return NonFiniteLossError(
+        f"the loss became NaN or infinite at optimizer step {step} (epoch {epoch + 1}, batch {batch}); {last}. "
+        f"Try a lower learning rate (lr={lr:g} now), clip_grad_norm=1.0, precision='fp32' "
+        f"(now {precision}), and check the inputs for NaN or extreme values"
+    )
+
+
+def _no_batches(epoch: int) -> ArgumentError:
+    return ArgumentError(
+        f"train gave no batches in epoch {epoch + 1}"
+        + (
+            ""
+            if epoch == 0
+            else " although earlier epochs had some: pass a Dataset or a DataLoader, not a generator or "
+            "iterator that can be read only once"
+        )
+        + "; check that the dataset yields (inputs, targets) batches"
+    )
 
 
 def _overrides(callback: Any, name: str) -> bool:

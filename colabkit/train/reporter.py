@@ -24,6 +24,7 @@ from colabkit.train.history import History
 from colabkit.train.metrics import Totals
 from colabkit.train.options import FitOptions
 from colabkit.train.progress import MEMORY_KEYS, Bars
+from colabkit.train.state import TrainPosition
 
 __all__ = ["Reporter", "peak_memory"]
 
@@ -108,13 +109,17 @@ class Reporter:
             history.hints.append(hint.state_dict())  # saved with the History: not repeated after a resume
             self.bars.note(hint.name, f"hint: {hint.message}")
 
-    def say_finish(self, *, epochs_left: float, now: float) -> None:
+    def say_finish(self, pos: TrainPosition, *, epoch_length: int | None, now: float) -> None:
         """After each epoch, validated and saved: when the run will end, against the session's end."""
         self.epoch_clock.end()
         if self.finish is None:
             return
+        o = self.o
+        left: float = o.epochs - pos.epoch
+        if o.max_steps is not None and epoch_length:
+            left = min(left, (o.max_steps - pos.step) * o.grad_accum / epoch_length)
         seconds = self.epoch_clock.seconds_per_epoch()
-        message = self.finish.check(epochs_left=epochs_left, seconds_per_epoch=seconds, now=now)
+        message = self.finish.check(epochs_left=left, seconds_per_epoch=seconds, now=now)
         if message:
             self.bars.note("finish", message)
 

@@ -8,29 +8,29 @@ rerun is compared against (:func:`restore_weights`, :mod:`colabkit.train.recipe`
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from colabkit import _io, _notify
+from colabkit import device as _device
 from colabkit.checkpoint import CheckpointManager, load_checkpoint, restore_state, weights_problems
 from colabkit.errors import CheckpointMismatchError
 from colabkit.train import distributed as _dist
 from colabkit.train import recipe as recipe_module
 from colabkit.train.history import metric_mode
 from colabkit.train.options import FitOptions
-from colabkit.train.state import capture_rng_state, restore_rng_state
+from colabkit.train.runstate import RunState
 
 __all__ = [
-    "capture_rngs",
     "check_compatible",
     "checkpoint",
     "describe_run",
     "find_checkpoint",
     "open_manager",
-    "restore_rng",
+    "restore_run",
     "restore_weights",
 ]
 
@@ -75,6 +75,71 @@ def _check_room(manager: CheckpointManager, model: torch.nn.Module) -> None:
         fix="nothing was trained or changed; free some space (old checkpoints, datasets) or pass a checkpoint_dir "
         "on a larger disk",
     )
+
+
+def restore_run(
+    options: FitOptions,
+    manager: CheckpointManager | None,
+    *,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any,
+    scaler: Any,
+    train: Any,
+    precision: str,
+    dist: _dist.DistInfo,
+    say: Callable[[str], None],
+) -> RunState:
+    """Where the run starts: the newest valid checkpoint, checked and restored as the recipe
+    comparison decides (model, optimizer, scheduler and scaler in place), else a fresh state.
+
+    The run seed is the checkpoint's, else ``seed=``'s, else derived from torch's initial seed;
+    ``train`` (the :class:`~colabkit.train.datapath.Batches`) gets it.
+    """
+    o = options
+    # This call's recipe, saved with every checkpoint (a rerun compares against it).
+    recipe = describe_run(
+        model=model, optimizer=optimizer, scheduler=scheduler, train=train, grad_accum=o.grad_accum, precision=precision
+    )
+    checkpoint, path = find_checkpoint(o, manager)
+    fit_state = checkpoint.get("fit", {})
+    if checkpoint:
+        say(f"resuming from {path}")
+        check_compatible(checkpoint, model, o.directory)
+        recipe = restore_weights(
+            checkpoint,
+            model=model,
+            optimizer=optimizer,
+            scheduler=scheduler,
+            scaler=scaler,
+            directory=o.directory,
+            recipe=recipe,
+            is_main=dist.is_main,
+        )
+        if not fit_state:
+            say("the checkpoint was not written by fit(): starting at epoch 1 from its weights")
+    metric_names = [name for name, _ in o.metric_fns]
+    if fit_state:
+        state = RunState.from_checkpoint(
+            fit_state,
+            metric_names=metric_names,
+            recipe=recipe,
+            callbacks=o.callback_list,
+            rank=dist.rank,
+            world_size=dist.world_size,
+        )
+        if state.backoff.chunks > 1:
+            say(f"resuming with {state.backoff.chunks} micro-batches per batch (after an earlier out-of-memory)")
+        if o.seed is not None and o.seed != state.seed:
+            say(f"resuming with the checkpoint's seed {state.seed} (seed={o.seed} applies to new runs)")
+    else:
+        state = RunState(metric_names, recipe, o.callback_list)
+        if o.seed is not None:
+            state.seed = _device.seed_everything(o.seed)
+        else:
+            state.seed = int(_dist.broadcast_object(torch.initial_seed() % 2**32))
+    train.set_seed(state.seed)
+    return state
 
 
 def find_checkpoint(options: FitOptions, manager: CheckpointManager | None) -> tuple[dict[str, Any], str | None]:
@@ -175,15 +240,6 @@ def restore_weights(
             else:
                 _notify.say(change.message())
     return recipe_module.effective(saved, recipe, plan)
-
-
-def capture_rngs() -> list[Any]:
-    """Every rank's RNG states (python, numpy, torch, CUDA), gathered on every rank."""
-    return _dist.gather_objects(capture_rng_state())
-
-
-def restore_rng(state: Any) -> None:
-    restore_rng_state(state)
 
 
 def checkpoint(

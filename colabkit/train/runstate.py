@@ -11,17 +11,19 @@ Model, optimizer, scheduler and scaler states are :mod:`colabkit.train.resume`'s
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 from colabkit import _notify
+from colabkit.train import distributed as _dist
+from colabkit.train.datapath import Batches
 from colabkit.train.history import History
 from colabkit.train.metrics import Totals
 from colabkit.train.oom import Backoff
 from colabkit.train.recipe import samples_to_batches
-from colabkit.train.state import TrainPosition
+from colabkit.train.state import TrainPosition, capture_rng_state, restore_rng_state
 
-__all__ = ["CHECKPOINT_VERSION", "RunState"]
+__all__ = ["CHECKPOINT_VERSION", "RunState", "capture_rngs"]
 
 #: The ``"fit"`` entry's format (``version`` in it).
 CHECKPOINT_VERSION = 1
@@ -77,6 +79,25 @@ class RunState:
     def epoch_seconds(self, now: float) -> float:
         """Seconds this epoch has taken until ``now``, across resumes."""
         return self.elapsed_before + now - self.epoch_start
+
+    def epoch_batches(self, batches: Batches, epoch: int) -> Iterator[Any]:
+        """This epoch's batches from where the run stands: the one place an epoch's data comes from.
+
+        The finished batches are skipped without being read; after a resume the RNG states are
+        put back right before the first new batch (and, for a sampler that draws its order from
+        the global RNG, those of the epoch's start before the order is drawn again).
+        """
+        if batches.needs_epoch_rng:
+            if self.pos.batch and self.epoch_rng is not None:
+                restore_rng_state(self.epoch_rng)  # the unknown sampler draws this epoch's order again
+            self.epoch_rng = capture_rngs()
+        else:
+            self.epoch_rng = None
+        iterator = batches.epoch(epoch, skip=self.pos.batch)
+        if self.pending_rng is not None:
+            restore_rng_state(self.pending_rng)  # after skipping, right before the first new batch
+            self.pending_rng = None
+        return iterator
 
     # -- saved whole
 
@@ -153,3 +174,8 @@ class RunState:
 def _callback_state(callback: Any) -> dict[str, Any]:
     method = getattr(callback, "state_dict", None)
     return dict(method()) if callable(method) else {}
+
+
+def capture_rngs() -> list[Any]:
+    """Every rank's RNG states (python, numpy, torch, CUDA), gathered on every rank."""
+    return _dist.gather_objects(capture_rng_state())
