@@ -16,7 +16,7 @@ appending its constructor to those tuples: nothing in the loop changes.
 from __future__ import annotations
 
 from collections.abc import Iterator
-from typing import Any, Protocol
+from typing import Any, Protocol, runtime_checkable
 
 import torch
 
@@ -37,6 +37,7 @@ __all__ = [
 ]
 
 
+@runtime_checkable
 class Batches(Protocol):
     """The batches of a run's data: what fit()'s loop, its validation, evaluate() and predict() use.
 
