@@ -106,15 +106,17 @@ class Counted:
 def test_a_third_path_is_one_entry_in_the_candidates(monkeypatch: pytest.MonkeyPatch, capsys: Any) -> None:
     made: list[Counted] = []
 
+    def wrap(inner: TensorBatches | None) -> Counted | None:
+        if inner is None:
+            return None
+        made.append(Counted(inner))
+        return made[-1]
+
     def counted_training(data: Any, resumable: ResumableLoader, device: torch.device, *, argument: str) -> Any:
-        inner = for_training(data, resumable, device, argument=argument)
-        made.append(Counted(inner)) if inner is not None else None
-        return made[-1] if inner is not None else None
+        return wrap(for_training(data, resumable, device, argument=argument))
 
     def counted_evaluation(data: Any, *, batch_size: int, device: torch.device, argument: str) -> Any:
-        inner = for_evaluation(data, batch_size=batch_size, device=device, argument=argument)
-        made.append(Counted(inner)) if inner is not None else None
-        return made[-1] if inner is not None else None
+        return wrap(for_evaluation(data, batch_size=batch_size, device=device, argument=argument))
 
     def model() -> torch.nn.Module:
         torch.manual_seed(0)
