@@ -19,10 +19,16 @@ are restored after that, right before the first new batch
 (:meth:`RunState.epoch_batches <colabkit.train.runstate.RunState.epoch_batches>`, the one place
 an epoch's batches come from).
 
-Data: in-memory tensors (a TensorDataset, ``(x, y)``, or a plain DataLoader over a
-TensorDataset) take the fast path of :mod:`colabkit.train.fastpath` (whole batches
-by indexing on the same order, bitwise the DataLoader's, on the GPU when they fit);
-anything else keeps the DataLoader. A notice at the start says which path runs.
+Data: the loop reads a :class:`~colabkit.train.datapath.Batches` and never asks which
+implementation it has. In-memory tensors (a TensorDataset, ``(x, y)``, or a plain DataLoader
+over a TensorDataset) take the fast path of :mod:`colabkit.train.fastpath` (whole batches by
+indexing on the same order, bitwise the DataLoader's, on the GPU when they fit); anything
+else keeps the DataLoader. A notice at the start says which path runs.
+
+The parts: :class:`~colabkit.train.runstate.RunState` (where the run stands, saved and
+restored whole), :class:`~colabkit.train.cadence.Cadence` (when to read, stop and save, on
+``_clock``), :class:`~colabkit.train.reporter.Reporter` (everything said to the user) and
+:mod:`colabkit.train.resume` (checkpoints in and out); ``_Trainer`` conducts them.
 
 Ending: the checkpoint manager is closed however the run ends; an error on
 its way out (a NaN loss, another model's checkpoints) wins over a failure
