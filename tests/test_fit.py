@@ -665,3 +665,36 @@ def test_fp16_steps_skipped_by_the_grad_scaler_are_not_errors() -> None:
     history = fit(model, blobs(), batch_size=8, precision="fp16", progress=False)
     assert history.stop_reason == "completed" and len(calls) == 8
     assert all(torch.isfinite(p).all() for p in model.parameters())  # the overflowing step was skipped
+
+
+class CountingLoss:
+    """A stateful loss: counts its calls (as a loss keeping running statistics would see them)."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    def __call__(self, output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        self.calls += 1
+        return torch.nn.functional.cross_entropy(output, target)
+
+
+class CountingModel(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = mlp()
+        self.calls = 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.calls += 1
+        return self.net(x)
+
+
+def test_a_stateful_loss_is_called_once_per_forward_pass() -> None:
+    """The first-batch check of loss_fn uses the real call: no extra call on the first batch."""
+    model, loss = CountingModel(), CountingLoss()
+    fit(model, blobs(), blobs(32, seed=1), epochs=2, batch_size=8, loss_fn=loss, metrics=(), progress=False)
+    assert model.calls == 2 * (8 + 4)  # two epochs of 8 training and 4 validation batches
+    assert loss.calls == model.calls
+    checked = CountingLoss()
+    evaluate(model, blobs(32, seed=1), batch_size=8, loss_fn=checked, progress=False)
+    assert checked.calls == 4

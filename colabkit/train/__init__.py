@@ -3,7 +3,12 @@ callbacks, history and multi-GPU launch.
 
 Modules (each imports torch, so nothing here is imported by ``import colabkit``):
 
-* :mod:`colabkit.train.loop`: ``fit``, ``evaluate``, ``predict`` and the step loop.
+* :mod:`colabkit.train.loop`: ``fit``, ``evaluate``, ``predict``; ``_Trainer`` conducts the parts below.
+* :mod:`colabkit.train.datapath`: the ``Batches`` protocol the loop reads, and the ordered choice of
+  its implementation (in-memory paths first, the DataLoader last).
+* :mod:`colabkit.train.runstate`: ``RunState``, where a run stands, saved and restored whole.
+* :mod:`colabkit.train.cadence`: ``Cadence``, when to read the device, stop and save.
+* :mod:`colabkit.train.reporter`: ``Reporter``, everything fit() says (table, bar, hints, finish, session).
 * :mod:`colabkit.train.options`: ``FitOptions``, fit()'s arguments checked by their fields; durations.
 * :mod:`colabkit.train.optim`: the optimizer and LR scheduler made from fit()'s arguments.
 * :mod:`colabkit.train.batches`: the batch contract of every loop: data, (inputs, targets), calling

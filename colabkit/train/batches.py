@@ -126,8 +126,6 @@ def forward(model: Any, inputs: Any, target: Any, loss_fn: LossFn, autocast: Any
     """The model's outputs and the loss, under ``autocast`` (a context manager factory, e.g. fp16)."""
     with autocast() if autocast is not None else contextlib.nullcontext():
         output = call_model(model, inputs)
-        if not loss_fn.checked:
-            loss_fn.check(output, target)
         return output, loss_fn(output, target)
 
 
@@ -138,23 +136,33 @@ def check_loss_fn(loss_fn: Any) -> Any:
 
 
 class LossFn:
-    """The user's loss, or cross-entropy chosen on the first batch, with the first-batch checks."""
+    """The user's loss, or cross-entropy for integer labels, with checks on its first call.
+
+    The first call checks its inputs and its result (explaining bad labels or a loss that is
+    not a differentiable scalar in words); it is the real call, so the user's loss runs
+    exactly once per forward pass (a loss that counts calls or keeps statistics sees no extra one).
+    """
 
     def __init__(self, fn: Callable[..., torch.Tensor] | None) -> None:
         self.fn = fn
         self.checked = False
 
     def __call__(self, output: Any, target: Any) -> torch.Tensor:
+        if not self.checked:
+            return self._first(output, target)
+        return self._loss(output, target)
+
+    def _loss(self, output: Any, target: Any) -> torch.Tensor:
         if self.fn is not None:
             return self.fn(output, target)
         return F.cross_entropy(output, target.long() if target.dtype != torch.long else target)
 
-    def check(self, output: Any, target: Any) -> None:
+    def _first(self, output: Any, target: Any) -> torch.Tensor:
         """Explain bad labels / losses in words before they turn into an opaque error or a silent bug."""
         if self.fn is None:
             _check_cross_entropy_inputs(output, target)
         try:
-            loss = self(output, target)
+            loss = self._loss(output, target)
         except (RuntimeError, ValueError, IndexError, TypeError) as exc:
             name = "loss_fn" if self.fn is not None else "the default cross-entropy loss"
             raise ArgumentError(
@@ -169,6 +177,7 @@ class LossFn:
                 "check that loss_fn uses the model's outputs and that the parameters are not frozen"
             )
         self.checked = True
+        return loss
 
 
 def _check_cross_entropy_inputs(output: Any, target: Any) -> None:

@@ -45,7 +45,6 @@ __all__ = [
     "dataloader_reason",
     "for_evaluation",
     "for_training",
-    "path_notice",
 ]
 
 #: The tensors move to the GPU once when their size is at most this share of the GPU's free memory
@@ -119,7 +118,7 @@ def dataloader_reason(data: Any, *, device: torch.device, ordered: bool = False)
 
 
 class TensorBatches:
-    """Batches of in-memory tensors, cut by indexing: the interface of :class:`ResumableLoader`.
+    """Batches of in-memory tensors, cut by indexing (a :class:`~colabkit.train.datapath.Batches`).
 
     Args:
         tensors: The dataset's tensors (equal leading size).
@@ -129,6 +128,7 @@ class TensorBatches:
 
     exact = True
     needs_epoch_rng = False
+    workers = 0  # indexed in this process
 
     def __init__(self, tensors: Sequence[torch.Tensor], sampler: ResumableBatchSampler, device: torch.device) -> None:
         self.tensors = tuple(tensors)
@@ -148,6 +148,14 @@ class TensorBatches:
     def set_seed(self, seed: int) -> None:
         """Change the run seed (the data order) before the first epoch."""
         self.batch_sampler.seed = seed
+
+    @property
+    def batch_size(self) -> int:
+        return self.batch_sampler.batch_size
+
+    @property
+    def samples(self) -> int:
+        return len(self.dataset)
 
     @property
     def nbytes(self) -> int:
@@ -278,11 +286,3 @@ def for_evaluation(data: Any, *, batch_size: int, device: torch.device, argument
         dataset, size, drop_last = data, batch_size, False
     sampler = ResumableBatchSampler(len(dataset), size, shuffle=False, drop_last=drop_last)
     return TensorBatches(dataset.tensors, sampler, device)
-
-
-def path_notice(data: Any, batches: Any, device: torch.device, *, ordered: bool = False) -> str:
-    """Which path ``batches`` (made from ``data``) takes, for the progress notice."""
-    if isinstance(batches, TensorBatches):
-        return batches.describe()
-    reason = dataloader_reason(as_dataset(data, "data"), device=device, ordered=ordered)
-    return f"DataLoader path, since {reason}" if reason else "DataLoader path"

@@ -16,12 +16,19 @@ sums, the History, callback states and every RNG state. The data order of an
 epoch depends only on ``(seed, epoch)`` (see :mod:`colabkit.train.state`), so
 the loader skips the finished batches without loading them; the RNG states
 are restored after that, right before the first new batch
-(``_Trainer._epoch_batches``, the one place an epoch's batches come from).
+(:meth:`RunState.epoch_batches <colabkit.train.runstate.RunState.epoch_batches>`, the one place
+an epoch's batches come from).
 
-Data: in-memory tensors (a TensorDataset, ``(x, y)``, or a plain DataLoader over a
-TensorDataset) take the fast path of :mod:`colabkit.train.fastpath` (whole batches
-by indexing on the same order, bitwise the DataLoader's, on the GPU when they fit);
-anything else keeps the DataLoader. A notice at the start says which path runs.
+Data: the loop reads a :class:`~colabkit.train.datapath.Batches` and never asks which
+implementation it has. In-memory tensors (a TensorDataset, ``(x, y)``, or a plain DataLoader
+over a TensorDataset) take the fast path of :mod:`colabkit.train.fastpath` (whole batches by
+indexing on the same order, bitwise the DataLoader's, on the GPU when they fit); anything
+else keeps the DataLoader. A notice at the start says which path runs.
+
+The parts: :class:`~colabkit.train.runstate.RunState` (where the run stands, saved and
+restored whole), :class:`~colabkit.train.cadence.Cadence` (when to read, stop and save, on
+``_clock``), :class:`~colabkit.train.reporter.Reporter` (everything said to the user) and
+:mod:`colabkit.train.resume` (checkpoints in and out); ``_Trainer`` conducts them.
 
 Ending: the checkpoint manager is closed however the run ends; an error on
 its way out (a NaN loss, another model's checkpoints) wins over a failure
@@ -34,35 +41,30 @@ from __future__ import annotations
 
 import contextlib
 import math
-import os
 import sys
 import time
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from colabkit import _io, _notify, drive
 from colabkit import device as _device
-from colabkit._signals import SignalFlag, save_on_signal
+from colabkit import drive
+from colabkit._signals import save_on_signal
 from colabkit.errors import (
     ArgumentError,
     CheckpointError,
     NonFiniteLossError,
 )
-from colabkit.runtime import runtime
-from colabkit.session import SessionWatch
 from colabkit.train import distributed as _dist
 from colabkit.train import resume
 from colabkit.train.batches import (
     LossFn,
     call_model,
-    check_batch_size,
     check_loss_fn,
     concat,
-    describe,
     detach_to_cpu,
     forward,
     inputs_and_targets,
@@ -72,29 +74,23 @@ from colabkit.train.batches import (
     to_channels_last,
 )
 from colabkit.train.budget import TimeBudget
+from colabkit.train.cadence import MAX_BUFFER, Cadence
 from colabkit.train.callbacks import Callback, EarlyStopping, FitContext
-from colabkit.train.fastpath import TensorBatches, for_evaluation, for_training, path_notice
-from colabkit.train.hints import DATA_WAIT, Advisor, EpochClock, FinishEstimate, RunFacts
+from colabkit.train.datapath import Batches, evaluation_batches, training_batches, validation_batches
 from colabkit.train.history import History
-from colabkit.train.metrics import Totals, resolve_metrics
-from colabkit.train.oom import Backoff, batch_length, is_out_of_memory, split_batch
+from colabkit.train.metrics import Totals, check_metrics, resolve_metrics
+from colabkit.train.oom import batch_length, is_out_of_memory, split_batch
 from colabkit.train.optim import make_optimizer, make_scheduler
 from colabkit.train.options import FitOptions, check_model, parse_duration
 from colabkit.train.precision import Precision, resolve_precision
-from colabkit.train.progress import MEMORY_KEYS, REFRESH_SECONDS, Bars
-from colabkit.train.state import TrainPosition, make_resumable, ordered_loader
+from colabkit.train.progress import Bars
+from colabkit.train.reporter import Reporter, peak_memory
+from colabkit.train.runstate import capture_rngs
 
 __all__ = ["evaluate", "fit", "parse_duration", "predict"]
 
 #: The clock every time decision reads (progress, time_limit, time-based saves): the seam tests replace.
 _clock: Callable[[], float] = time.monotonic
-
-#: Without a progress bar, losses are still checked for NaN this often.
-QUIET_CHECK_SECONDS = 2.0
-#: Buffered per-step values before they are summed on the device (bounds memory, no read).
-MAX_BUFFER = 512
-#: With DDP, ranks agree on signals / time limits every this many optimizer steps.
-AGREE_EVERY = 8
 
 
 # --------------------------------------------------------------------------- public API
@@ -272,7 +268,7 @@ def evaluate(
     losses = LossFn(check_loss_fn(loss_fn))
     model, where, policy, loader = _prepare_eval(model, data, device, precision, batch_size, num_workers)
     with model_mode(model, train=False), Bars(progress) as bars:
-        totals = _run_eval(model, loader, where, policy, losses, metric_fns, bars, "evaluate")
+        totals = _run_eval(model, loader, where, policy, losses, metric_fns, bars, desc="evaluate")
     assert totals is not None  # no stop condition given
     return totals.means("")
 
@@ -328,17 +324,14 @@ def predict(
 
 def _prepare_eval(
     model: Any, data: Any, device: str | torch.device, precision: str, batch_size: int | None, num_workers: int | str
-) -> tuple[torch.nn.Module, torch.device, Precision, Any]:
-    """evaluate() and predict(): the checked model on its device, the precision policy and the loader."""
+) -> tuple[torch.nn.Module, torch.device, Precision, Batches]:
+    """evaluate() and predict(): the checked model on its device, the precision policy and the batches."""
     model = check_model(model)
     where = _model_device(model, device)
     policy = resolve_precision(precision, where)
-    loader = ordered_loader(
-        data, argument="data", batch_size=batch_size, num_workers=num_workers, pin_memory=where.type == "cuda"
-    )
+    batches = evaluation_batches(data, argument="data", batch_size=batch_size, num_workers=num_workers, device=where)
     model.to(where)
-    fast = for_evaluation(data, batch_size=check_batch_size(batch_size), device=where)
-    return model, where, policy, loader if fast is None else fast
+    return model, where, policy, batches
 
 
 def _model_device(model: torch.nn.Module, device: str | torch.device) -> torch.device:
@@ -357,8 +350,9 @@ def _run_eval(
     loss_fn: LossFn,
     metrics: Sequence[tuple[str, Callable[..., Any]]],
     bars: Bars,
-    desc: str,
     stop: Callable[[], bool] | None = None,
+    *,
+    desc: str = "validate",
 ) -> Totals | None:
     """Loss and metric sums over ``loader`` without gradients (shared by evaluate() and fit()'s validation).
 
@@ -391,61 +385,40 @@ def _run_eval(
 
 
 class _Trainer:
-    """One fit() call: set up, resume, train epoch by epoch, save, report."""
+    """One fit() call: the conductor over its parts, read top to bottom.
+
+    The parts, one job each: the batches (:mod:`~colabkit.train.datapath`), the run state saved
+    and restored whole (:class:`~colabkit.train.runstate.RunState`), the decisions of when to
+    read, stop and save (:class:`~colabkit.train.cadence.Cadence`), everything said to the user
+    (:class:`~colabkit.train.reporter.Reporter`) and the checkpoints (:mod:`~colabkit.train.resume`).
+    """
 
     def __init__(self, options: FitOptions, model: torch.nn.Module, train: Any, val: Any) -> None:
         o = self.o = options
         self.model = model
         self.dist, self.device = _dist.setup(_device.get_device(None if o.device == "auto" else o.device))
-        self.is_main = self.dist.is_main
         self.policy = resolve_precision(o.precision, self.device)
-        self.quiet = not (o.progress and self.is_main)
         self.loss_fn = LossFn(o.loss_fn)
-        self.metric_names = [name for name, _ in o.metric_fns]
         self.step_callbacks = [cb for cb in o.callback_list if _overrides(cb, "on_step_end")]
-
-        # Where the run stands: a resume replaces these (see _resume), every save writes them.
-        self.pos = TrainPosition()
-        self.history = History()
-        self.seed = 0  # the run seed, known once the checkpoint is (see _resume)
-        self.backoff = Backoff()
-        self.totals = Totals(self.metric_names)  # this epoch's sums so far, on the device
-        self.elapsed_before = 0.0  # seconds of this epoch spent before the resume
-        self.pending_rng: Any = None  # RNG states to restore right before the first new batch
-        self.epoch_rng: Any = None  # RNG states at the epoch's start (for a sampler drawing from them)
-        self.saved_step = -1
-
-        # Stop and save decisions: the budget, what is checked after every step, what the epoch's end does.
-        self.budget = TimeBudget(
-            o.time_limit_seconds, TimeBudget.guess_save_cost(model) if o.directory is not None else 0.0
+        self.report = Reporter(o, clock=_clock, is_main=self.dist.is_main)
+        self.cadence = Cadence(
+            o,
+            clock=_clock,
+            quiet=self.report.quiet,
+            save_guess=TimeBudget.guess_save_cost(model) if o.directory is not None else 0.0,
+            vote=self._vote if self.dist.enabled else None,
         )
-        # Whether some stop or save condition must be looked at after every step (else only
-        # at an epoch's end, a signal or a callback's request): keeps the usual step cheap.
-        self.check_every_step = (
-            o.time_limit_seconds is not None
-            or o.save_seconds is not None
-            or o.save_steps is not None
-            or o.max_steps is not None
-            or self.dist.enabled
-        )
-        self.stop_after_epoch = ""
-        self.save_after_epoch = False
-        self.last_save_time = self.epoch_start = self.next_read = 0.0
-        self.watch = SessionWatch() if o.session_time and self.is_main else None  # 30 / 10 minutes left
-        self.signal_flag = SignalFlag()  # save_on_signal's flag while run() runs
-        self.bars = Bars(not self.quiet)  # the table of epochs and the live bar
-        self.epoch_clock = EpochClock(_clock)  # the wait for batches, the epochs' wall time
-        self.finish = None if self.quiet else _finish_estimate(o)  # the finish against the session's end
 
         # 1. Data first, so a bad dataset fails before anything is created, loaded or moved.
         #    The seed (0 here) is set once the checkpoint is known; validation order is fixed anyway.
-        self.train = self._loader(train, "train", shuffle=True)
-        self.val = None if val is None else self._val_loader(val)
+        data: dict[str, Any] = {"batch_size": o.batch_size, "num_workers": o.num_workers, "device": self.device}
+        self.train = training_batches(train, argument="train", shuffle=True, dist=self.dist, **data)
+        self.val = None if val is None else validation_batches(val, dist=self.dist, **data)
         self.epoch_length = len(self.train) if self.train.has_length() else None
         if self.epoch_length == 0:
             raise ArgumentError("train gives 0 batches per epoch (batch_size larger than the dataset with drop_last?)")
 
-        # 2. Model, optimizer, scheduler and scaler on the device.
+        # 2. Model, optimizer, scheduler and scaler on the device; then the data is placed.
         model.to(self.device)
         if o.channels_last:
             model.to(memory_format=torch.channels_last)
@@ -453,22 +426,24 @@ class _Trainer:
         self.scheduler, self.per_step_scheduler = make_scheduler(o.scheduler, self.optimizer)
         self.scaler = self.policy.make_scaler()
         self.forward_model: Any = model
-        self.data_notice = self._data_notice(train, val)
+        self.report.place_data(self.train, self.val)
 
         # 3.-5. From here a CheckpointManager may be open: an error (e.g. another model's
         #    checkpoints) closes it before propagating, so nothing is left waiting.
-        # This call's recipe, saved with every checkpoint (a rerun compares against it).
-        self.recipe = resume.describe_run(
-            model=model,
-            optimizer=self.optimizer,
-            scheduler=self.scheduler,
-            train=self.train,
-            grad_accum=o.grad_accum,
-            precision=self.policy.name,
-        )
-        self.manager = resume.open_manager(o, is_main=self.is_main, model=model)
+        self.manager = resume.open_manager(o, is_main=self.dist.is_main, model=model)
         try:
-            self._resume()
+            self.state = resume.restore_run(
+                o,
+                self.manager,
+                model=model,
+                optimizer=self.optimizer,
+                scheduler=self.scheduler,
+                scaler=self.scaler,
+                train=self.train,
+                precision=self.policy.name,
+                dist=self.dist,
+                say=self.report.say,
+            )
             # 5. What runs the forward pass: DDP and/or torch.compile around the model.
             self.forward_model = _dist.wrap_model(model, self.dist, self.device)
             if o.compile:
@@ -482,223 +457,65 @@ class _Trainer:
             model=model,
             optimizer=self.optimizer,
             scheduler=self.scheduler,
-            history=self.history,
+            history=self.state.history,
             epochs=o.epochs,
             checkpoint_dir=o.directory,
-            is_main=self.is_main,
+            is_main=self.dist.is_main,
             monitored=self._monitored(),
         )
-        # Warning signs, once each: not those a resumed run's History says were given already.
-        size: int | None
-        if isinstance(self.train, TensorBatches):
-            size, workers = self.train.batch_sampler.batch_size, 0  # indexed in this process
-            path, placement = "fast", self.train.placement
-        else:
-            loader = self.train.loader
-            size = loader.batch_size or getattr(loader.batch_sampler, "batch_size", None)  # colabkit's own sampler
-            workers = loader.num_workers
-            path, placement = "dataloader", None
-        self.advisor = Advisor(
-            o.hint_names,
-            given=[str(hint.get("name")) for hint in self.history.hints],
-            facts=RunFacts(
-                batch_size=size,
-                grad_accum=o.grad_accum,
-                num_workers=workers,
-                path=path,
-                placement=placement,
-                tensors=isinstance(self.train.dataset, torch.utils.data.TensorDataset),
-                batches_per_epoch=self.epoch_length,
-                cpus=os.cpu_count(),
-                own_optimizer=isinstance(o.optimizer, torch.optim.Optimizer),
-                early_stopping=any(isinstance(cb, EarlyStopping) for cb in o.callback_list),
-            ),
-        )
-
-    def _loader(self, data: Any, argument: str, *, shuffle: bool) -> Any:
-        """The resumable batches of ``data``: the in-memory fast path for tensors, else a DataLoader."""
-        loader = make_resumable(
-            data,
-            argument=argument,
-            batch_size=self.o.batch_size,
-            shuffle=shuffle,
-            num_workers=self.o.num_workers,
-            pin_memory=self.device.type == "cuda",
-            seed=0,
-            rank=self.dist.rank,
-            world_size=self.dist.world_size,
-        )
-        fast = for_training(data, loader, self.device, argument=argument)
-        return loader if fast is None else fast
-
-    def _val_loader(self, val: Any) -> Any:
-        if self.dist.enabled and not isinstance(val, torch.utils.data.DataLoader):
-            # Each rank validates its share; the sums are added up across ranks.
-            shard = self._loader(val, "val", shuffle=False)
-            return shard if isinstance(shard, TensorBatches) else shard.loader
-        loader = ordered_loader(
-            val,
-            argument="val",
-            batch_size=self.o.batch_size,
-            num_workers=self.o.num_workers,
-            pin_memory=self.device.type == "cuda",
-        )
-        fast = for_evaluation(val, batch_size=check_batch_size(self.o.batch_size), device=self.device, argument="val")
-        return loader if fast is None else fast
-
-    def _data_notice(self, train: Any, val: Any) -> str:
-        """Which path the data takes (the tensors are placed now, with the model already on the device)."""
-        for batches in (self.train, self.val):
-            if isinstance(batches, TensorBatches):
-                batches.place()
-        train_path = path_notice(train, self.train, self.device)
-        notice = f"data: train on the {train_path}"
-        if val is not None:
-            val_path = path_notice(val, self.val, self.device, ordered=True)
-            notice += "; val too" if val_path == train_path else f", val on the {val_path}"  # said once
-        return notice
-
-    def _resume(self) -> None:
-        """3. The newest valid checkpoint, checked and restored; 4. the run seed."""
-        o = self.o
-        checkpoint, path = resume.find_checkpoint(o, self.manager)
-        fit_state = checkpoint.get("fit", {})
-        if checkpoint:
-            self._say(f"resuming from {path}")
-            resume.check_compatible(checkpoint, self.model, o.directory)
-            self.recipe = resume.restore_weights(
-                checkpoint,
-                model=self.model,
-                optimizer=self.optimizer,
-                scheduler=self.scheduler,
-                scaler=self.scaler,
-                directory=o.directory,
-                recipe=self.recipe,
-                is_main=self.is_main,
-            )
-            if not fit_state:
-                self._say("the checkpoint was not written by fit(): starting at epoch 1 from its weights")
-        if fit_state:
-            saved = resume.read_fit_state(
-                fit_state,
-                rank=self.dist.rank,
-                world_size=self.dist.world_size,
-                epoch_length=self.epoch_length,
-                grad_accum=o.grad_accum,
-                batch_size=self.recipe.get("batch_size"),
-            )
-            self.pos, self.history, self.backoff.chunks = saved.position, saved.history, saved.chunks
-            self.totals.load_state_dict(saved.totals)
-            self.elapsed_before = saved.epoch_seconds
-            self.pending_rng, self.epoch_rng = saved.rng, saved.epoch_rng
-            if self.backoff.chunks > 1:
-                self._say(
-                    f"resuming with {self.backoff.chunks} micro-batches per batch (after an earlier out-of-memory)"
-                )
-            resume.restore_callbacks(o.callback_list, saved.callbacks)
-            # 4. Seed: the checkpoint's, else the argument's, else derived from torch's initial seed.
-            self.seed = saved.seed
-            if o.seed is not None and o.seed != self.seed:
-                self._say(f"resuming with the checkpoint's seed {self.seed} (seed={o.seed} applies to new runs)")
-        elif o.seed is not None:
-            self.seed = _device.seed_everything(o.seed)
-        else:
-            self.seed = int(_dist.broadcast_object(torch.initial_seed() % 2**32))
-        self.train.set_seed(self.seed)
+        self.report.watch_for(self.state.history, self.train)
 
     def _monitored(self) -> tuple[str, ...]:
-        names = ["loss", *self.metric_names]
+        names = ["loss", *(name for name, _ in self.o.metric_fns)]
         if self.val is not None:
             names += [f"val_{name}" for name in names]
         return (*names, "lr")
 
-    def _say(self, message: str) -> None:
-        _notify.logger.info(message)
-        if not self.quiet:
-            _notify.say(message)
-
     # -- the run
 
     def run(self) -> History:
-        o = self.o
-        now = _clock()
-        self.budget.start(now)
-        self.last_save_time = now
-        stop_reason = ""
+        o, state, report = self.o, self.state, self.report
+        self.cadence.start()
         # The manager as a context: an error already propagating (a NaN loss, an interrupt) wins
         # over a failure while closing (a Drive copy that failed), which is then only warned about.
         with contextlib.ExitStack() as cleanup:
             cleanup.callback(_dist.barrier)
             if self.manager is not None:
                 cleanup.enter_context(self.manager)
-            with save_on_signal() as self.signal_flag, self.bars:
-                if self._finished():
-                    self._say(f"training already finished (epoch {self.pos.epoch}/{o.epochs}, step {self.pos.step})")
-                    self.history.stop_reason = self._done_reason()
-                    return self.history
-                self._say(self.data_notice)
+            with save_on_signal() as self.cadence.signal, report.bars:
+                done = self.cadence.finished(state.pos.epoch, state.pos.step)
+                if done:
+                    report.say(f"training already finished (epoch {state.pos.epoch}/{o.epochs}, step {state.pos.step})")
+                    state.history.stop_reason = done
+                    return state.history
+                report.say_data()
                 self.model.train()
                 for callback in o.callback_list:
                     _hook(callback, "on_fit_start", self.ctx)
-                self.bars.start_fit(o.epochs, self.pos.epoch, history=self.history.records)
-                while not stop_reason and self.pos.epoch < o.epochs:
+                report.bars.start_fit(o.epochs, state.pos.epoch, history=state.history.records)
+                stop_reason = ""
+                while not stop_reason and state.pos.epoch < o.epochs:
                     stop_reason = self._train_epoch()
                 stop_reason = stop_reason or "completed"
                 self._save(final=True)
-                self.history.stop_reason = stop_reason
+                state.history.stop_reason = stop_reason
                 for callback in o.callback_list:
                     _hook(callback, "on_fit_end", self.ctx)
-                if stop_reason == "interrupted":
-                    self._say(
-                        f"stopped by {self.signal_flag.signal} at step {self.pos.step}; "
-                        + ("checkpoint saved, rerun to continue" if self.manager else "returning the history so far")
-                    )
-                elif stop_reason == "time_limit":
-                    self._say(f"time_limit reached at step {self.pos.step}; checkpoint saved, rerun to continue")
-                self._check_session()
-        return self.history
-
-    def _check_session(self) -> None:
-        if self.watch is not None:
-            for message in self.watch.check():
-                _notify.warn(message)
-
-    def _finished(self) -> bool:
-        done_steps = self.o.max_steps is not None and self.pos.step >= self.o.max_steps
-        return self.pos.epoch >= self.o.epochs or done_steps
-
-    def _done_reason(self) -> str:
-        return "max_steps" if self.o.max_steps is not None and self.pos.step >= self.o.max_steps else "completed"
-
-    def _epoch_batches(self, epoch: int) -> Iterator[Any]:
-        """This epoch's batches from where the run stands: the one place an epoch's data comes from."""
-        resumed_inside = self.pos.batch > 0
-        if self.train.needs_epoch_rng:
-            if resumed_inside and self.epoch_rng is not None:
-                resume.restore_rng(self.epoch_rng)  # the unknown sampler draws this epoch's order again
-            self.epoch_rng = resume.capture_rngs()
-        iterator = self.train.epoch(epoch, skip=self.pos.batch)
-        if self.pending_rng is not None:
-            resume.restore_rng(self.pending_rng)  # after skipping, right before the first new batch
-            self.pending_rng = None
-        return iterator
+                signal = self.cadence.signal.signal
+                report.stopped(stop_reason, step=state.pos.step, signal=signal, resumable=self.manager is not None)
+                report.check_session()
+        return state.history
 
     def _train_epoch(self) -> str:
         """One epoch (or its remainder after a resume). Returns a stop reason, or "" to go on."""
-        o, pos = self.o, self.pos
+        o, state, pos = self.o, self.state, self.state.pos
         epoch = pos.epoch
         self.ctx.epoch, self.ctx.batch = epoch, pos.batch
-        if not pos.batch:
-            self.totals = Totals(self.metric_names)
-            self.elapsed_before = 0.0
-        self.epoch_clock.start(whole=not pos.batch)
-        batches = self.epoch_clock.timed(self._epoch_batches(epoch))
+        self.report.start_epoch(epoch, self.epoch_length, pos.batch)
+        batches = self.report.timed(state.epoch_batches(self.train, epoch))
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
-        self.epoch_start = _clock()
-        self.budget.epoch_started(self.epoch_start)
-        self.next_read = self.epoch_start + (REFRESH_SECONDS if not self.quiet else QUIET_CHECK_SECONDS)
-        self.bars.start_epoch(epoch, o.epochs, self.epoch_length, pos.batch)
+        state.start_epoch(self.cadence.start_epoch())
         for callback in o.callback_list:
             _hook(callback, "on_epoch_start", self.ctx)
 
@@ -719,16 +536,7 @@ class _Trainer:
                 self._step(group)
                 stop_reason = self._after_step(epoch_ends=True)
         if pos.batch == 0:
-            raise ArgumentError(
-                f"train gave no batches in epoch {epoch + 1}"
-                + (
-                    ""
-                    if epoch == 0
-                    else " although earlier epochs had some: pass a Dataset or a DataLoader, not a generator or "
-                    "iterator that can be read only once"
-                )
-                + "; check that the dataset yields (inputs, targets) batches"
-            )
+            raise _no_batches(epoch)
         if stop_reason and pos.batch != self.epoch_length:
             self._save()
             return stop_reason
@@ -738,8 +546,9 @@ class _Trainer:
 
     def _step(self, group: list[Any]) -> None:
         """One optimizer step: forward and backward over ``group`` (retried smaller after an OOM), clip, step."""
+        state = self.state
         while True:
-            mark = self.totals.mark()
+            mark = state.totals.mark()
             try:
                 samples = self._accumulate(group)
                 break
@@ -749,8 +558,8 @@ class _Trainer:
                     raise
             # Out of memory. Outside the except block: the traceback and the tensors it holds are gone.
             self.optimizer.zero_grad(set_to_none=True)
-            self.totals.rollback(mark)
-            self.backoff.handle(batch_length(group[0]) or 1, step=self.pos.step + 1, quiet=self.quiet)
+            state.totals.rollback(mark)
+            state.backoff.handle(batch_length(group[0]) or 1, step=state.pos.step + 1, quiet=self.report.quiet)
 
         if self.o.clip_grad_norm is not None:
             if self.scaler is not None:
@@ -764,8 +573,8 @@ class _Trainer:
         self.optimizer.zero_grad(set_to_none=True)  # frees the gradients' memory until the next backward
         if self.per_step_scheduler:
             self.scheduler.step()
-        self.pos.step += 1
-        self.pos.samples += samples
+        state.pos.step += 1
+        state.pos.samples += samples
 
     def _accumulate(self, group: list[Any]) -> int:
         """Forward and backward of every batch in ``group``, in micro-batches after an OOM; returns the samples.
@@ -773,8 +582,10 @@ class _Trainer:
         Each piece's loss is weighted by its share of the group, so the gradients add up to those of
         the group's mean loss. Losses and metrics stay on the device (read later, in one go).
         """
-        chunks, total, last, share = self.backoff.chunks, 0, len(group) - 1, 1.0 / len(group)
-        where = (self.pos.step + 1, self.pos.epoch, self.pos.batch)
+        state = self.state
+        chunks, total, last, share = state.backoff.chunks, 0, len(group) - 1, 1.0 / len(group)
+        where = (state.pos.step + 1, state.pos.epoch, state.pos.batch)
+        autocast = None if self.policy.dtype is None else self.policy.autocast
         for index, batch in enumerate(group):
             if self.device.type != "cpu":
                 batch = _device.to_device(batch, self.device)
@@ -788,36 +599,21 @@ class _Trainer:
                 synced = not self.dist.enabled or (index == last and number == len(pieces) - 1)
                 with contextlib.nullcontext() if synced else self.forward_model.no_sync():
                     first = not self.loss_fn.checked
-                    output, loss = forward(self.forward_model, piece_inputs, piece_target, self.loss_fn, self.autocast)
+                    output, loss = forward(self.forward_model, piece_inputs, piece_target, self.loss_fn, autocast)
                     if first:
-                        self._check_metrics(output, piece_target)
+                        check_metrics(self.o.metric_fns, output, piece_target)
                     weight = share * size / samples
                     scaled = loss * weight if weight != 1.0 else loss
                     # fp16: scale the loss so that small gradients do not underflow.
                     (self.scaler.scale(scaled) if self.scaler is not None else scaled).backward()
-                self.totals.add(loss.detach(), size, where)
+                state.totals.add(loss.detach(), size, where)
                 if self.o.metric_fns:
                     detached = output.detach()
                     for metric, (_, fn) in enumerate(self.o.metric_fns):
                         value, count = fn(detached, piece_target)
-                        self.totals.add_metric(metric, value, count)
+                        state.totals.add_metric(metric, value, count)
             total += samples
         return total
-
-    @property
-    def autocast(self) -> Callable[[], Any] | None:
-        return None if self.policy.dtype is None else self.policy.autocast
-
-    def _check_metrics(self, output: Any, target: Any) -> None:
-        for name, fn in self.o.metric_fns:
-            try:
-                fn(output.detach(), target)
-            except Exception as exc:
-                raise ArgumentError(
-                    f"metric {name!r} cannot be computed for outputs {describe(output)} and targets "
-                    f"{describe(target)} ({str(exc).strip()[:200]}); choose metrics that fit the task, "
-                    "e.g. metrics=() or metrics=('mae',) for regression"
-                ) from exc
 
     # -- at each step boundary
 
@@ -825,90 +621,39 @@ class _Trainer:
         """Callbacks, progress, stop and save decisions after an optimizer step. Returns a stop reason."""
         # Background checkpoint copies that lost Drive (errno 107) wait for this thread to remount it.
         drive.recover_if_lost()
-        pos = self.pos
-        now = _clock()
+        state, pos = self.state, self.state.pos
+        now = self.cadence.clock()
         if self.step_callbacks:
-            self.ctx.step, self.ctx.batch, self.ctx.loss = pos.step, pos.batch, self.totals.losses[-1]
+            self.ctx.step, self.ctx.batch, self.ctx.loss = pos.step, pos.batch, state.totals.losses[-1]
             for callback in self.step_callbacks:
                 callback.on_step_end(self.ctx)
-        if now >= self.next_read or len(self.totals.losses) >= MAX_BUFFER:
-            self._read(now)
-        if not (epoch_ends or self.check_every_step or self.signal_flag.requested or self.ctx.stop_requested):
-            return ""  # the usual step: nothing to decide
-        return self._decide(now, epoch_ends=epoch_ends)
-
-    def _decide(self, now: float, *, epoch_ends: bool) -> str:
-        """Stop and save decisions at a step boundary. Returns a stop reason, or ""."""
-        o, pos = self.o, self.pos
-        # Local wishes first; with DDP all ranks must agree, so they vote every few steps.
-        reason = ""
-        if self.signal_flag.requested:
-            reason = "interrupted"
-        elif self.ctx.stop_requested:
-            reason = self.ctx.stop_reason
-        elif self.budget.expired(now):
-            reason = "time_limit"
-        timed_save = o.save_seconds is not None and now - self.last_save_time >= o.save_seconds
-        if self.dist.enabled:
-            if pos.step % AGREE_EVERY and not epoch_ends:
-                reason, timed_save = "", False
-            else:
-                stop, timed_save = _dist.any_flags([bool(reason), timed_save], self.device)
-                reason = (reason or "interrupted") if stop else ""
-        if o.max_steps is not None and pos.step >= o.max_steps:
-            reason = reason or "max_steps"
-
-        save_due = (o.save_steps is not None and pos.step % o.save_steps == 0) or timed_save
-        if epoch_ends:
-            # The epoch's end saves (after validation) instead: one checkpoint, with the epoch's metrics.
-            self.stop_after_epoch = reason
-            self.save_after_epoch = save_due
-        elif save_due and not reason:
+        if self.cadence.read_due(now, len(state.totals.losses)):
+            self._drain()
+            self.report.check_session()
+            self.cadence.was_read(now)
+            self.report.steps(pos.batch, state.totals, state.epoch_seconds(now))
+        reason, save = self.cadence.after_step(now, pos.step, epoch_ends=epoch_ends, asked=self.ctx.stop_reason)
+        if save:
             self._save()
-        self.budget.step_ended(now)
         return reason
 
-    def _read(self, now: float) -> None:
-        """Read buffered losses and metrics from the device: NaN check, progress."""
-        bad = self.totals.drain()
+    def _drain(self) -> None:
+        """Read the buffered losses and metrics from the device; a NaN or infinite loss ends the run."""
+        bad = self.state.totals.drain()
         if bad is not None:
-            self._non_finite(bad)
-        self._check_session()
-        self.next_read = now + (REFRESH_SECONDS if not self.quiet else QUIET_CHECK_SECONDS)
-        if not self.quiet:
-            means = self.totals.means("")
-            seconds = self.elapsed_before + now - self.epoch_start
-            postfix = {key: value for key, value in means.items() if not math.isnan(value)}
-            if seconds > 0:
-                postfix["samples/s"] = self.totals.samples / seconds
-            self.bars.steps(self.pos.batch, postfix)
-
-    def _non_finite(self, where: tuple[int, int, int]) -> None:
-        step, epoch, batch = where
-        last = (
-            f"the last checkpoint (step {self.saved_step}) is intact"
-            if self.saved_step >= 0
-            else "no checkpoint was saved"
-        )
-        raise NonFiniteLossError(
-            f"the loss became NaN or infinite at optimizer step {step} (epoch {epoch + 1}, batch {batch}); {last}. "
-            f"Try a lower learning rate (lr={self.o.lr:g} now), clip_grad_norm=1.0, precision='fp32' "
-            f"(now {self.policy.name}), and check the inputs for NaN or extreme values"
-        )
+            raise _non_finite(bad, saved_step=self.cadence.saved_step, lr=self.o.lr, precision=self.policy.name)
 
     # -- epoch end
 
     def _end_epoch(self) -> str:
-        o, pos = self.o, self.pos
-        bad = self.totals.drain()
-        if bad is not None:
-            self._non_finite(bad)
-        train_totals = self.totals.summed(self._all_sum)  # this rank's sums stay as they are (saved)
+        o, state, pos, clock = self.o, self.state, self.state.pos, self.cadence.clock
+        self._drain()
+        train_totals = state.totals.summed(self._all_sum)  # this rank's sums stay as they are (saved)
         record: dict[str, Any] = {"epoch": pos.epoch, **train_totals.means("")}
-        seconds = self.elapsed_before + _clock() - self.epoch_start
-        waited = self.epoch_clock.wait_share()
+        seconds = state.epoch_seconds(clock())
+        waited = self.report.wait_record()
         if self.val is not None:
-            started = _clock()
+            started = clock()
             validation = self._validate()
             if validation is None:
                 # Interrupted while validating: save as "every batch done, epoch not closed", so
@@ -916,18 +661,14 @@ class _Trainer:
                 self._save()
                 return "interrupted"
             record.update(validation)
-            self.budget.val_cost = _clock() - started
+            self.cadence.validated(clock() - started)
         record["lr"] = float(self.optimizer.param_groups[0]["lr"])
         record["time"] = round(seconds, 3)
         record["samples_per_sec"] = round(train_totals.samples / seconds, 1) if seconds > 0 else float("nan")
-        if waited is not None:
-            record[DATA_WAIT] = waited
-        record.update(_peak_memory(self.device))
-        self.history.append(record)
-        self.bars.end_epoch(record)
-        for hint in self.advisor.check(self.history.records):
-            self.history.hints.append(hint.state_dict())  # saved with the History: not repeated after a resume
-            self.bars.note(hint.name, f"hint: {hint.message}")
+        record.update(waited)
+        record.update(peak_memory(self.device))
+        state.history.append(record)
+        self.report.end_epoch(record, state.history)
         pos.epoch += 1
         pos.batch = 0
         if self.scheduler is not None and not self.per_step_scheduler:
@@ -938,140 +679,81 @@ class _Trainer:
         self.ctx.logs, self.ctx.epoch, self.ctx.step = record, pos.epoch - 1, pos.step
         for callback in o.callback_list:
             _hook(callback, "on_epoch_end", self.ctx)
-        reason = self.stop_after_epoch or self.ctx.stop_reason
-        if self.dist.enabled:
-            reason = (reason or "callback") if _dist.any_flags([bool(reason)], self.device)[0] else ""
-        if self.is_main and o.directory is not None:
-            self._write_history(o.directory / "history.csv")
-        self._check_session()
-        if o.save_epoch or self.save_after_epoch or reason or pos.epoch >= o.epochs:
+        reason, save = self.cadence.after_epoch(asked=self.ctx.stop_reason, epochs_done=pos.epoch)
+        self.report.write_history(state.history)
+        self.report.check_session()
+        if save:
             self._save(metrics=record)
-        self.stop_after_epoch, self.save_after_epoch = "", False
-        self._say_finish()
-        self.totals = Totals(self.metric_names)
-        self.elapsed_before = 0.0
+        self.report.say_finish(pos, epoch_length=self.epoch_length, now=clock())
+        state.new_epoch()
         return reason
-
-    def _say_finish(self) -> None:
-        """After each epoch, validated and saved: when the run will end, against the session's end."""
-        self.epoch_clock.end()
-        if self.finish is None:
-            return
-        o, pos = self.o, self.pos
-        left: float = o.epochs - pos.epoch
-        if o.max_steps is not None and self.epoch_length:
-            left = min(left, (o.max_steps - pos.step) * o.grad_accum / self.epoch_length)
-        message = self.finish.check(
-            epochs_left=left, seconds_per_epoch=self.epoch_clock.seconds_per_epoch(), now=_clock()
-        )
-        if message:
-            self.bars.note("finish", message)
-
-    def _write_history(self, path: Path) -> None:
-        """history.csv beside the checkpoints; on Drive a lost connection (errno 107) is remounted here."""
-
-        def write() -> None:
-            # On Drive the folder may not exist yet: the mirror creates it with its first copy, in the background.
-            path.parent.mkdir(parents=True, exist_ok=True)
-            self.history.to_csv(path)
-
-        try:
-            drive.drive_retry(write)
-        except OSError as exc:
-            if not _io.is_transient(exc):
-                raise
-            # The checkpoints hold the history too; a flaky Drive must not end the run.
-            _notify.warn(f"could not write {path} ({exc}); the checkpoints keep the history, training goes on")
 
     def _validate(self) -> dict[str, float] | None:
         """Validation metrics (summed over ranks), or None if a signal arrived meanwhile (single process)."""
+        assert self.val is not None
         # With DDP every rank must finish the same collectives, so validation runs to its end there.
-        stop = None if self.dist.enabled else (lambda: self.signal_flag.requested)
+        stop = None if self.dist.enabled else (lambda: self.cadence.signal.requested)
+        where, policy, bars = self.device, self.policy, self.report.bars
         with model_mode(self.model, train=False):
-            totals = _run_eval(
-                self.forward_model,
-                self.val,
-                self.device,
-                self.policy,
-                self.loss_fn,
-                self.o.metric_fns,
-                self.bars,
-                "validate",
-                stop,
-            )
-        if totals is None:
-            return None
-        return totals.summed(self._all_sum).means("val_")
+            totals = _run_eval(self.forward_model, self.val, where, policy, self.loss_fn, self.o.metric_fns, bars, stop)
+        return None if totals is None else totals.summed(self._all_sum).means("val_")
 
     def _all_sum(self, values: list[float]) -> list[float]:
         return _dist.all_sum(values, self.device)
+
+    def _vote(self, flags: list[bool]) -> list[bool]:
+        return _dist.any_flags(flags, self.device)
 
     # -- saving
 
     def _save(self, *, metrics: Mapping[str, Any] | None = None, final: bool = False) -> None:
         """Checkpoint at this step boundary (rank 0 writes; every rank contributes its RNG state)."""
-        pos = self.pos
-        if self.o.directory is None or pos.step == self.saved_step or (final and pos.step == 0):
+        state, step, clock = self.state, self.state.pos.step, self.cadence.clock
+        if self.o.directory is None or step == self.cadence.saved_step or (final and step == 0):
             return
-        bad = self.totals.drain()  # never save a model that a NaN step already spoiled
-        if bad is not None:
-            self._non_finite(bad)
-        started = _clock()
-        rngs = resume.capture_rngs()
+        self._drain()  # never save a model that a NaN step already spoiled
+        started = clock()
+        rngs = capture_rngs()
         if self.manager is not None:
-            state = resume.state_to_save(
+            checkpoint = resume.checkpoint(
+                state.state_dict(rngs=rngs, now=clock()),
                 model=self.model,
                 optimizer=self.optimizer,
                 scheduler=self.scheduler,
                 scaler=self.scaler,
-                position=pos,
-                seed=self.seed,
-                chunks=self.backoff.chunks,
-                grad_accum=self.o.grad_accum,
-                epoch_length=self.epoch_length,
-                world_size=self.dist.world_size,
-                rngs=rngs,
-                epoch_rng=self.epoch_rng if self.train.needs_epoch_rng and pos.batch else None,
-                totals=self.totals.state_dict(),
-                epoch_seconds=self.elapsed_before + (_clock() - self.epoch_start if pos.batch else 0.0),
-                history=self.history,
-                callbacks=self.o.callback_list,
-                recipe=self.recipe,
             )
             clean = {k: v for k, v in (metrics or {}).items() if isinstance(v, (int, float)) and math.isfinite(v)}
-            self.manager.save(state, step=pos.step, metrics=clean or None)
-        self.saved_step = pos.step
-        self.last_save_time = _clock()
-        self.budget.saved(self.last_save_time - started)
-        if self.budget.times_flush and self.manager is not None:
+            self.manager.save(checkpoint, step=step, metrics=clean or None)
+        saved_at = self.cadence.saved(step, started)
+        if self.cadence.times_flush and self.manager is not None:
             # The run's end waits for the commit and the copies (Drive) as well: time them once,
             # so time_limit stops early enough for the whole save to finish before the limit.
             with contextlib.suppress(CheckpointError):  # each failure was warned about when it happened
                 self.manager.wait()
-            self.budget.flushed(_clock() - self.last_save_time)
+            self.cadence.flushed(saved_at)
 
 
-def _finish_estimate(o: FitOptions) -> FinishEstimate:
-    return FinishEstimate(
-        platform={"colab": "Colab", "kaggle": "Kaggle"}.get(runtime().kind, ""),
-        stops_at_session_end=o.session_time,
-        resumable=o.directory is not None,
+def _non_finite(where: tuple[int, int, int], *, saved_step: int, lr: float, precision: str) -> NonFiniteLossError:
+    step, epoch, batch = where
+    last = f"the last checkpoint (step {saved_step}) is intact" if saved_step >= 0 else "no checkpoint was saved"
+    return NonFiniteLossError(
+        f"the loss became NaN or infinite at optimizer step {step} (epoch {epoch + 1}, batch {batch}); {last}. "
+        f"Try a lower learning rate (lr={lr:g} now), clip_grad_norm=1.0, precision='fp32' "
+        f"(now {precision}), and check the inputs for NaN or extreme values"
     )
 
 
-def _peak_memory(device: torch.device) -> dict[str, float]:
-    """This epoch's peak GPU memory and the device's total, in GB (CUDA only).
-
-    The caching allocator keeps these numbers on the host: reading them does not wait for the GPU.
-    Reserved, not allocated, memory: what the process holds, as nvidia-smi and Colab show it.
-    """
-    if device.type != "cuda":
-        return {}
-    total = torch.cuda.get_device_properties(device).total_memory
-    return {
-        MEMORY_KEYS[0]: round(torch.cuda.max_memory_reserved(device) / 2**30, 2),
-        MEMORY_KEYS[1]: round(total / 2**30, 2),
-    }
+def _no_batches(epoch: int) -> ArgumentError:
+    return ArgumentError(
+        f"train gave no batches in epoch {epoch + 1}"
+        + (
+            ""
+            if epoch == 0
+            else " although earlier epochs had some: pass a Dataset or a DataLoader, not a generator or "
+            "iterator that can be read only once"
+        )
+        + "; check that the dataset yields (inputs, targets) batches"
+    )
 
 
 def _overrides(callback: Any, name: str) -> bool:

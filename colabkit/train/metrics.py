@@ -10,9 +10,10 @@ from typing import Any
 import torch
 
 from colabkit.errors import ArgumentError
+from colabkit.train.batches import describe
 from colabkit.train.oom import batch_length
 
-__all__ = ["Totals", "resolve_metrics"]
+__all__ = ["Totals", "check_metrics", "resolve_metrics"]
 
 
 def _accuracy(output: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, int]:
@@ -82,6 +83,19 @@ def resolve_metrics(metrics: Any) -> list[tuple[str, Callable[..., Any]]]:
     if len(set(names)) != len(names):
         raise ArgumentError(f"metrics={names!r} names a metric twice")
     return resolved
+
+
+def check_metrics(metrics: Sequence[tuple[str, Callable[..., Any]]], output: Any, target: Any) -> None:
+    """On the first batch: each metric computes on these outputs and targets, or an error says which does not."""
+    for name, fn in metrics:
+        try:
+            fn(output.detach(), target)
+        except Exception as exc:
+            raise ArgumentError(
+                f"metric {name!r} cannot be computed for outputs {describe(output)} and targets "
+                f"{describe(target)} ({str(exc).strip()[:200]}); choose metrics that fit the task, "
+                "e.g. metrics=() or metrics=('mae',) for regression"
+            ) from exc
 
 
 class Totals:

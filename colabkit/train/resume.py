@@ -1,44 +1,38 @@
 """Resuming fit(): finding, checking and restoring the newest checkpoint, and what a save writes.
 
 The only module of :mod:`colabkit.train` that uses :mod:`colabkit.checkpoint`. A checkpoint holds
-model, optimizer, scheduler and scaler states plus ``"fit"``: the position (epoch, batches done in
-the epoch, optimizer steps), the run seed, the partial epoch's sums, the History, callback states
-and every rank's RNG state. :func:`read_fit_state` turns that back into a :class:`Resumed`.
+model, optimizer, scheduler and scaler states plus ``"fit"``: the run state
+(:class:`~colabkit.train.runstate.RunState`, saved and restored whole), whose recipe is what a
+rerun is compared against (:func:`restore_weights`, :mod:`colabkit.train.recipe`).
 """
 
 from __future__ import annotations
 
-import dataclasses
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from colabkit import _io, _notify
+from colabkit import device as _device
 from colabkit.checkpoint import CheckpointManager, load_checkpoint, restore_state, weights_problems
 from colabkit.errors import CheckpointMismatchError
 from colabkit.train import distributed as _dist
 from colabkit.train import recipe as recipe_module
-from colabkit.train.history import History, metric_mode
+from colabkit.train.history import metric_mode
 from colabkit.train.options import FitOptions
-from colabkit.train.state import TrainPosition, capture_rng_state, restore_rng_state
+from colabkit.train.runstate import RunState
 
 __all__ = [
-    "CHECKPOINT_VERSION",
-    "Resumed",
-    "capture_rngs",
     "check_compatible",
+    "checkpoint",
+    "describe_run",
     "find_checkpoint",
     "open_manager",
-    "read_fit_state",
-    "restore_callbacks",
-    "restore_rng",
+    "restore_run",
     "restore_weights",
-    "state_to_save",
 ]
-
-CHECKPOINT_VERSION = 1
 
 
 def open_manager(options: FitOptions, *, is_main: bool, model: torch.nn.Module) -> CheckpointManager | None:
@@ -84,6 +78,71 @@ def _check_room(manager: CheckpointManager, model: torch.nn.Module) -> None:
     )
 
 
+def restore_run(
+    options: FitOptions,
+    manager: CheckpointManager | None,
+    *,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any,
+    scaler: Any,
+    train: Any,
+    precision: str,
+    dist: _dist.DistInfo,
+    say: Callable[[str], None],
+) -> RunState:
+    """Where the run starts: the newest valid checkpoint, checked and restored as the recipe
+    comparison decides (model, optimizer, scheduler and scaler in place), else a fresh state.
+
+    The run seed is the checkpoint's, else ``seed=``'s, else derived from torch's initial seed;
+    ``train`` (the :class:`~colabkit.train.datapath.Batches`) gets it.
+    """
+    o = options
+    # This call's recipe, saved with every checkpoint (a rerun compares against it).
+    recipe = describe_run(
+        model=model, optimizer=optimizer, scheduler=scheduler, train=train, grad_accum=o.grad_accum, precision=precision
+    )
+    checkpoint, path = find_checkpoint(o, manager)
+    fit_state = checkpoint.get("fit", {})
+    if checkpoint:
+        say(f"resuming from {path}")
+        check_compatible(checkpoint, model, o.directory)
+        recipe = restore_weights(
+            checkpoint,
+            model=model,
+            optimizer=optimizer,
+            scheduler=scheduler,
+            scaler=scaler,
+            directory=o.directory,
+            recipe=recipe,
+            is_main=dist.is_main,
+        )
+        if not fit_state:
+            say("the checkpoint was not written by fit(): starting at epoch 1 from its weights")
+    metric_names = [name for name, _ in o.metric_fns]
+    if fit_state:
+        state = RunState.from_checkpoint(
+            fit_state,
+            metric_names=metric_names,
+            recipe=recipe,
+            callbacks=o.callback_list,
+            rank=dist.rank,
+            world_size=dist.world_size,
+        )
+        if state.backoff.chunks > 1:
+            say(f"resuming with {state.backoff.chunks} micro-batches per batch (after an earlier out-of-memory)")
+        if o.seed is not None and o.seed != state.seed:
+            say(f"resuming with the checkpoint's seed {state.seed} (seed={o.seed} applies to new runs)")
+    else:
+        state = RunState(metric_names, recipe, o.callback_list)
+        if o.seed is not None:
+            state.seed = _device.seed_everything(o.seed)
+        else:
+            state.seed = int(_dist.broadcast_object(torch.initial_seed() % 2**32))
+    train.set_seed(state.seed)
+    return state
+
+
 def find_checkpoint(options: FitOptions, manager: CheckpointManager | None) -> tuple[dict[str, Any], str | None]:
     """The newest valid checkpoint and its path (rank 0 looks, every rank reads it), or ``({}, None)``."""
     if options.directory is None:
@@ -119,19 +178,13 @@ def describe_run(
     *, model: torch.nn.Module, optimizer: Any, scheduler: Any, train: Any, grad_accum: int, precision: str
 ) -> dict[str, Any]:
     """This call's recipe (see :mod:`colabkit.train.recipe`), taken before anything is restored."""
-    sampler = getattr(train, "batch_sampler", None)
-    batch_size = getattr(sampler, "batch_size", None) or getattr(getattr(train, "loader", None), "batch_size", None)
-    try:
-        length: int | None = len(train.dataset)
-    except TypeError:
-        length = None
     return recipe_module.describe(
         optimizer=optimizer,
         scheduler=scheduler,
-        batch_size=batch_size,
+        batch_size=train.batch_size,
         grad_accum=grad_accum,
         precision=precision,
-        dataset_length=length,
+        dataset_length=train.samples,
         model=model,
     )
 
@@ -156,29 +209,29 @@ def restore_weights(
     """
     fit_state = checkpoint.get("fit") or {}
     saved = fit_state.get("recipe")
-    plan = None
-    if isinstance(saved, Mapping):
-        mid_epoch = bool(fit_state.get("position", {}).get("batch"))
-        plan = recipe_module.compare(saved, recipe, mid_epoch=mid_epoch)
-        for change in plan.refused:
-            raise CheckpointMismatchError(
-                f"checkpoint_dir={str(directory)!r}: {change.message()}; pass a new checkpoint_dir or resume=False"
-            )
+    if not isinstance(saved, Mapping):
+        # Saved by a CheckpointManager outside fit() (fit() always saves its recipe): weights only.
+        saved = None
+    mid_epoch = bool(fit_state.get("position", {}).get("batch"))
+    plan = recipe_module.Plan([]) if saved is None else recipe_module.compare(saved, recipe, mid_epoch=mid_epoch)
+    for change in plan.refused:
+        raise CheckpointMismatchError(
+            f"checkpoint_dir={str(directory)!r}: {change.message()}; pass a new checkpoint_dir or resume=False"
+        )
     fresh = recipe_module.group_settings(optimizer)
-    keep = plan or recipe_module.Plan([])
     try:
         restore_state(
             checkpoint,
             model=model,
-            optimizer=optimizer if keep.restore_optimizer else None,
-            scheduler=scheduler if keep.restore_scheduler else None,
-            scaler=scaler if keep.restore_scaler else None,
+            optimizer=optimizer if plan.restore_optimizer else None,
+            scheduler=scheduler if plan.restore_scheduler else None,
+            scaler=scaler if plan.restore_scaler else None,
         )
     except CheckpointMismatchError as exc:
         raise CheckpointMismatchError(
             f"checkpoint_dir={str(directory)!r}: {exc}; pass a new checkpoint_dir or resume=False"
         ) from exc
-    if plan is None or not isinstance(saved, Mapping):
+    if saved is None:
         return recipe
     recipe_module.apply(plan, optimizer=optimizer, scheduler=scheduler, fresh=fresh, saved=saved)
     if is_main:
@@ -190,131 +243,15 @@ def restore_weights(
     return recipe_module.effective(saved, recipe, plan)
 
 
-@dataclasses.dataclass
-class Resumed:
-    """Where a checkpointed run stood, for this rank."""
-
-    position: TrainPosition
-    history: History
-    seed: int
-    chunks: int
-    totals: dict[str, Any]
-    epoch_seconds: float
-    rng: Any  # restored after skipping the finished batches, right before the first new one
-    epoch_rng: Any  # the RNG at the epoch's start, for a sampler that draws from it
-    callbacks: list[dict[str, Any]]
-
-
-def read_fit_state(
-    fit_state: Mapping[str, Any],
-    *,
-    rank: int,
-    world_size: int,
-    epoch_length: int | None,
-    grad_accum: int,
-    batch_size: int | None = None,
-) -> Resumed:
-    """The ``"fit"`` entry of a checkpoint, warning where this run differs from the saved one.
-
-    With a recipe in the checkpoint the differences were reported by :func:`restore_weights`;
-    a new ``batch_size`` moves a mid-epoch position to the same sample.
-    """
-    rngs = fit_state.get("rng", [])
-    if len(rngs) != world_size:
-        _notify.warn(
-            f"the checkpoint was written by {len(rngs)} process(es), this run has {world_size}; "
-            "training continues, but random numbers will not repeat exactly"
-        )
-    epoch_rngs = fit_state.get("epoch_rng") or []
-    resumed = Resumed(
-        position=TrainPosition.from_state_dict(fit_state["position"]),
-        history=History.from_state_dict(fit_state.get("history", {})),
-        seed=int(fit_state["seed"]),
-        chunks=int(fit_state.get("chunks", 1)),
-        totals=fit_state["totals"],
-        epoch_seconds=float(fit_state.get("epoch_seconds", 0.0)),
-        rng=rngs[min(rank, len(rngs) - 1)] if rngs else None,
-        epoch_rng=epoch_rngs[min(rank, len(epoch_rngs) - 1)] if epoch_rngs else None,
-        callbacks=list(fit_state.get("callbacks", [])),
-    )
-    resumed.history.stop_reason = ""
-    saved_recipe = fit_state.get("recipe")
-    if isinstance(saved_recipe, Mapping):
-        position = resumed.position
-        position.batch = recipe_module.samples_to_batches(position.batch, saved_recipe.get("batch_size"), batch_size)
-        return resumed
-    saved_length = int(fit_state.get("epoch_length", -1))
-    length = -1 if epoch_length is None else epoch_length
-    if resumed.position.batch and saved_length != length:
-        _notify.warn(
-            f"the checkpoint was saved with {saved_length} batches per epoch, this run has {length} "
-            f"(dataset or batch_size changed?); continuing at batch {resumed.position.batch}, but not exactly as before"
-        )
-    if int(fit_state.get("grad_accum", grad_accum)) != grad_accum:
-        _notify.warn(
-            f"grad_accum was {fit_state['grad_accum']} when the checkpoint was saved and is {grad_accum} "
-            "now; the effective batch size changes from here on"
-        )
-    return resumed
-
-
-def restore_callbacks(callbacks: Sequence[Any], states: Sequence[Mapping[str, Any]]) -> None:
-    for callback, state in zip(callbacks, states, strict=False):
-        loader = getattr(callback, "load_state_dict", None)
-        if callable(loader) and state:
-            loader(state)
-
-
-def capture_rngs() -> list[Any]:
-    """Every rank's RNG states (python, numpy, torch, CUDA), gathered on every rank."""
-    return _dist.gather_objects(capture_rng_state())
-
-
-def restore_rng(state: Any) -> None:
-    restore_rng_state(state)
-
-
-def state_to_save(
-    *,
-    model: torch.nn.Module,
-    optimizer: torch.optim.Optimizer,
-    scheduler: Any,
-    scaler: Any,
-    position: TrainPosition,
-    seed: int,
-    chunks: int,
-    grad_accum: int,
-    epoch_length: int | None,
-    world_size: int,
-    rngs: list[Any],
-    epoch_rng: Any,
-    totals: dict[str, Any],
-    epoch_seconds: float,
-    history: History,
-    callbacks: Sequence[Any],
-    recipe: dict[str, Any] | None = None,
+def checkpoint(
+    fit_state: dict[str, Any], *, model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any, scaler: Any
 ) -> dict[str, Any]:
-    """The checkpoint fit() writes at a step boundary: what :func:`read_fit_state` reads back."""
-    fit_state = {
-        "version": CHECKPOINT_VERSION,
-        "recipe": recipe,
-        "position": position.state_dict(),
-        "seed": seed,
-        "chunks": chunks,
-        "grad_accum": grad_accum,
-        "epoch_length": -1 if epoch_length is None else epoch_length,
-        "world_size": world_size,
-        "rng": rngs,
-        "epoch_rng": epoch_rng,
-        "totals": totals,
-        "epoch_seconds": epoch_seconds,
-        "history": history.state_dict(),
-        "callbacks": [_callback_state(cb) for cb in callbacks],
-    }
+    """The checkpoint fit() writes: model, optimizer, scheduler and scaler states, and the run state
+    (:meth:`~colabkit.train.runstate.RunState.state_dict`) as ``"fit"``."""
     state: dict[str, Any] = {
         "model_state_dict": model.state_dict(),
         "optimizer_state_dict": optimizer.state_dict(),
-        "epoch": position.epoch,
+        "epoch": fit_state["position"]["epoch"],
         "fit": fit_state,
     }
     if scheduler is not None:
@@ -322,8 +259,3 @@ def state_to_save(
     if scaler is not None:
         state["scaler_state_dict"] = scaler.state_dict()
     return state
-
-
-def _callback_state(callback: Any) -> dict[str, Any]:
-    method = getattr(callback, "state_dict", None)
-    return dict(method()) if callable(method) else {}

@@ -389,8 +389,11 @@ class ResumableLoader:
     batches already trained on. ``exact`` says whether resuming reproduces the
     data order and augmentation exactly; ``needs_epoch_rng`` says the loop must
     restore the RNG state of the epoch's start before iterating (samplers
-    colabkit does not know draw their order from the global RNG).
+    colabkit does not know draw their order from the global RNG). It is the DataLoader
+    path of :class:`~colabkit.train.datapath.Batches` (``placement == "loader"``).
     """
+
+    placement = "loader"
 
     def __init__(
         self,
@@ -407,9 +410,35 @@ class ResumableLoader:
         self.exact = exact
         self.needs_epoch_rng = needs_epoch_rng
         self.dataset = getattr(loader.dataset, "dataset", loader.dataset)
+        self.why: str | None = None  # why the data takes this path (for :meth:`describe`)
 
     def __len__(self) -> int:
         return len(self.loader)
+
+    def __iter__(self) -> Iterator[Any]:
+        return iter(self.loader)
+
+    @property
+    def batch_size(self) -> int | None:
+        # A DataLoader with colabkit's own batch sampler has batch_size None: the sampler knows it.
+        return self.loader.batch_size or getattr(self.loader.batch_sampler, "batch_size", None)
+
+    @property
+    def workers(self) -> int:
+        return self.loader.num_workers
+
+    @property
+    def samples(self) -> int | None:
+        try:
+            return len(self.dataset)  # type: ignore[arg-type]
+        except TypeError:
+            return None
+
+    def place(self) -> str:
+        return self.placement
+
+    def describe(self) -> str:
+        return f"DataLoader path, since {self.why}" if self.why else "DataLoader path"
 
     def set_seed(self, seed: int) -> None:
         """Change the run seed (data order and worker randomness) before the first epoch."""
