@@ -72,9 +72,11 @@ from colabkit.train.batches import (
 )
 from colabkit.train.budget import TimeBudget
 from colabkit.train.callbacks import Callback, EarlyStopping, FitContext
+from colabkit.train.compiling import compile_model
 from colabkit.train.fastpath import TensorBatches, for_evaluation, for_training, path_notice
 from colabkit.train.hints import DATA_WAIT, Advisor, EpochClock, FinishEstimate, RunFacts
 from colabkit.train.history import History
+from colabkit.train.layout import use_channels_last
 from colabkit.train.metrics import Totals, resolve_metrics
 from colabkit.train.oom import Backoff, batch_length, is_out_of_memory, split_batch
 from colabkit.train.optim import make_optimizer, make_scheduler
@@ -129,8 +131,8 @@ def fit(
     progress: bool = True,
     hints: bool | Iterable[str] = True,
     seed: int | None = None,
-    compile: bool = False,
-    channels_last: bool = False,
+    compile: bool | str = False,
+    channels_last: bool | str = "auto",
 ) -> History:
     """Train ``model`` on ``train``; resumes by itself from ``checkpoint_dir``.
 
@@ -189,8 +191,13 @@ def fit(
             against the session's end on Colab and Kaggle.
         seed: Seed for python, numpy and torch, data order and augmentation; saved in the
             checkpoint (without it, one is derived from torch's initial seed).
-        compile: Run the model through ``torch.compile``.
-        channels_last: Use channels-last memory format for the model and 4-D inputs.
+        compile: Run the model through ``torch.compile``: False, True (its default mode),
+            ``"reduce-overhead"`` (CUDA graphs; the default mode off CUDA) or ``"max-autotune"``.
+            Full batches run compiled, a smaller last batch eagerly (no recompile). With
+            ``checkpoint_dir`` the compiled artifacts are saved in its ``compile-cache/``
+            folder, so a rerun in a fresh runtime skips most of the compiling.
+        channels_last: Channels-last memory format for the model and 4-D inputs: ``"auto"``
+            (on for models with 2-D convolutions under bf16/fp16 on CUDA), True or False.
 
     Rerunning with other settings: the checkpoint records what the run was trained with,
     and each setting that differs is reported and handled as follows (start over with
@@ -446,7 +453,10 @@ class _Trainer:
 
         # 2. Model, optimizer, scheduler and scaler on the device.
         model.to(self.device)
-        if o.channels_last:
+        self.channels_last = use_channels_last(
+            o.channels_last, model=model, device=self.device, precision=self.policy.name
+        )
+        if self.channels_last:
             model.to(memory_format=torch.channels_last)
         self.optimizer = make_optimizer(o.optimizer, model, o.lr)
         self.scheduler, self.per_step_scheduler = make_scheduler(o.scheduler, self.optimizer)
@@ -470,8 +480,6 @@ class _Trainer:
             self._resume()
             # 5. What runs the forward pass: DDP and/or torch.compile around the model.
             self.forward_model = _dist.wrap_model(model, self.dist, self.device)
-            if o.compile:
-                self.forward_model = torch.compile(self.forward_model)
         except BaseException:
             if self.manager is not None:
                 self.manager.__exit__(*sys.exc_info())
@@ -500,6 +508,20 @@ class _Trainer:
             given=[str(hint.get("name")) for hint in self.history.hints],
             facts=RunFacts(batch_size=size, grad_accum=o.grad_accum, num_workers=workers),
         )
+        # 6. torch.compile around what runs the forward pass (colabkit.train.compiling), its cache by the checkpoints.
+        self.compiled = compile_model(
+            self.forward_model,
+            o.compile,
+            model=model,
+            device=self.device,
+            precision=self.policy.name,
+            channels_last=self.channels_last,
+            batch_size=size,
+            directory=o.directory,
+            is_main=self.is_main,
+        )
+        if self.compiled is not None:
+            self.forward_model = self.compiled
 
     def _loader(self, data: Any, argument: str, *, shuffle: bool) -> Any:
         """The resumable batches of ``data``: the in-memory fast path for tensors, else a DataLoader."""
@@ -596,6 +618,10 @@ class _Trainer:
             names += [f"val_{name}" for name in names]
         return (*names, "lr")
 
+    def _say_compiled(self, message: str) -> None:
+        for line in message.splitlines():
+            self._say(line)
+
     def _say(self, message: str) -> None:
         _notify.logger.info(message)
         if not self.quiet:
@@ -615,6 +641,8 @@ class _Trainer:
             cleanup.callback(_dist.barrier)
             if self.manager is not None:
                 cleanup.enter_context(self.manager)
+            if self.compiled is not None:
+                cleanup.callback(self.compiled.close)
             with save_on_signal() as self.signal_flag, self.bars:
                 if self._finished():
                     self._say(f"training already finished (epoch {self.pos.epoch}/{o.epochs}, step {self.pos.step})")
@@ -724,6 +752,8 @@ class _Trainer:
         """One optimizer step: forward and backward over ``group`` (retried smaller after an OOM), clip, step."""
         while True:
             mark = self.totals.mark()
+            if self.compiled is not None:
+                self.compiled.set_chunks(self.backoff.chunks)
             try:
                 samples = self._accumulate(group)
                 break
@@ -745,11 +775,14 @@ class _Trainer:
             self.scaler.update()
         else:
             self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)  # frees the gradients' memory until the next backward
+        # Frees the gradients' memory until the next backward (CUDA graphs: zeroed in place, see compiling).
+        self.optimizer.zero_grad(set_to_none=self.compiled is None or not self.compiled.keeps_grads)
         if self.per_step_scheduler:
             self.scheduler.step()
         self.pos.step += 1
         self.pos.samples += samples
+        if self.compiled is not None:
+            self._say_compiled(self.compiled.after_step())
 
     def _accumulate(self, group: list[Any]) -> int:
         """Forward and backward of every batch in ``group``, in micro-batches after an OOM; returns the samples.
@@ -763,7 +796,7 @@ class _Trainer:
             if self.device.type != "cpu":
                 batch = _device.to_device(batch, self.device)
             inputs, target = inputs_and_targets(batch)
-            if self.o.channels_last:
+            if self.channels_last:
                 inputs = to_channels_last(inputs)
             samples = batch_length(target) or batch_length(inputs) or 1
             pieces = [((inputs, target), samples)] if chunks == 1 else split_batch((inputs, target), chunks, samples)
@@ -931,6 +964,8 @@ class _Trainer:
         if o.save_epoch or self.save_after_epoch or reason or pos.epoch >= o.epochs:
             self._save(metrics=record)
         self.stop_after_epoch, self.save_after_epoch = "", False
+        if self.compiled is not None:
+            self._say_compiled(self.compiled.save_cache())  # validation's graphs, compiled this epoch
         self._say_finish()
         self.totals = Totals(self.metric_names)
         self.elapsed_before = 0.0
