@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import hashlib
 import json
 import os
@@ -61,6 +62,7 @@ __all__ = [
     "CompiledModel",
     "cache_key",
     "compile_model",
+    "file_name",
     "pack",
     "parse_compile",
     "plan_compile",
@@ -204,7 +206,8 @@ def cache_key(
     }
 
 
-def _key_name(key: Mapping[str, Any]) -> str:
+def file_name(key: Mapping[str, Any]) -> str:
+    """The cache file's name for ``key``: a hash of it."""
     text = json.dumps(key, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(text.encode()).hexdigest()[:20] + _SUFFIX
 
@@ -345,7 +348,7 @@ class CompileCache:
     def _load(self, key: Mapping[str, Any]) -> CacheLoad:
         if not hasattr(torch.compiler, "load_cache_artifacts"):
             return CacheLoad(f"compile cache: off (torch {torch.__version__} cannot carry compiled artifacts)")
-        name = _key_name(key)
+        name = file_name(key)
         others: list[Path] = []
         for folder in (self.local, *self.mirrors):
             path = folder / name
@@ -426,7 +429,7 @@ class CompileCache:
             return f"compile cache: not saved, inductor's kernels could not be read ({exc})"
         self.parts.append(everything)
         blob = pack(key, [*self.loaded.parts, *self.parts], files)
-        name = _key_name(key)
+        name = file_name(key)
         try:
             self.local.mkdir(parents=True, exist_ok=True)
             _io.atomic_write_bytes(self.local / name, blob)
@@ -435,7 +438,7 @@ class CompileCache:
             return f"compile cache: could not be written to {self.local} ({exc}); the next run compiles afresh"
         self.saved_artifacts, self.saved_files = keys, frozenset(names)
         for mirror in self.mirrors:
-            self.lane.submit(lambda mirror=mirror: _copy(blob, mirror, name))
+            self.lane.submit(functools.partial(_copy, blob, mirror, name))
         return f"compile cache: saved {self.local / name} ({_io.human_bytes(len(blob))})"
 
     def close(self) -> None:

@@ -25,8 +25,10 @@ def check_channels_last(value: Any) -> bool | str:
     Raises:
         ArgumentError: Anything else.
     """
-    if value == "auto" or isinstance(value, bool):
-        return value  # type: ignore[no-any-return]
+    if isinstance(value, bool):
+        return value
+    if value == "auto":
+        return "auto"
     raise ArgumentError(
         f"channels_last={value!r} must be one of {', '.join(map(repr, CHOICES))} "
         "('auto': on for 2-D convolutions under bf16/fp16 on CUDA)"
