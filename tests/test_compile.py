@@ -19,17 +19,9 @@ import pytest
 import torch
 from torch.utils.data import TensorDataset
 
-from colabkit.errors import ArgumentError
-from colabkit.train.compiling import (
-    CACHE_FOLDER,
-    MODES,
-    DamagedCacheError,
-    file_name,
-    pack,
-    parse_compile,
-    plan_compile,
-    unpack,
-)
+from colabkit.checkpoint.compile_cache import CACHE_FOLDER, file_name, pack, unpack
+from colabkit.errors import ArgumentError, ChecksumError
+from colabkit.train.compiling import MODES, parse_compile, plan_compile
 from colabkit.train.layout import check_channels_last, use_channels_last
 from colabkit.train.loop import fit
 
@@ -135,13 +127,13 @@ def test_cache_files_carry_their_key_and_refuse_damage() -> None:
     assert file_name(key) == file_name(dict(reversed(key.items()))) != file_name({**key, "torch": "2.13"})
     flipped = bytearray(blob)
     flipped[-3] ^= 1
-    with pytest.raises(DamagedCacheError, match="sha256"):
+    with pytest.raises(ChecksumError, match="sha256"):
         unpack(bytes(flipped))
-    with pytest.raises(DamagedCacheError):
+    with pytest.raises(ChecksumError):
         unpack(blob[: len(blob) // 2])
-    with pytest.raises(DamagedCacheError, match="not a colabkit compile cache"):
+    with pytest.raises(ChecksumError, match="not a colabkit compile cache"):
         unpack(b"garbage")
-    with pytest.raises(DamagedCacheError, match="outside the cache folder"):
+    with pytest.raises(ChecksumError, match="outside the cache folder"):
         unpack(pack(key, [b""], [("../../etc/evil.so", b"x")]))
 
 

@@ -517,8 +517,7 @@ class _Trainer:
             precision=self.policy.name,
             channels_last=self.channels_last,
             batch_size=size,
-            directory=o.directory,
-            is_main=self.is_main,
+            cache=resume.open_compile_cache(o, is_main=self.is_main),
         )
         if self.compiled is not None:
             self.forward_model = self.compiled
