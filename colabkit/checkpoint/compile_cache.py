@@ -258,7 +258,10 @@ class CompileCache:
         """Write what this process compiled (if anything new) beside the checkpoints; returns a notice or ""."""
         if not self.writes or not hasattr(torch.compiler, "save_cache_artifacts"):
             return ""
-        result = torch.compiler.save_cache_artifacts()
+        try:
+            result = torch.compiler.save_cache_artifacts()
+        except Exception as exc:  # a cache that cannot be made only costs the next run a compile
+            return f"compile cache: not saved, torch could not serialise it ({type(exc).__name__}: {exc})"
         if result is None:
             return ""
         everything, info = result
