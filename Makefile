@@ -43,7 +43,7 @@ bench: venv
 notebooks: venv
 	$(PY) examples/_run_notebooks.py --out build/notebooks
 
-# The CUDA tests and bench/bench_gpu.py on one GPU (< 8 min), report in gpu-check-report.md.
+# The CUDA tests and bench/bench_gpu.py on one GPU (< 10 min), report in gpu-check-report.md.
 # Without a GPU it says so and succeeds. A GPU box without this .venv uses its own python3.
 GPU_PY = $(if $(wildcard $(PY)),$(PY),$(PYTHON))
 GPU_REPORT ?= gpu-check-report.md

@@ -24,8 +24,16 @@ included), which other load on a shared machine distorts far less than wall-cloc
 3. Resume start-up: time from the fit() call to the end of the first step when resuming
    from a ~100 MB checkpoint, minus the same for a fresh start. Target: < 2 s.
 
+4. Compile cache: ``fit(compile=True)`` on the small CNN of part 2 (batch 64 of 3x32x32), one
+   epoch, run in two fresh processes one after the other on one ``checkpoint_dir``. Each
+   process gets new, empty inductor and triton cache folders (``TORCHINDUCTOR_CACHE_DIR``,
+   ``TRITON_CACHE_DIR``, ``TRITON_HOME``), as a fresh Colab runtime after a disconnect has, so
+   the second finds compiled code only in the checkpoint folder's ``compile-cache/``. Compile
+   time is the first compiled step's wall time as fit's notice reports it. Target: second /
+   first <= 0.3.
+
 Run: ``.venv/bin/python bench/bench_fit.py`` (full), ``--quick``, or one part with
-``--only mlp|imagefolder|fixed|resume``.
+``--only mlp|imagefolder|fixed|resume|compile``.
 """
 
 from __future__ import annotations
@@ -34,8 +42,10 @@ import argparse
 import contextlib
 import io
 import os
+import re
 import resource
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -352,10 +362,49 @@ def imagefolder(images: int, epochs: int, rounds: int) -> None:
           + ", ".join(f"{o / r:.3f}" for o, r in zip(ours, raw, strict=True)) + ")")  # fmt: skip
 
 
+TARGET_COMPILE_RATIO = 0.3
+COMPILED_IN = re.compile(r"first step compiled in ([0-9.]+) s")
+
+
+def compile_child(folder: Path) -> None:
+    """One fresh process's fit(compile=True) (see part 4); its notices go to stdout."""
+    torch.set_num_threads(1)
+    x = torch.randn(256, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    y = torch.randint(0, CLASSES, (256,), generator=torch.Generator().manual_seed(1))
+    fit(make_cnn(), TensorDataset(x, y), batch_size=BATCH, compile=True, checkpoint_dir=folder, resume=False)
+
+
+def compile_cache(rounds: int) -> None:
+    print("compile cache: fit(compile=True), small CNN, two fresh processes with empty inductor/triton caches")
+    ratios = []
+    for _ in range(rounds):
+        with tempfile.TemporaryDirectory() as tmp:
+            seconds = []
+            for number in (1, 2):
+                env = dict(os.environ, PYTHONPATH=str(ROOT))
+                for name in ("TORCHINDUCTOR_CACHE_DIR", "TRITON_CACHE_DIR", "TRITON_HOME"):
+                    env[name] = str(Path(tmp, f"process{number}", name.lower()))
+                command = [sys.executable, __file__, "--compile-child", str(Path(tmp, "run"))]
+                done = subprocess.run(command, env=env, capture_output=True, text=True, check=True)
+                found = COMPILED_IN.search(done.stdout)
+                if found is None:
+                    raise SystemExit(f"no compile notice in the child's output:\n{done.stdout}\n{done.stderr[-2000:]}")
+                seconds.append(float(found.group(1)))
+                cache = [line for line in done.stdout.splitlines() if "compile cache:" in line]
+                print(f"  process {number}: first step compiled in {seconds[-1]:.1f} s; {' / '.join(cache)}")
+            ratios.append(seconds[1] / seconds[0])
+    ratio = statistics.median(ratios)
+    verdict = "met" if ratio <= TARGET_COMPILE_RATIO else "NOT met"
+    print(f"  second / first compile time: {ratio:.2f} (target <= {TARGET_COMPILE_RATIO}: {verdict})")
+
+
 def main() -> None:
+    if len(sys.argv) == 3 and sys.argv[1] == "--compile-child":
+        compile_child(Path(sys.argv[2]))
+        return
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="fewer steps and rounds (a smoke run)")
-    parser.add_argument("--only", choices=["mlp", "imagefolder", "fixed", "resume"], help="run one part")
+    parser.add_argument("--only", choices=["mlp", "imagefolder", "fixed", "resume", "compile"], help="run one part")
     parser.add_argument("--rounds", type=int, help="interleaved rounds (default 9, 1 with --quick)")
     args = parser.parse_args()
     torch.set_num_threads(1)
@@ -365,6 +414,7 @@ def main() -> None:
         "imagefolder": lambda: imagefolder(images=512 if args.quick else 4096, epochs=2, rounds=rounds),
         "fixed": lambda: fixed_overhead(rounds=rounds),
         "resume": lambda: resume_startup(size_mb=10 if args.quick else 100),
+        "compile": lambda: compile_cache(rounds=1 if args.quick or args.rounds is None else args.rounds),
     }
     for name, part in parts.items():
         if args.only in (None, name):

@@ -23,6 +23,17 @@ loop's; fit (fast path) >= 2x its images/s.
 Without a GPU it says so and exits 0. ``--cpu-smoke`` runs all three on the CPU with 16 samples
 of 3x8x8 and fp32 to check the script itself works (the numbers then mean nothing).
 
+Compiled training and memory format (``compile_runs``, issue 19), on the fast path with fit's
+defaults (bf16 or fp16 as the GPU does best, channels_last "auto"), the same SGD and batch:
+
+4. ``fit eager``: no compiling; 5. ``fit reduce-overhead``: ``compile="reduce-overhead"`` (CUDA
+   graphs), its last epoch timed, so compiling is not in it. Target: >= 2.5x fit eager's images/s.
+6. ``fit channels_last=False``: eager with channels-last off, against 4 where "auto" turned it on.
+7. Rerun compile time: ``compile="reduce-overhead"`` in two fresh processes on one
+   ``checkpoint_dir``, each with new, empty inductor and triton cache folders (a fresh runtime
+   after a disconnect); the second loads the compile cache the first saved. Compile time is the
+   first compiled step's wall time from fit's notice. Target: second / first <= 0.3.
+
 Run: ``python bench/bench_gpu.py [--json numbers.json]``.
 """
 
@@ -33,6 +44,9 @@ import contextlib
 import gc
 import io
 import json
+import os
+import re
+import subprocess
 import sys
 import tempfile
 import time
@@ -53,6 +67,9 @@ from colabkit.train.loop import fit  # noqa: E402
 SAMPLES, BATCH, CLASSES = 50_000, 128, 10
 TARGET_LOADER_RATIO = 1.0  # fit (DataLoader) epoch time / hand-written epoch time, at most
 TARGET_FAST_SPEEDUP = 2.0  # fit (fast path) images/s / hand-written images/s, at least
+TARGET_GRAPH_SPEEDUP = 2.5  # fit reduce-overhead images/s / fit eager images/s, at least
+TARGET_RERUN_COMPILE = 0.3  # a fresh process's compile time with the cache / without, at most
+COMPILED_IN = re.compile(r"first step compiled in ([0-9.]+) s")
 
 
 def resnet18_cifar() -> torch.nn.Module:
@@ -176,12 +193,114 @@ def measure(name: str, run: Callable[[], list[float]], device: torch.device, sam
     }
 
 
+def fit_defaults(
+    x: torch.Tensor, y: torch.Tensor, *, device: torch.device, epochs: int, batch: int, **options: Any
+) -> list[float]:
+    """fit on the fast path with its defaults (precision, channels_last "auto") and ``options``."""
+    model = resnet18_cifar().to(device)
+    ends = EpochEnds(device)
+    quiet = contextlib.redirect_stderr(io.StringIO()), contextlib.redirect_stdout(io.StringIO())
+    with quiet[0], quiet[1]:
+        fit(
+            model,
+            TensorDataset(x, y),
+            epochs=epochs,
+            batch_size=batch,
+            optimizer=make_optimizer(model),
+            device=device,
+            metrics=(),
+            progress=True,
+            callbacks=[ends],
+            **options,
+        )
+    return ends.ends
+
+
+def compile_child(folder: Path, samples: int, side: int, mode: str) -> None:
+    """One fresh process's compiled fit (run 7); fit's notices go to stdout."""
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    x, y = make_data(samples, side)
+    model = resnet18_cifar()
+    fit(
+        model,
+        TensorDataset(x, y),
+        batch_size=min(BATCH, samples),
+        optimizer=make_optimizer(model),
+        device=device,
+        metrics=(),
+        compile=mode,
+        checkpoint_dir=folder,
+        resume=False,
+    )
+
+
+def rerun_compile(samples: int, side: int, mode: str) -> dict[str, Any]:
+    """Compile seconds of two fresh processes with empty compile caches, the second with the cache (run 7)."""
+    seconds = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for number in (1, 2):
+            env = dict(os.environ, PYTHONPATH=str(ROOT))
+            for name in ("TORCHINDUCTOR_CACHE_DIR", "TRITON_CACHE_DIR", "TRITON_HOME"):
+                env[name] = str(Path(tmp, f"process{number}", name.lower()))
+            command = [
+                sys.executable,
+                __file__,
+                "--compile-child",
+                str(Path(tmp, "run")),
+                str(samples),
+                str(side),
+                mode,
+            ]
+            done = subprocess.run(command, env=env, capture_output=True, text=True, check=False)
+            found = COMPILED_IN.search(done.stdout)
+            if done.returncode != 0 or found is None:
+                return {"error": f"process {number} failed: {done.stdout[-500:]} {done.stderr[-1500:]}"}
+            seconds.append(float(found.group(1)))
+            print(f"  rerun compile, process {number}: {seconds[-1]:.1f} s", flush=True)
+    return {"first_s": seconds[0], "second_s": seconds[1], "ratio": round(seconds[1] / seconds[0], 3)}
+
+
+def compile_runs(
+    x: torch.Tensor, y: torch.Tensor, *, device: torch.device, epochs: int, batch: int, side: int
+) -> dict[str, Any]:
+    """Runs 4-7: compiled training against eager, channels_last on and off, the rerun's compile time."""
+    common = {"device": device, "epochs": epochs, "batch": batch}
+    samples = len(x)
+    mode = "reduce-overhead"
+    runs = {
+        "fit eager": measure("fit eager", lambda: fit_defaults(x, y, **common), device, samples),
+        f"fit {mode}": measure(f"fit {mode}", lambda: fit_defaults(x, y, compile=mode, **common), device, samples),
+        "fit channels_last=False": measure(
+            "fit channels_last=False", lambda: fit_defaults(x, y, channels_last=False, **common), device, samples
+        ),
+    }
+    eager = runs["fit eager"]["images_per_s"]
+    for numbers in runs.values():
+        numbers["vs_eager"] = round(numbers["images_per_s"] / eager, 3)
+    rerun = rerun_compile(min(samples, 4 * batch), side, mode)
+    checks = {
+        f"fit {mode} vs eager >= {TARGET_GRAPH_SPEEDUP}": runs[f"fit {mode}"]["vs_eager"] >= TARGET_GRAPH_SPEEDUP,
+        f"rerun compile time ratio <= {TARGET_RERUN_COMPILE}": rerun.get("ratio", 99.0) <= TARGET_RERUN_COMPILE,
+    }
+    print(f"  {'run':26s} {'images/s':>10s} {'vs eager':>9s}")
+    for name, n in runs.items():
+        print(f"  {name:26s} {n['images_per_s']:10.0f} {n['vs_eager']:9.2f}")
+    print(f"  rerun compile: {rerun}")
+    for check, ok in checks.items():
+        print(f"  target {check}: {'met' if ok else 'NOT met'}")
+    return {"runs": runs, "rerun": rerun, "targets": checks}
+
+
 def main() -> int:
+    if len(sys.argv) == 6 and sys.argv[1] == "--compile-child":
+        compile_child(Path(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), sys.argv[5])
+        return 0
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--epochs", type=int, default=2, help="epochs per run; the last one is timed (default 2)")
     parser.add_argument("--samples", type=int, default=SAMPLES)
     parser.add_argument("--json", type=Path, help="also write the numbers to this file")
     parser.add_argument("--cpu-smoke", action="store_true", help="check the script on the CPU with a few samples")
+    parser.add_argument("--skip-compile", action="store_true", help="leave out the compiled-training runs (4-7)")
     args = parser.parse_args()
     if args.cpu_smoke:
         # 8x8 images: the same code paths at a sixteenth of the compute, so the test suite can afford it.
@@ -222,6 +341,9 @@ def main() -> int:
     }
     for check, ok in checks.items():
         print(f"  target {check}: {'met' if ok else 'NOT met'}")
+    compiled = None
+    if not args.skip_compile and not args.cpu_smoke:  # compiling on the CPU takes minutes: GPU only
+        compiled = compile_runs(x, y, side=side, **common)
     if args.json is not None:
         report = {
             "device": name,
@@ -233,6 +355,7 @@ def main() -> int:
             "smoke": args.cpu_smoke,
             "runs": runs,
             "targets": checks,
+            "compile": compiled,
         }
         args.json.write_text(json.dumps(report, indent=2))
     return 0

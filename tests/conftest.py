@@ -122,6 +122,8 @@ def _guard(request: pytest.FixtureRequest) -> Iterator[None]:
 
     problems: list[str] = []
     if "threads" not in allowed:
+        if "compile_caches" in request.fixturenames:
+            threads |= {t for t in threading.enumerate() if t.name.startswith(COMPILE_POOL_THREADS)}
         leaked = _leaked_threads(threads)
         if leaked:
             problems.append(f"threads still running: {', '.join(leaked)}")
@@ -156,6 +158,37 @@ def _fresh_colabkit_state() -> Iterator[None]:
         device._checked.clear()  # type: ignore[attr-defined]
     yield
     _notify.reset_once()
+
+
+#: What torch.compile and triton write or set: their caches, and the ptxas triton is pointed at.
+COMPILE_CACHE_VARS = ("TORCHINDUCTOR_CACHE_DIR", "TRITON_CACHE_DIR", "TRITON_HOME")
+COMPILE_SET_VARS = ("TRITON_PTXAS_PATH", "_TORCHINDUCTOR_PYOBJECT_TENSOR_DATA_PTR")
+#: inductor's process-wide pool for compiling kernels: its worker threads live until the process exits.
+COMPILE_POOL_THREADS = "ThreadPoolExecutor-"
+
+
+@pytest.fixture(scope="session")
+def _compile_cache_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    # One folder for the session: a graph one test compiled is a cache hit for the next.
+    return tmp_path_factory.mktemp("compile-caches")
+
+
+@pytest.fixture
+def compile_caches(_compile_cache_root: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """For tests that compile: inductor's and triton's caches in a temporary folder, not /tmp or ~/.triton.
+
+    torch sets ``TRITON_PTXAS_PATH`` (CUDA) and inductor ``TORCHINDUCTOR_CACHE_DIR`` on first
+    use; monkeypatch puts every one of them back at teardown, before the leak guard looks.
+    Returns the inductor cache folder.
+    """
+    for name in COMPILE_CACHE_VARS:
+        folder = _compile_cache_root / name.lower()
+        folder.mkdir(exist_ok=True)
+        monkeypatch.setenv(name, str(folder))
+    for name in COMPILE_SET_VARS:
+        monkeypatch.setenv(name, "")  # recorded as it was (unset, usually), so teardown puts it back
+        monkeypatch.delenv(name)
+    return _compile_cache_root / "torchinductor_cache_dir"
 
 
 @pytest.fixture

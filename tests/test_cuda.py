@@ -309,7 +309,7 @@ def test_channels_last_trains() -> None:
     assert _loss_fell(history), [r["loss"] for r in history]
 
 
-def test_compile_trains() -> None:
+def test_compile_trains(compile_caches: Path) -> None:
     pytest.importorskip("triton", reason="torch.compile on CUDA needs triton")
     from torch._dynamo.utils import counters
 
@@ -321,6 +321,32 @@ def test_compile_trains() -> None:
     history = fit(model, images(), epochs=3, batch_size=32, lr=3e-2, seed=0, compile=True, progress=False)
     assert counters["stats"]["unique_graphs"] >= 1  # the forward pass really went through the compiler
     assert _loss_fell(history), [r["loss"] for r in history]
+
+
+def test_reduce_overhead_with_accumulation_and_a_partial_batch_matches_eager(compile_caches: Path) -> None:
+    """CUDA graphs: gradients accumulate in stable buffers, the last partial batch runs eagerly."""
+    pytest.importorskip("triton", reason="torch.compile on CUDA needs triton")
+    from colabkit.train.loop import fit
+
+    eager, graphed = SmallCNN(), SmallCNN()
+    options = {"epochs": 2, "batch_size": 32, "grad_accum": 2, "lr": 3e-2, "seed": 0, "precision": "fp32"}
+    fit(eager, images(240), **options, progress=False)
+    history = fit(graphed, images(240), **options, compile="reduce-overhead", progress=False)
+    assert history.stop_reason == "completed"
+    for a, b in zip(eager.parameters(), graphed.parameters(), strict=True):
+        assert torch.allclose(a, b, atol=1e-4), (a - b).abs().max()
+
+
+def test_channels_last_is_on_by_default_for_convolutions_under_bf16() -> None:
+    from colabkit.train.loop import fit
+
+    model = SmallCNN()
+    fit(model, images(64), batch_size=32, precision="bf16", seed=0, progress=False)
+    assert model.conv.weight.is_contiguous(memory_format=torch.channels_last)
+    assert model.channels_last_inputs == {True}
+    off = SmallCNN()
+    fit(off, images(64), batch_size=32, precision="bf16", seed=0, channels_last=False, progress=False)
+    assert off.channels_last_inputs == {False}
 
 
 # ----------------------------------------------------------------------------- GPU helpers

@@ -76,8 +76,10 @@ from colabkit.train.batches import (
 from colabkit.train.budget import TimeBudget
 from colabkit.train.cadence import MAX_BUFFER, Cadence
 from colabkit.train.callbacks import Callback, EarlyStopping, FitContext
+from colabkit.train.compiling import compile_model
 from colabkit.train.datapath import Batches, evaluation_batches, training_batches, validation_batches
 from colabkit.train.history import History
+from colabkit.train.layout import use_channels_last
 from colabkit.train.metrics import Totals, check_metrics, resolve_metrics
 from colabkit.train.oom import batch_length, is_out_of_memory, split_batch
 from colabkit.train.optim import make_optimizer, make_scheduler
@@ -126,8 +128,8 @@ def fit(
     progress: bool = True,
     hints: bool | Iterable[str] = True,
     seed: int | None = None,
-    compile: bool = False,
-    channels_last: bool = False,
+    compile: bool | str = False,
+    channels_last: bool | str = "auto",
 ) -> History:
     """Train ``model`` on ``train``; resumes by itself from ``checkpoint_dir``.
 
@@ -186,8 +188,13 @@ def fit(
             against the session's end on Colab and Kaggle.
         seed: Seed for python, numpy and torch, data order and augmentation; saved in the
             checkpoint (without it, one is derived from torch's initial seed).
-        compile: Run the model through ``torch.compile``.
-        channels_last: Use channels-last memory format for the model and 4-D inputs.
+        compile: Run the model through ``torch.compile``: False, True (its default mode),
+            ``"reduce-overhead"`` (CUDA graphs; the default mode off CUDA) or ``"max-autotune"``.
+            Full batches run compiled, a smaller last batch eagerly (no recompile). With
+            ``checkpoint_dir`` the compiled artifacts are saved in its ``compile-cache/``
+            folder, so a rerun in a fresh runtime skips most of the compiling.
+        channels_last: Channels-last memory format for the model and 4-D inputs: ``"auto"``
+            (on for models with 2-D convolutions under bf16/fp16 on CUDA), True or False.
 
     Rerunning with other settings: the checkpoint records what the run was trained with,
     and each setting that differs is reported and handled as follows (start over with
@@ -420,7 +427,10 @@ class _Trainer:
 
         # 2. Model, optimizer, scheduler and scaler on the device; then the data is placed.
         model.to(self.device)
-        if o.channels_last:
+        self.channels_last = use_channels_last(
+            o.channels_last, model=model, device=self.device, precision=self.policy.name
+        )
+        if self.channels_last:
             model.to(memory_format=torch.channels_last)
         self.optimizer = make_optimizer(o.optimizer, model, o.lr)
         self.scheduler, self.per_step_scheduler = make_scheduler(o.scheduler, self.optimizer)
@@ -446,8 +456,6 @@ class _Trainer:
             )
             # 5. What runs the forward pass: DDP and/or torch.compile around the model.
             self.forward_model = _dist.wrap_model(model, self.dist, self.device)
-            if o.compile:
-                self.forward_model = torch.compile(self.forward_model)
         except BaseException:
             if self.manager is not None:
                 self.manager.__exit__(*sys.exc_info())
@@ -464,6 +472,23 @@ class _Trainer:
             monitored=self._monitored(),
         )
         self.report.watch_for(self.state.history, self.train)
+        # 6. torch.compile around what runs the forward pass (colabkit.train.compiling), its cache by the checkpoints.
+        self.compiled = compile_model(
+            self.forward_model,
+            o.compile,
+            model=model,
+            device=self.device,
+            precision=self.policy.name,
+            channels_last=self.channels_last,
+            batch_size=self.train.batch_size,
+            cache=resume.open_compile_cache(o, is_main=self.dist.is_main),
+        )
+        if self.compiled is not None:
+            self.forward_model = self.compiled
+
+    def _say_lines(self, message: str) -> None:
+        for line in message.splitlines():
+            self.report.say(line)
 
     def _monitored(self) -> tuple[str, ...]:
         names = ["loss", *(name for name, _ in self.o.metric_fns)]
@@ -482,6 +507,8 @@ class _Trainer:
             cleanup.callback(_dist.barrier)
             if self.manager is not None:
                 cleanup.enter_context(self.manager)
+            if self.compiled is not None:
+                cleanup.callback(self.compiled.close)
             with save_on_signal() as self.cadence.signal, report.bars:
                 done = self.cadence.finished(state.pos.epoch, state.pos.step)
                 if done:
@@ -549,6 +576,8 @@ class _Trainer:
         state = self.state
         while True:
             mark = state.totals.mark()
+            if self.compiled is not None:
+                self.compiled.set_chunks(state.backoff.chunks)
             try:
                 samples = self._accumulate(group)
                 break
@@ -570,11 +599,14 @@ class _Trainer:
             self.scaler.update()
         else:
             self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)  # frees the gradients' memory until the next backward
+        # Frees the gradients' memory until the next backward (CUDA graphs: zeroed in place, see compiling).
+        self.optimizer.zero_grad(set_to_none=self.compiled is None or not self.compiled.keeps_grads)
         if self.per_step_scheduler:
             self.scheduler.step()
         state.pos.step += 1
         state.pos.samples += samples
+        if self.compiled is not None:
+            self._say_lines(self.compiled.after_step())
 
     def _accumulate(self, group: list[Any]) -> int:
         """Forward and backward of every batch in ``group``, in micro-batches after an OOM; returns the samples.
@@ -590,7 +622,7 @@ class _Trainer:
             if self.device.type != "cpu":
                 batch = _device.to_device(batch, self.device)
             inputs, target = inputs_and_targets(batch)
-            if self.o.channels_last:
+            if self.channels_last:
                 inputs = to_channels_last(inputs)
             samples = batch_length(target) or batch_length(inputs) or 1
             pieces = [((inputs, target), samples)] if chunks == 1 else split_batch((inputs, target), chunks, samples)
@@ -684,6 +716,8 @@ class _Trainer:
         self.report.check_session()
         if save:
             self._save(metrics=record)
+        if self.compiled is not None:
+            self._say_lines(self.compiled.save_cache())  # validation's graphs, compiled this epoch
         self.report.say_finish(pos, epoch_length=self.epoch_length, now=clock())
         state.new_epoch()
         return reason

@@ -16,7 +16,9 @@ from colabkit import _notify
 from colabkit.errors import ArgumentError
 from colabkit.train.batches import check_loss_fn
 from colabkit.train.callbacks import EarlyStopping
+from colabkit.train.compiling import parse_compile
 from colabkit.train.hints import resolve_hints
+from colabkit.train.layout import check_channels_last
 from colabkit.train.metrics import resolve_metrics
 
 __all__ = [
@@ -104,8 +106,8 @@ class FitOptions:
     progress: bool
     hints: Any
     seed: int | None
-    compile: bool
-    channels_last: bool
+    compile: Any  # after checking: the mode name, or None (see colabkit.train.compiling)
+    channels_last: bool | str
     has_val: dataclasses.InitVar[bool] = False
 
     # Derived from the arguments above in __post_init__.
@@ -151,8 +153,8 @@ class FitOptions:
         self.hint_names = resolve_hints(self.hints)
         if self.seed is not None and (not is_int(self.seed) or not 0 <= self.seed < 2**32):
             raise ArgumentError(f"seed={self.seed!r} must be None or an integer between 0 and 2**32 - 1, e.g. seed=42")
-        self.compile = bool(self.compile)
-        self.channels_last = bool(self.channels_last)
+        self.compile = parse_compile(self.compile)
+        self.channels_last = check_channels_last(self.channels_last)
 
 
 def _at_least(name: str, value: Any, low: int, example: str) -> None:

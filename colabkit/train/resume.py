@@ -17,6 +17,7 @@ import torch
 from colabkit import _io, _notify
 from colabkit import device as _device
 from colabkit.checkpoint import CheckpointManager, load_checkpoint, restore_state, weights_problems
+from colabkit.checkpoint.compile_cache import CompileCache
 from colabkit.errors import CheckpointMismatchError
 from colabkit.train import distributed as _dist
 from colabkit.train import recipe as recipe_module
@@ -29,6 +30,7 @@ __all__ = [
     "checkpoint",
     "describe_run",
     "find_checkpoint",
+    "open_compile_cache",
     "open_manager",
     "restore_run",
     "restore_weights",
@@ -58,6 +60,16 @@ def open_manager(options: FitOptions, *, is_main: bool, model: torch.nn.Module) 
         manager.close()
         raise
     return manager
+
+
+def open_compile_cache(options: FitOptions, *, is_main: bool) -> CompileCache | None:
+    """The compile cache beside ``checkpoint_dir``'s checkpoints (None without one, or when not compiling).
+
+    Every rank reads it; rank 0 writes it.
+    """
+    if options.directory is None or options.compile is None:
+        return None
+    return CompileCache.beside(options.directory, writes=is_main)
 
 
 def _check_room(manager: CheckpointManager, model: torch.nn.Module) -> None:
