@@ -45,6 +45,7 @@ __all__ = [
     "dataloader_reason",
     "for_evaluation",
     "for_training",
+    "loader_reason",
     "path_notice",
 ]
 
@@ -101,9 +102,11 @@ def dataloader_reason(data: Any, *, device: torch.device, ordered: bool = False)
     """
     if not isinstance(data, DataLoader):
         return _dataset_reason(data, device)
-    reason = _dataset_reason(data.dataset, device)
-    if reason is not None:
-        return reason
+    return _dataset_reason(data.dataset, device) or loader_reason(data, ordered=ordered)
+
+
+def loader_reason(data: DataLoader, *, ordered: bool = False) -> str | None:  # type: ignore[type-arg]
+    """Why the options of the DataLoader ``data`` keep the DataLoader path (whatever its dataset), or None."""
     if data.batch_size is None or type(data.batch_sampler) is not BatchSampler:
         return "the loader has a custom batch_sampler (or batch_size=None)"
     if data.collate_fn is not default_collate:
@@ -247,13 +250,19 @@ class _PinnedStaging:
 def for_training(
     data: Any, resumable: ResumableLoader, device: torch.device, *, argument: str = "train"
 ) -> TensorBatches | None:
-    """The fast path for fit()'s training data, following ``resumable``'s sampler; None keeps the DataLoader."""
+    """The fast path for fit()'s training data, following ``resumable``'s sampler; None keeps the DataLoader.
+
+    In-memory tensors give :class:`TensorBatches`; in-memory image datasets whose transform
+    translates give :class:`~colabkit.train.imagebatches.ImageBatches`.
+    """
     data = as_dataset(data, argument)
-    if dataloader_reason(data, device=device) is not None:
-        return None
     sampler = resumable.batch_sampler
     if not isinstance(sampler, ResumableBatchSampler):
         return None
+    if dataloader_reason(data, device=device) is not None:
+        from colabkit.train.imagebatches import image_batches  # imports this module
+
+        return image_batches(data, sampler, device)
     dataset: TensorDataset = data.dataset if isinstance(data, DataLoader) else data  # type: ignore[assignment]
     return TensorBatches(dataset.tensors, sampler, device)
 
@@ -270,7 +279,9 @@ def for_evaluation(data: Any, *, batch_size: int, device: torch.device, argument
     """
     data = as_dataset(data, argument)
     if dataloader_reason(data, device=device, ordered=True) is not None:
-        return None
+        from colabkit.train.imagebatches import image_batches_for_evaluation  # imports this module
+
+        return image_batches_for_evaluation(data, batch_size=batch_size, device=device)
     dataset: TensorDataset
     if isinstance(data, DataLoader):
         dataset, size, drop_last = data.dataset, int(data.batch_size), data.drop_last  # type: ignore[assignment, arg-type]
@@ -284,5 +295,8 @@ def path_notice(data: Any, batches: Any, device: torch.device, *, ordered: bool 
     """Which path ``batches`` (made from ``data``) takes, for the progress notice."""
     if isinstance(batches, TensorBatches):
         return batches.describe()
-    reason = dataloader_reason(as_dataset(data, "data"), device=device, ordered=ordered)
+    from colabkit.train.imagebatches import image_reason  # imports this module
+
+    data = as_dataset(data, "data")
+    reason = image_reason(data, ordered=ordered) or dataloader_reason(data, device=device, ordered=ordered)
     return f"DataLoader path, since {reason}" if reason else "DataLoader path"
