@@ -339,11 +339,13 @@ def _resample(
     size: tuple[int, int],
     *,
     as_uint8: bool,
+    whole: bool = False,
 ) -> torch.Tensor:
-    """Crop ``box`` (top, left, height, width per sample) and resize it to ``size``: horizontal pass, then vertical.
+    """Crop ``box`` (top, left, height, width per sample, or one for all) and resize it to ``size``, an axis at a time.
 
     uint8 images follow Pillow: weights rounded to 22-bit fixed point, each pass rounded and
-    clipped to 8 bits (computed in float64, where these integer sums are exact).
+    clipped to 8 bits (computed in float64, where these integer sums are exact), the cheaper
+    pass first.
     """
     top, left, height, width = box
     _, _, h, w = images.shape
@@ -351,11 +353,24 @@ def _resample(
         scale = float(1 << _PRECISION_BITS)
         across = (_filter_weights(left, width, size[1], w, torch.float64) * scale + 0.5).floor()
         down = (_filter_weights(top, height, size[0], h, torch.float64) * scale + 0.5).floor()
-        work = images.to(torch.float64)
-        work = torch.matmul(work, across[:, None].transpose(-1, -2))
-        work = ((work + scale / 2) / scale).floor().clamp_(0, 255)
-        work = torch.matmul(down[:, None], work)
-        return ((work + scale / 2) / scale).floor().clamp_(0, 255).to(torch.uint8)
+
+        def horizontal(work: torch.Tensor) -> torch.Tensor:
+            work = torch.matmul(work, across[:, None].transpose(-1, -2))
+            return ((work + scale / 2) / scale).floor().clamp_(0, 255)
+
+        def vertical(work: torch.Tensor) -> torch.Tensor:
+            work = torch.matmul(down[:, None], work)
+            return ((work + scale / 2) / scale).floor().clamp_(0, 255)
+
+        # Pillow runs the cheaper pass first: vertical when in_w * out_h < out_w * in_h.
+        pixels = images.to(torch.float64)
+        if whole:  # the whole image, for every sample
+            first_down = w * size[0] < size[1] * h
+            mixed = horizontal(vertical(pixels)) if first_down else vertical(horizontal(pixels))
+        else:  # crops of different shapes: each sample takes its own order
+            down_first = (width * size[0] < size[1] * height).reshape(-1, 1, 1, 1)
+            mixed = torch.where(down_first, horizontal(vertical(pixels)), vertical(horizontal(pixels)))
+        return mixed.to(torch.uint8)
     across = _filter_weights(left, width, size[1], w, images.dtype)  # (N, out_w, W)
     down = _filter_weights(top, height, size[0], h, images.dtype)  # (N, out_h, H)
     out = torch.matmul(images, across[:, None].transpose(-1, -2))  # (N, C, H, out_w)
@@ -375,8 +390,9 @@ class Resize(Op):
         target = resized_size(self.size, self.max_size, h, w)
         if target == (h, w):
             return images
-        box = (_fixed(0, images), _fixed(0, images), _fixed(h, images), _fixed(w, images))
-        return _resample(images, box, target, as_uint8=not images.is_floating_point())
+        zero = torch.zeros(1, dtype=torch.long, device=images.device)  # one box, broadcast to every sample
+        box = (zero, zero, zero + h, zero + w)
+        return _resample(images, box, target, as_uint8=not images.is_floating_point(), whole=True)
 
 
 class RandomResizedCrop(Op):
