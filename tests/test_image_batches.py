@@ -7,25 +7,25 @@ bench/torchvision_files.py), or built the way their loaders build them.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import pytest
 import torch
 from torch.utils.data import DataLoader, Subset, default_collate
 
 pytest.importorskip("torchvision")
-from torchvision import datasets  # noqa: E402
-from torchvision import transforms as T  # noqa: E402
-from torchvision.transforms import v2  # noqa: E402
+from torchvision import datasets
+from torchvision import transforms as T
+from torchvision.transforms import v2
 
-from bench.torchvision_files import write_cifar10, write_mnist  # noqa: E402
-from colabkit.data.images.array import ImageArray  # noqa: E402
-from colabkit.data.images.inmemory import in_memory_images  # noqa: E402
-from colabkit.train.fastpath import TensorBatches, for_evaluation  # noqa: E402
-from colabkit.train.imagebatches import ImageBatches, image_batches  # noqa: E402
-from colabkit.train.loop import evaluate, fit, predict  # noqa: E402
-from colabkit.train.state import ResumableBatchSampler  # noqa: E402
-from tests.witness import StepLog  # noqa: E402
+from bench.torchvision_files import write_cifar10, write_mnist
+from colabkit.data.images.array import ImageArray
+from colabkit.data.images.inmemory import in_memory_images
+from colabkit.train.fastpath import TensorBatches, for_evaluation
+from colabkit.train.imagebatches import ImageBatches, image_batches
+from colabkit.train.loop import evaluate, fit, predict
+from colabkit.train.state import ResumableBatchSampler
+from tests.witness import StepLog
 
 CPU = torch.device("cpu")
 NORMALIZE = T.Compose([T.ToTensor(), T.Normalize((0.5,), (0.25,))])
@@ -41,9 +41,9 @@ def pixels(count: int, *shape: int, seed: int = 0) -> torch.Tensor:
 class LocalCIFAR10(datasets.CIFAR10):
     """CIFAR10 reading files that are not the published ones: no md5 sums to check (CIFAR10's own code)."""
 
-    train_list = [[f"data_batch_{i}", None] for i in range(1, 6)]
-    test_list = [["test_batch", None]]
-    meta = {"filename": "batches.meta", "key": "label_names", "md5": None}
+    train_list: ClassVar[list[list[str | None]]] = [[f"data_batch_{i}", None] for i in range(1, 6)]
+    test_list: ClassVar[list[list[str | None]]] = [["test_batch", None]]
+    meta: ClassVar[dict[str, str | None]] = {"filename": "batches.meta", "key": "label_names", "md5": None}
 
 
 def fashion(root: Path, count: int = 40, transform: Any = NORMALIZE) -> Any:
@@ -93,7 +93,9 @@ def test_cifar10_read_from_its_pickles_with_a_v2_pipeline(tmp_path: Path) -> Non
 
 @pytest.mark.parametrize("kind", [datasets.SVHN, datasets.STL10])
 def test_channels_first_datasets(kind: type) -> None:
-    dataset = built(kind, data=pixels(20, 3, 12, 10).numpy(), labels=(torch.arange(20) % 10).numpy(), transform=NORMALIZE)
+    dataset = built(
+        kind, data=pixels(20, 3, 12, 10).numpy(), labels=(torch.arange(20) % 10).numpy(), transform=NORMALIZE
+    )
     assert_batches_are_the_samples(dataset)
 
 

@@ -105,7 +105,7 @@ def dataloader_reason(data: Any, *, device: torch.device, ordered: bool = False)
     return _dataset_reason(data.dataset, device) or loader_reason(data, ordered=ordered)
 
 
-def loader_reason(data: DataLoader, *, ordered: bool = False) -> str | None:  # type: ignore[type-arg]
+def loader_reason(data: DataLoader, *, ordered: bool = False) -> str | None:
     """Why the options of the DataLoader ``data`` keep the DataLoader path (whatever its dataset), or None."""
     if data.batch_size is None or type(data.batch_sampler) is not BatchSampler:
         return "the loader has a custom batch_sampler (or batch_size=None)"

@@ -128,7 +128,8 @@ def image_batches_for_evaluation(data: Any, *, batch_size: int, device: torch.de
     if parts is None or isinstance(parts, str):
         return None
     images, pipeline = parts
-    size, drop_last = (int(data.batch_size), data.drop_last) if isinstance(data, DataLoader) else (batch_size, False)
+    size, drop_last = (data.batch_size, data.drop_last) if isinstance(data, DataLoader) else (batch_size, False)
+    assert size is not None  # a DataLoader without batch_size keeps the DataLoader path
     sampler = ResumableBatchSampler(len(images), size, shuffle=False, drop_last=drop_last)
     return ImageBatches(images, pipeline, sampler, device, dataset=_dataset(data))
 

@@ -104,7 +104,7 @@ def _whole(dataset: Any) -> InMemoryImages | str:
     labels = getattr(dataset, label_name, None)
     if labels is None:
         return f"{kind.__name__} has no labels"
-    data = getattr(dataset, "data", None)
+    data: Any = getattr(dataset, "data", None)
     if str(getattr(data, "dtype", "")) not in ("uint8", "torch.uint8"):
         return f"{kind.__name__}.data is not uint8"
     labels = _as_tensor(labels)

@@ -11,9 +11,13 @@ drawn parameters:
 * resizing is the antialiased triangle filter PIL and torch use, written as two
   matrix products per sample (no host round trip for per-sample crop boxes): on
   float tensors it matches ``torch.nn.functional.interpolate(antialias=True)``
-  to float rounding; where torchvision resizes a PIL image (or a uint8 tensor)
-  the result is rounded to uint8 after each pass as PIL does, and may differ
-  from PIL's fixed-point arithmetic by one grey level on a few pixels.
+  to float rounding; where torchvision resizes a PIL image it is Pillow's
+  fixed-point arithmetic (22-bit weights, 8-bit rounding after the horizontal
+  pass, then the vertical one): bitwise equal to Pillow up to 12, while Pillow
+  13, which runs the vertical pass first when the height shrinks much more than
+  the width (its PR #9549), then differs by one grey level on some pixels. A
+  uint8 tensor is resized the same way (torch's own uint8 kernel may also
+  differ from it by one level).
 
 The "PIL stage" of a pipeline is the part before ``ToTensor`` /
 ``PILToTensor`` / ``ToImage``: the batch is still uint8 ``(N, C, H, W)`` but
@@ -38,7 +42,6 @@ import torch
 
 __all__ = [
     "CenterCrop",
-    "erase",
     "Grayscale",
     "Normalize",
     "Pad",
@@ -50,6 +53,7 @@ __all__ = [
     "Resize",
     "SampleKeys",
     "ToFloat",
+    "erase",
     "hash32",
     "resized_size",
 ]
@@ -187,7 +191,7 @@ class Op:
 
 
 class ToFloat(Op):
-    """uint8 to float: ``ToTensor`` / ``ConvertImageDtype`` divide by 255, ``ToDtype(scale=True)`` multiplies by 1/255."""
+    """To float: ``ToTensor`` and ``ConvertImageDtype`` divide by 255, ``ToDtype(scale=True)`` multiplies by 1/255."""
 
     def __init__(self, describe: str, dtype: torch.dtype = torch.float32, *, rule: str = "div") -> None:
         super().__init__(describe)
@@ -260,9 +264,7 @@ class RandomCrop(Op):
 
     def __call__(self, images: torch.Tensor, keys: SampleKeys) -> torch.Tensor:
         top, left = self.params(images.shape, keys)
-        return _window(
-            images, top, left, *self.size, pad=(self.top, self.left), mode=self.mode, fill=self.fill
-        )
+        return _window(images, top, left, *self.size, pad=(self.top, self.left), mode=self.mode, fill=self.fill)
 
 
 class CenterCrop(Op):
@@ -277,10 +279,17 @@ class CenterCrop(Op):
         th, tw = self.size
         pad_top, pad_left = max(0, (th - h) // 2), max(0, (tw - w) // 2)
         padded_h, padded_w = max(h, th), max(w, tw)
-        top = int(round((padded_h - th) / 2.0))
-        left = int(round((padded_w - tw) / 2.0))
+        top = round((padded_h - th) / 2.0)
+        left = round((padded_w - tw) / 2.0)
         return _window(
-            images, _fixed(top, images), _fixed(left, images), th, tw, pad=(pad_top, pad_left), mode="constant", fill=[0]
+            images,
+            _fixed(top, images),
+            _fixed(left, images),
+            th,
+            tw,
+            pad=(pad_top, pad_left),
+            mode="constant",
+            fill=[0],
         )
 
 
@@ -339,13 +348,12 @@ def _resample(
     size: tuple[int, int],
     *,
     as_uint8: bool,
-    whole: bool = False,
 ) -> torch.Tensor:
     """Crop ``box`` (top, left, height, width per sample, or one for all) and resize it to ``size``, an axis at a time.
 
-    uint8 images follow Pillow: weights rounded to 22-bit fixed point, each pass rounded and
-    clipped to 8 bits (computed in float64, where these integer sums are exact), the cheaper
-    pass first.
+    uint8 images follow Pillow's ``ImagingResampleInner``: weights rounded to 22-bit fixed
+    point, the horizontal pass first, each pass rounded and clipped to 8 bits (computed in
+    float64, where these integer sums are exact).
     """
     top, left, height, width = box
     _, _, h, w = images.shape
@@ -354,23 +362,10 @@ def _resample(
         across = (_filter_weights(left, width, size[1], w, torch.float64) * scale + 0.5).floor()
         down = (_filter_weights(top, height, size[0], h, torch.float64) * scale + 0.5).floor()
 
-        def horizontal(work: torch.Tensor) -> torch.Tensor:
-            work = torch.matmul(work, across[:, None].transpose(-1, -2))
-            return ((work + scale / 2) / scale).floor().clamp_(0, 255)
-
-        def vertical(work: torch.Tensor) -> torch.Tensor:
-            work = torch.matmul(down[:, None], work)
-            return ((work + scale / 2) / scale).floor().clamp_(0, 255)
-
-        # Pillow runs the cheaper pass first: vertical when in_w * out_h < out_w * in_h.
-        pixels = images.to(torch.float64)
-        if whole:  # the whole image, for every sample
-            first_down = w * size[0] < size[1] * h
-            mixed = horizontal(vertical(pixels)) if first_down else vertical(horizontal(pixels))
-        else:  # crops of different shapes: each sample takes its own order
-            down_first = (width * size[0] < size[1] * height).reshape(-1, 1, 1, 1)
-            mixed = torch.where(down_first, horizontal(vertical(pixels)), vertical(horizontal(pixels)))
-        return mixed.to(torch.uint8)
+        work = torch.matmul(images.to(torch.float64), across[:, None].transpose(-1, -2))
+        work = ((work + scale / 2) / scale).floor().clamp_(0, 255)
+        work = torch.matmul(down[:, None], work)
+        return ((work + scale / 2) / scale).floor().clamp_(0, 255).to(torch.uint8)
     across = _filter_weights(left, width, size[1], w, images.dtype)  # (N, out_w, W)
     down = _filter_weights(top, height, size[0], h, images.dtype)  # (N, out_h, H)
     out = torch.matmul(images, across[:, None].transpose(-1, -2))  # (N, C, H, out_w)
@@ -392,15 +387,13 @@ class Resize(Op):
             return images
         zero = torch.zeros(1, dtype=torch.long, device=images.device)  # one box, broadcast to every sample
         box = (zero, zero, zero + h, zero + w)
-        return _resample(images, box, target, as_uint8=not images.is_floating_point(), whole=True)
+        return _resample(images, box, target, as_uint8=not images.is_floating_point())
 
 
 class RandomResizedCrop(Op):
     """A crop of random area and aspect ratio (torchvision's 10 tries, then its central fallback), resized."""
 
-    def __init__(
-        self, describe: str, size: tuple[int, int], scale: Sequence[float], ratio: Sequence[float]
-    ) -> None:
+    def __init__(self, describe: str, size: tuple[int, int], scale: Sequence[float], ratio: Sequence[float]) -> None:
         super().__init__(describe)
         self.size = size
         self.scale = (float(scale[0]), float(scale[1]))
@@ -427,9 +420,9 @@ class RandomResizedCrop(Op):
             found = found | fits
         in_ratio = width / height
         if in_ratio < min(self.ratio):
-            fallback_w, fallback_h = width, int(round(width / min(self.ratio)))
+            fallback_w, fallback_h = width, round(width / min(self.ratio))
         elif in_ratio > max(self.ratio):
-            fallback_w, fallback_h = int(round(height * max(self.ratio))), height
+            fallback_w, fallback_h = round(height * max(self.ratio)), height
         else:
             fallback_w, fallback_h = width, height
         box_h = torch.where(found, box_h, fallback_h)
@@ -492,7 +485,9 @@ class RandomErasing(Op):
         box_h = torch.zeros(n, dtype=torch.long, device=device)
         box_w = torch.zeros(n, dtype=torch.long, device=device)
         for attempt in range(10):
-            erase = area * (self.scale[0] + (self.scale[1] - self.scale[0]) * keys.uniform(2 * attempt + 1, torch.float64))
+            erase = area * (
+                self.scale[0] + (self.scale[1] - self.scale[0]) * keys.uniform(2 * attempt + 1, torch.float64)
+            )
             aspect = torch.exp(log_low + (log_high - log_low) * keys.uniform(2 * attempt + 2, torch.float64))
             h = torch.sqrt(erase * aspect).round().long()
             w = torch.sqrt(erase / aspect).round().long()
@@ -521,6 +516,7 @@ def erase(images: torch.Tensor, box: Sequence[torch.Tensor], value: Sequence[flo
     mask = (in_rows[:, :, None] & in_cols[:, None, :] & erase_it[:, None, None])[:, None]
     fill = torch.tensor(value, dtype=torch.float32).to(images.dtype).to(images.device).reshape(1, -1, 1, 1)
     return torch.where(mask, fill, images)
+
 
 class Pipeline:
     """Batched ops run in order: what fit() runs in place of a dataset's per-sample transform.

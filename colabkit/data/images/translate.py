@@ -85,7 +85,7 @@ def _fill(step: Any, fill: Any, sample: _Sample) -> list[float]:
         raise Unsupported(f"{step!r}: a fill per input type")
     if fill is None:
         return [0.0]
-    values = [fill] if isinstance(fill, numbers.Number) else list(fill)
+    values: list[Any] = [fill] if isinstance(fill, numbers.Number) else list(fill)
     if sample.stage != "float" and any(float(v) != int(v) for v in values):
         raise Unsupported(f"{step!r}: a fractional fill on uint8 pixels")
     if len(values) not in (1, sample.channels):
@@ -244,7 +244,7 @@ def _random_erasing(step: Any, sample: _Sample) -> list[Any]:
     value = step.value
     if value is None or isinstance(value, str):
         raise Unsupported(f"{step!r}: value='random' (only a fixed value is batched)")
-    values = [float(value)] if isinstance(value, numbers.Number) else [float(v) for v in value]
+    values = [float(value)] if isinstance(value, (int, float)) else [float(v) for v in value]
     if len(values) not in (1, sample.channels):
         raise Unsupported(f"{step!r}: value has {len(values)} entries for {sample.channels} channels")
     return [ops.RandomErasing(repr(step), float(step.p), step.scale, step.ratio, values)]
@@ -313,7 +313,8 @@ def translate(transform: Any, shape: Sequence[int]) -> ops.Pipeline:
     if transform is None:
         raise Unsupported("the dataset has no transform (its samples are PIL images, which do not batch)")
     table = _handlers()
-    sample = _Sample("pil", *(int(s) for s in shape))
+    channels, height, width = (int(s) for s in shape)
+    sample = _Sample("pil", channels, height, width)
     built: list[Any] = []
     steps = _steps(transform)
     for step in steps:
