@@ -8,6 +8,7 @@ from __future__ import annotations
 import pickle
 import struct
 from pathlib import Path
+from typing import Any, ClassVar
 
 import torch
 
@@ -36,8 +37,8 @@ def write_mnist(root: Path, name: str, images: torch.Tensor, labels: torch.Tenso
 def write_cifar10(root: Path, images: torch.Tensor, labels: torch.Tensor, *, batches: int = 5) -> Path:
     """``root/cifar-10-batches-py`` pickles (``images`` uint8 ``(N, 32, 32, 3)``), as CIFAR10 reads them.
 
-    torchvision checks their md5 sums before reading: read them with a subclass whose
-    ``train_list``, ``test_list`` and ``meta`` name no sums (its ``__getitem__`` stays CIFAR10's own).
+    torchvision checks the published files' md5 sums before reading: read these with
+    :func:`local_cifar10`.
     """
     folder = root / "cifar-10-batches-py"
     folder.mkdir(parents=True, exist_ok=True)
@@ -50,3 +51,19 @@ def write_cifar10(root: Path, images: torch.Tensor, labels: torch.Tensor, *, bat
     with open(folder / "batches.meta", "wb") as file:
         pickle.dump({"label_names": [f"class{i}" for i in range(10)]}, file)
     return root
+
+
+def local_cifar10(root: Path, **options: Any) -> Any:
+    """``torchvision.datasets.CIFAR10`` over what :func:`write_cifar10` wrote under ``root``.
+
+    A subclass whose file lists name no md5 sums, so CIFAR10's own code checks only that the
+    files exist and reads them; its ``__getitem__`` is CIFAR10's own.
+    """
+    from torchvision import datasets
+
+    class LocalCIFAR10(datasets.CIFAR10):
+        train_list: ClassVar[list[list[Any]]] = [[f"data_batch_{i}", None] for i in range(1, 6)]
+        test_list: ClassVar[list[list[Any]]] = [["test_batch", None]]
+        meta: ClassVar[dict[str, Any]] = {"filename": "batches.meta", "key": "label_names", "md5": None}
+
+    return LocalCIFAR10(str(root), download=False, **options)

@@ -7,7 +7,7 @@ bench/torchvision_files.py), or built the way their loaders build them.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any
 
 import pytest
 import torch
@@ -18,7 +18,7 @@ from torchvision import datasets
 from torchvision import transforms as T
 from torchvision.transforms import v2
 
-from bench.torchvision_files import write_cifar10, write_mnist
+from bench.torchvision_files import local_cifar10, write_cifar10, write_mnist
 from colabkit.data.images.array import ImageArray
 from colabkit.data.images.inmemory import in_memory_images
 from colabkit.train.fastpath import TensorBatches, for_evaluation
@@ -38,14 +38,6 @@ def pixels(count: int, *shape: int, seed: int = 0) -> torch.Tensor:
     return torch.randint(0, 256, (count, *shape), dtype=torch.uint8, generator=torch.Generator().manual_seed(seed))
 
 
-class LocalCIFAR10(datasets.CIFAR10):
-    """CIFAR10 reading files that are not the published ones: no md5 sums to check (CIFAR10's own code)."""
-
-    train_list: ClassVar[list[list[str | None]]] = [[f"data_batch_{i}", None] for i in range(1, 6)]
-    test_list: ClassVar[list[list[str | None]]] = [["test_batch", None]]
-    meta: ClassVar[dict[str, str | None]] = {"filename": "batches.meta", "key": "label_names", "md5": None}
-
-
 def fashion(root: Path, count: int = 40, transform: Any = NORMALIZE) -> Any:
     write_mnist(root, "FashionMNIST", pixels(count, 28, 28), torch.arange(count) % 10)
     return datasets.FashionMNIST(str(root), download=False, transform=transform)
@@ -53,7 +45,7 @@ def fashion(root: Path, count: int = 40, transform: Any = NORMALIZE) -> Any:
 
 def cifar(root: Path, count: int = 50, transform: Any = GUIDE) -> Any:
     write_cifar10(root, pixels(count, 32, 32, 3), torch.arange(count) % 10)
-    return LocalCIFAR10(str(root), download=False, transform=transform)
+    return local_cifar10(root, transform=transform)
 
 
 def built(kind: type, **fields: Any) -> Any:

@@ -325,25 +325,27 @@ def test_a_sample_gets_the_same_draws_whatever_its_batch() -> None:
     assert not torch.equal(other_epoch, whole) and not torch.equal(other_seed, whole)
 
 
-def murmur_fmix32(x: int) -> int:
-    """The textbook finaliser with plain (Python, unbounded) multiplication."""
+def plain_hash32(x: int) -> int:
+    """The same mixer with Python's unbounded integers."""
     x ^= x >> 16
-    x = (x * 0x85EBCA6B) & 0xFFFFFFFF
-    x ^= x >> 13
-    x = (x * 0xC2B2AE35) & 0xFFFFFFFF
-    return x ^ (x >> 16)
+    x = (x * 0x7FEB352D) % 2**32
+    x ^= x >> 15
+    x = (x * 0x21F0AAAD) % 2**32
+    return x ^ (x >> 15)
 
 
 def test_keyed_bits_are_integer_arithmetic_that_never_overflows() -> None:
-    # Split multiplications in int64 give murmur3's exact 32-bit results: the same on every device.
+    # int64 tensor products give the exact 32-bit results: the same on every device.
     values = [0, 1, 2, 12345, 2**31 - 1, 2**31, 2**32 - 1, 0xDEADBEEF]
-    assert ops.hash32(torch.tensor(values)).tolist() == [murmur_fmix32(v) for v in values]
-    bits = ops.SampleKeys(torch.tensor([0, 1, 2, 2**40 + 5]), seed=7, epoch=3).bits(0)
-    assert bool(((bits >= 0) & (bits < 2**32)).all()) and len(set(bits.tolist())) == 4
-    again = ops.SampleKeys(torch.tensor([2]), seed=7, epoch=3).bits(0)
-    assert int(again[0]) == int(bits[2])
-    uniform = ops.SampleKeys(torch.arange(20000)).uniform(0)
-    assert 0.49 < float(uniform.mean()) < 0.51 and float(uniform.min()) >= 0 and float(uniform.max()) < 1
+    assert ops.hash32(torch.tensor(values)).tolist() == [plain_hash32(v) for v in values]
+    bits = ops.SampleKeys(torch.tensor([0, 1, 2, 2**40 + 2]), seed=7, epoch=3).bits(3)
+    assert bits.shape == (3, 4) and bool(((bits >= 0) & (bits < 2**32)).all())
+    assert len(set(bits.flatten().tolist())) == 12  # draws, samples, and indices past 2**32 differ
+    again = ops.SampleKeys(torch.tensor([2]), seed=7, epoch=3).bits(3)
+    assert again[:, 0].tolist() == bits[:, 2].tolist()
+    numbers = ops.uniform(ops.SampleKeys(torch.arange(20000)).bits(1)[0])
+    assert 0.49 < float(numbers.mean()) < 0.51 and float(numbers.min()) >= 0 and float(numbers.max()) < 1
+    assert sorted(set(ops.below(ops.SampleKeys(torch.arange(1000)).bits(1)[0], 7).tolist())) == list(range(7))
 
 
 # --------------------------------------------------------------------------- what is not translated

@@ -34,6 +34,7 @@ resume point.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -60,20 +61,20 @@ __all__ = [
 
 _M32 = 0xFFFFFFFF
 _PAD_MODES = ("constant", "edge", "reflect", "symmetric")
-
-
-def _mul32(x: Any, c: int) -> Any:
-    """``x * c mod 2**32`` for ``x`` in [0, 2**32), in two products that fit int64 (no overflow anywhere)."""
-    return (x * (c & 0xFFFF) + (((x * (c >> 16)) & 0xFFFF) << 16)) & _M32
+_MIX = (0x7FEB352D, 0x21F0AAAD)  # odd multipliers below 2**31 (Wellons' hash-prospector family)
 
 
 def hash32(x: Any) -> Any:
-    """murmur3's 32-bit finaliser: a bijection on [0, 2**32) that mixes every bit; ints or int64 tensors."""
+    """A 32-bit integer mixer (xorshift-multiply, a bijection on [0, 2**32)); Python ints or int64 tensors.
+
+    Each product is a value below 2**32 times a constant below 2**31, so int64 never
+    overflows: the same bits on every device, from ordinary tensor ops.
+    """
     x = x ^ (x >> 16)
-    x = _mul32(x, 0x85EBCA6B)
-    x = x ^ (x >> 13)
-    x = _mul32(x, 0xC2B2AE35)
-    return x ^ (x >> 16)
+    x = (x * _MIX[0]) & _M32
+    x = x ^ (x >> 15)
+    x = (x * _MIX[1]) & _M32
+    return x ^ (x >> 15)
 
 
 def _scalar_key(*parts: int) -> int:
@@ -83,6 +84,13 @@ def _scalar_key(*parts: int) -> int:
         for word in (part & _M32, (part >> 32) & _M32):
             state = hash32(state ^ word)
     return int(state)
+
+
+@functools.lru_cache(maxsize=512)
+def _key_column(seed: int, epoch: int, step: int, count: int, device: torch.device) -> torch.Tensor:
+    """The keys of an op's ``count`` draws, as a ``(count, 1)`` tensor on ``device``: made once per epoch."""
+    keys = [_scalar_key(seed, epoch, step, draw) for draw in range(count)]
+    return torch.tensor(keys, dtype=torch.int64).reshape(count, 1).to(device)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -104,21 +112,37 @@ class SampleKeys:
     def at_step(self, step: int) -> SampleKeys:
         return dataclasses.replace(self, step=step)
 
-    def bits(self, draw: int) -> torch.Tensor:
-        """32 random bits per sample (int64 values in [0, 2**32)) for the op's ``draw``-th number."""
-        key = _scalar_key(self.seed, self.epoch, self.step, draw)
-        mixed = hash32((self.index & _M32) ^ key)
-        return hash32(mixed ^ ((self.index >> 32) & _M32) ^ hash32(key ^ 0x5BD1E995))
+    def bits(self, count: int) -> torch.Tensor:
+        """``(count, N)``: 32 random bits (int64 values in [0, 2**32)) per draw and sample, in one pass."""
+        column = _key_column(self.seed, self.epoch, self.step, count, self.index.device)
+        return hash32(hash32((self.index & _M32) ^ column) ^ (self.index >> 32))
 
-    def uniform(self, draw: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        """A number in [0, 1) per sample (24 random bits for float32, 32 for float64: exact on every device)."""
-        if dtype == torch.float64:
-            return self.bits(draw).to(dtype) * 2.0**-32
-        return (self.bits(draw) >> 8).to(dtype) * 2.0**-24
 
-    def below(self, bound: int | torch.Tensor, draw: int) -> torch.Tensor:
-        """An integer in [0, bound) per sample (``bound`` <= 2**31, an int or one per sample)."""
-        return (self.bits(draw) * bound) >> 32
+def uniform(bits: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Numbers in [0, 1) from :meth:`SampleKeys.bits` (24 bits for float32, 32 for float64: exact everywhere)."""
+    if dtype == torch.float64:
+        return bits.to(dtype) * 2.0**-32
+    return (bits >> 8).to(dtype) * 2.0**-24
+
+
+def below(bits: torch.Tensor, bound: int | torch.Tensor) -> torch.Tensor:
+    """Integers in [0, bound) from :meth:`SampleKeys.bits` (``bound`` <= 2**31, an int or one per sample)."""
+    return (bits * bound) >> 32
+
+
+class _Constants:
+    """Per-channel constants as tensors, made once per device and dtype (no host copy per batch)."""
+
+    def __init__(self, values: Sequence[float]) -> None:
+        self.values = [float(v) for v in values]
+        self.made: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
+
+    def on(self, like: torch.Tensor) -> torch.Tensor:
+        key = (like.device, like.dtype)
+        if key not in self.made:
+            column = torch.tensor(self.values, dtype=torch.float64).to(like.dtype)
+            self.made[key] = column.reshape(1, -1, 1, 1).to(like.device)
+        return self.made[key]
 
 
 # --------------------------------------------------------------------------- gathering pixels
@@ -152,7 +176,7 @@ def _window(
     *,
     pad: tuple[int, int],
     mode: str,
-    fill: Sequence[float],
+    fill: _Constants,
 ) -> torch.Tensor:
     """Per sample, the ``height x width`` window at ``(top, left)`` of the image padded by ``pad`` (top, left).
 
@@ -168,8 +192,7 @@ def _window(
     out = images.reshape(n, c, h * w).gather(2, flat).reshape(n, c, height, width)
     if mode == "constant" and rows_in is not None and cols_in is not None:
         inside = (rows_in[:, :, None] & cols_in[:, None, :])[:, None]
-        value = torch.tensor(list(fill), dtype=torch.float64).to(images.dtype).to(device).reshape(1, -1, 1, 1)
-        out = torch.where(inside, out, value)
+        out = torch.where(inside, out, fill.on(images))
     return out
 
 
@@ -211,13 +234,11 @@ class Normalize(Op):
 
     def __init__(self, describe: str, mean: Sequence[float], std: Sequence[float]) -> None:
         super().__init__(describe)
-        self.mean = list(mean)
-        self.std = list(std)
+        self.mean = _Constants(mean)
+        self.std = _Constants(std)
 
     def __call__(self, images: torch.Tensor, keys: SampleKeys) -> torch.Tensor:
-        mean = torch.as_tensor(self.mean, dtype=images.dtype, device=images.device).reshape(1, -1, 1, 1)
-        std = torch.as_tensor(self.std, dtype=images.dtype, device=images.device).reshape(1, -1, 1, 1)
-        return images.sub(mean).div_(std)
+        return images.sub(self.mean.on(images)).div_(self.std.on(images))
 
 
 class Pad(Op):
@@ -226,7 +247,7 @@ class Pad(Op):
     def __init__(self, describe: str, padding: Sequence[int], *, fill: Sequence[float], mode: str) -> None:
         super().__init__(describe)
         self.left, self.top, self.right, self.bottom = (int(p) for p in padding)
-        self.fill = list(fill)
+        self.fill = _Constants(fill)
         self.mode = mode
 
     def __call__(self, images: torch.Tensor, keys: SampleKeys) -> torch.Tensor:
@@ -253,14 +274,15 @@ class RandomCrop(Op):
         super().__init__(describe)
         self.size = size
         self.left, self.top, self.right, self.bottom = (int(p) for p in padding)
-        self.fill = list(fill)
+        self.fill = _Constants(fill)
         self.mode = mode
 
     def params(self, shape: Sequence[int], keys: SampleKeys) -> tuple[torch.Tensor, torch.Tensor]:
         """Top and left of each sample's window in the padded image."""
         h = shape[-2] + self.top + self.bottom
         w = shape[-1] + self.left + self.right
-        return keys.below(h - self.size[0] + 1, 0), keys.below(w - self.size[1] + 1, 1)
+        bits = keys.bits(2)
+        return below(bits[0], h - self.size[0] + 1), below(bits[1], w - self.size[1] + 1)
 
     def __call__(self, images: torch.Tensor, keys: SampleKeys) -> torch.Tensor:
         top, left = self.params(images.shape, keys)
@@ -273,6 +295,7 @@ class CenterCrop(Op):
     def __init__(self, describe: str, size: tuple[int, int]) -> None:
         super().__init__(describe)
         self.size = size
+        self.fill = _Constants([0])
 
     def __call__(self, images: torch.Tensor, keys: SampleKeys) -> torch.Tensor:
         _, _, h, w = images.shape
@@ -289,7 +312,7 @@ class CenterCrop(Op):
             tw,
             pad=(pad_top, pad_left),
             mode="constant",
-            fill=[0],
+            fill=self.fill,
         )
 
 
@@ -302,7 +325,7 @@ class RandomFlip(Op):
         self.dim = dim
 
     def params(self, keys: SampleKeys) -> torch.Tensor:
-        return keys.uniform(0) < self.p
+        return uniform(keys.bits(1)[0]) < self.p
 
     def __call__(self, images: torch.Tensor, keys: SampleKeys) -> torch.Tensor:
         flip = self.params(keys).reshape(-1, 1, 1, 1)
@@ -390,6 +413,35 @@ class Resize(Op):
         return _resample(images, box, target, as_uint8=not images.is_floating_point())
 
 
+def _tries(
+    area_bits: torch.Tensor,
+    ratio_bits: torch.Tensor,
+    area: int,
+    scale: tuple[float, float],
+    ratio: tuple[float, float],
+    fits: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """torchvision's ten tries at a box of random area and aspect ratio, all at once: the first that fits.
+
+    A try is ``sqrt(area * aspect)`` by ``sqrt(area / aspect)``, rounded half to even like
+    Python's ``round``. Returns those two sides of the first try ``fits(first, second)``
+    accepts (0 where none does), and where one did.
+    """
+    target = area * (scale[0] + (scale[1] - scale[0]) * uniform(area_bits, torch.float64))
+    log_low, log_high = math.log(ratio[0]), math.log(ratio[1])
+    aspect = torch.exp(log_low + (log_high - log_low) * uniform(ratio_bits, torch.float64))
+    first_side = torch.sqrt(target * aspect).round().long()
+    second_side = torch.sqrt(target / aspect).round().long()
+    ok = fits(first_side, second_side)
+    chosen = ok.to(torch.uint8).argmax(dim=0, keepdim=True)  # the first try that fits (0 if none)
+    found = ok.any(dim=0)
+    return (
+        torch.where(found, first_side.gather(0, chosen)[0], 0),
+        torch.where(found, second_side.gather(0, chosen)[0], 0),
+        found,
+    )
+
+
 class RandomResizedCrop(Op):
     """A crop of random area and aspect ratio (torchvision's 10 tries, then its central fallback), resized."""
 
@@ -402,22 +454,15 @@ class RandomResizedCrop(Op):
     def params(self, shape: Sequence[int], keys: SampleKeys) -> tuple[torch.Tensor, ...]:
         """Per sample ``(top, left, height, width)`` of the crop, drawn as ``RandomResizedCrop.get_params``."""
         height, width = int(shape[-2]), int(shape[-1])
-        area = height * width
-        log_low, log_high = math.log(self.ratio[0]), math.log(self.ratio[1])
-        n = keys.index.shape[0]
-        device = keys.index.device
-        found = torch.zeros(n, dtype=torch.bool, device=device)
-        box_h = torch.zeros(n, dtype=torch.long, device=device)
-        box_w = torch.zeros(n, dtype=torch.long, device=device)
-        for attempt in range(10):
-            target = area * (self.scale[0] + (self.scale[1] - self.scale[0]) * keys.uniform(2 * attempt, torch.float64))
-            aspect = torch.exp(log_low + (log_high - log_low) * keys.uniform(2 * attempt + 1, torch.float64))
-            w = torch.sqrt(target * aspect).round().long()
-            h = torch.sqrt(target / aspect).round().long()
-            fits = (w > 0) & (w <= width) & (h > 0) & (h <= height) & ~found
-            box_h = torch.where(fits, h, box_h)
-            box_w = torch.where(fits, w, box_w)
-            found = found | fits
+        bits = keys.bits(22)
+        box_w, box_h, found = _tries(
+            bits[0:20:2],
+            bits[1:20:2],
+            height * width,
+            self.scale,
+            self.ratio,
+            lambda w, h: (w > 0) & (w <= width) & (h > 0) & (h <= height),
+        )
         in_ratio = width / height
         if in_ratio < min(self.ratio):
             fallback_w, fallback_h = width, round(width / min(self.ratio))
@@ -427,8 +472,8 @@ class RandomResizedCrop(Op):
             fallback_w, fallback_h = width, height
         box_h = torch.where(found, box_h, fallback_h)
         box_w = torch.where(found, box_w, fallback_w)
-        top = torch.where(found, keys.below(height - box_h + 1, 20), (height - box_h) // 2)
-        left = torch.where(found, keys.below(width - box_w + 1, 21), (width - box_w) // 2)
+        top = torch.where(found, below(bits[20], height - box_h + 1), (height - box_h) // 2)
+        left = torch.where(found, below(bits[21], width - box_w + 1), (width - box_w) // 2)
         return top, left, box_h, box_w
 
     def __call__(self, images: torch.Tensor, keys: SampleKeys) -> torch.Tensor:
@@ -472,32 +517,18 @@ class RandomErasing(Op):
         self.p = p
         self.scale = (float(scale[0]), float(scale[1]))
         self.ratio = (float(ratio[0]), float(ratio[1]))
-        self.value = [float(v) for v in value]
+        self.value = _Constants(value)
 
     def params(self, shape: Sequence[int], keys: SampleKeys) -> tuple[torch.Tensor, ...]:
         """Per sample ``(erase, top, left, height, width)``, drawn as ``RandomErasing.get_params``."""
         img_h, img_w = int(shape[-2]), int(shape[-1])
-        area = img_h * img_w
-        log_low, log_high = math.log(self.ratio[0]), math.log(self.ratio[1])
-        n = keys.index.shape[0]
-        device = keys.index.device
-        found = torch.zeros(n, dtype=torch.bool, device=device)
-        box_h = torch.zeros(n, dtype=torch.long, device=device)
-        box_w = torch.zeros(n, dtype=torch.long, device=device)
-        for attempt in range(10):
-            erase = area * (
-                self.scale[0] + (self.scale[1] - self.scale[0]) * keys.uniform(2 * attempt + 1, torch.float64)
-            )
-            aspect = torch.exp(log_low + (log_high - log_low) * keys.uniform(2 * attempt + 2, torch.float64))
-            h = torch.sqrt(erase * aspect).round().long()
-            w = torch.sqrt(erase / aspect).round().long()
-            fits = (h < img_h) & (w < img_w) & ~found
-            box_h = torch.where(fits, h, box_h)
-            box_w = torch.where(fits, w, box_w)
-            found = found | fits
-        erase_it = (keys.uniform(0) < self.p) & found & (box_h > 0) & (box_w > 0)
-        top = keys.below((img_h - box_h + 1).clamp(min=1), 30)
-        left = keys.below((img_w - box_w + 1).clamp(min=1), 31)
+        bits = keys.bits(23)
+        box_h, box_w, found = _tries(
+            bits[1:21:2], bits[2:21:2], img_h * img_w, self.scale, self.ratio, lambda h, w: (h < img_h) & (w < img_w)
+        )
+        erase_it = (uniform(bits[0]) < self.p) & found
+        top = below(bits[21], img_h - box_h + 1)
+        left = below(bits[22], img_w - box_w + 1)
         return erase_it, top, left, box_h, box_w
 
     def __call__(self, images: torch.Tensor, keys: SampleKeys) -> torch.Tensor:
@@ -505,7 +536,7 @@ class RandomErasing(Op):
         return erase(images, (erase_it, top, left, box_h, box_w), self.value)
 
 
-def erase(images: torch.Tensor, box: Sequence[torch.Tensor], value: Sequence[float]) -> torch.Tensor:
+def erase(images: torch.Tensor, box: Sequence[torch.Tensor], value: _Constants) -> torch.Tensor:
     """Set, in each sample where ``box[0]`` is true, the box ``(top, left, height, width) = box[1:]`` to ``value``."""
     erase_it, top, left, box_h, box_w = box
     _, _, h, w = images.shape
@@ -514,8 +545,7 @@ def erase(images: torch.Tensor, box: Sequence[torch.Tensor], value: Sequence[flo
     in_rows = (rows >= top[:, None]) & (rows < (top + box_h)[:, None])
     in_cols = (cols >= left[:, None]) & (cols < (left + box_w)[:, None])
     mask = (in_rows[:, :, None] & in_cols[:, None, :] & erase_it[:, None, None])[:, None]
-    fill = torch.tensor(value, dtype=torch.float32).to(images.dtype).to(images.device).reshape(1, -1, 1, 1)
-    return torch.where(mask, fill, images)
+    return torch.where(mask, value.on(images), images)
 
 
 class Pipeline:
