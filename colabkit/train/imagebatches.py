@@ -107,7 +107,10 @@ class ImageBatches(TensorBatches):
     def _transformed(self, batches: Iterator[list[torch.Tensor]], epoch: int) -> Iterator[list[torch.Tensor]]:
         seed = self.batch_sampler.seed
         for pixels, labels, index in batches:
-            yield [self.pipeline(pixels, SampleKeys(index, seed=seed, epoch=epoch)), labels]
+            # Full precision whatever the loop's autocast: the ops are torchvision's arithmetic.
+            with torch.autocast(device_type=pixels.device.type, enabled=False):
+                images = self.pipeline(pixels, SampleKeys(index, seed=seed, epoch=epoch))
+            yield [images, labels]
 
 
 def image_batches(data: Any, sampler: ResumableBatchSampler, device: torch.device) -> ImageBatches | None:
