@@ -239,3 +239,26 @@ def test_evaluate_and_predict_take_the_image_path(tmp_path: Path) -> None:
     torch.testing.assert_close(predict(model, data, batch_size=8, progress=False), expected)
     reference = evaluate(model, DataLoader(data, batch_size=8, collate_fn=lambda b: default_collate(b)), progress=False)
     assert evaluate(model, data, batch_size=8, progress=False) == pytest.approx(reference)
+
+
+def test_a_users_own_batched_pipeline_runs_as_written(capsys: pytest.CaptureFixture[str]) -> None:
+    from colabkit.data.images.ops import Pipeline, SampleKeys, below
+
+    def shift(images: torch.Tensor, keys: SampleKeys) -> torch.Tensor:
+        amount = below(keys.bits(1)[0], 3)  # 0..2 pixels to the right, per sample
+        return torch.stack([image.roll(int(k), dims=-1) for image, k in zip(images, amount, strict=True)])
+
+    def to_float(images: torch.Tensor, keys: SampleKeys) -> torch.Tensor:
+        return images.float() / 255
+
+    data = ImageArray(
+        pixels(24, 8, 8, 3).numpy(), [i % 10 for i in range(24)], transform=Pipeline([shift, to_float], source="mine")
+    )
+    fit(small_cnn(), data, epochs=1, batch_size=8, progress=True)
+    assert "in-memory image path (24 ImageArray images, transformed per batch in this process; transform: mine)" in (
+        capsys.readouterr().out
+    )
+    one = data[5][0]  # the DataLoader path: one sample, a batch of one
+    assert one.shape == (3, 8, 8) and one.dtype == torch.float32
+    fit(small_cnn(), DataLoader(data, batch_size=8, sampler=range(24)), epochs=1, progress=True)
+    assert "DataLoader path, since the loader has a custom sampler" in capsys.readouterr().out

@@ -54,13 +54,14 @@ __all__ = [
     "Resize",
     "SampleKeys",
     "ToFloat",
+    "below",
     "erase",
     "hash32",
     "resized_size",
+    "uniform",
 ]
 
 _M32 = 0xFFFFFFFF
-_PAD_MODES = ("constant", "edge", "reflect", "symmetric")
 _MIX = (0x7FEB352D, 0x21F0AAAD)  # odd multipliers below 2**31 (Wellons' hash-prospector family)
 
 
@@ -549,26 +550,53 @@ def erase(images: torch.Tensor, box: Sequence[torch.Tensor], value: _Constants) 
 
 
 class Pipeline:
-    """Batched ops run in order: what fit() runs in place of a dataset's per-sample transform.
+    """Batched steps run in order: what fit() runs in place of a dataset's per-sample transform.
 
-    Build one from colabkit's ops to hand fit() a batched pipeline exactly as
-    written (see :func:`colabkit.data.images.translate.batched`), or get one from
-    :func:`~colabkit.data.images.translate.translate`.
+    :func:`~colabkit.data.images.translate.translate` makes one from a torchvision
+    transform. To hand fit() your own batched pipeline exactly as written, make the
+    dataset's ``transform`` a Pipeline of your own steps: each is a callable
+    ``step(images, keys) -> images`` on a batch (uint8 ``(N, C, H, W)`` at the start),
+    drawing its random numbers from ``keys`` (:meth:`SampleKeys.bits`, :func:`uniform`,
+    :func:`below`) so a resume repeats them::
+
+        def shift(images, keys):
+            dx = below(keys.bits(1)[0], 5) - 2  # -2..2 pixels, per sample
+            ...
+
+        data = colabkit.ImageArray(x, y, transform=Pipeline([shift, normalize], source="shift, normalize"))
+
+    Where the DataLoader path runs instead (a custom sampler, say), each sample is
+    transformed as a batch of one, its keys drawn from torch's generator, which the
+    DataLoader path seeds per sample.
 
     Args:
-        ops: The steps, each ``op(images, keys) -> images``.
-        source: What it was translated from, for the start notice.
+        steps: The steps, each ``step(images, keys) -> images``.
+        source: What it does, for the start notice (default: the steps' reprs).
     """
 
-    def __init__(self, ops: Sequence[Callable[[torch.Tensor, SampleKeys], torch.Tensor]], *, source: str = "") -> None:
-        self.ops = list(ops)
+    def __init__(
+        self, steps: Sequence[Callable[[torch.Tensor, SampleKeys], torch.Tensor]], *, source: str = ""
+    ) -> None:
+        self.ops = list(steps)
         self.source = source or " -> ".join(repr(op) for op in self.ops)
 
-    def __call__(self, images: torch.Tensor, keys: SampleKeys) -> torch.Tensor:
-        """Transform ``images`` (uint8 ``(N, C, H, W)``) whose samples are ``keys.index``."""
+    def __call__(self, images: Any, keys: SampleKeys | None = None) -> torch.Tensor:
+        """Transform a batch ``images`` whose samples are ``keys.index``; or, without keys, one sample."""
+        if keys is None:
+            return self._one(images)
         for step, op in enumerate(self.ops):
             images = op(images, keys.at_step(step))
         return images
+
+    def _one(self, sample: Any) -> torch.Tensor:
+        """One PIL image or ``(H, W[, C])`` array, as a dataset's ``__getitem__`` hands it over."""
+        import numpy
+
+        pixels = torch.from_numpy(numpy.array(sample, dtype=numpy.uint8))  # a copy: PIL arrays are read-only
+        pixels = pixels[:, :, None] if pixels.dim() == 2 else pixels
+        key = int(torch.randint(0, 2**62, (), dtype=torch.int64))
+        batch = pixels.permute(2, 0, 1).unsqueeze(0).contiguous()
+        return self(batch, SampleKeys(torch.tensor([key & _M32]), seed=key >> 32))[0]
 
     def __repr__(self) -> str:
         return f"Pipeline({self.source})"
