@@ -291,6 +291,27 @@ def _cpu_with_children() -> float:
     return time.process_time() + children.ru_utime + children.ru_stime
 
 
+def interleaved(
+    raw: Callable[[Any, int, Path], float],
+    ours: Callable[[Any, int, Path], float],
+    data: Any,
+    warm: Any,
+    epochs: int,
+    rounds: int,
+    folder: Path,
+) -> tuple[list[float], list[float], float]:
+    """Times of ``raw`` and ``ours`` on ``data``, alternating, after one warm-up each on ``warm``
+    (imports, first-call paths, page cache); and the median of the per-round ratios."""
+    for runner in (raw, ours):
+        runner(warm, 1, folder)
+    raw_times, our_times = [], []
+    for _ in range(rounds):
+        raw_times.append(raw(data, epochs, folder))
+        our_times.append(ours(data, epochs, folder))
+    ratio = statistics.median(o / r for o, r in zip(our_times, raw_times, strict=True))
+    return raw_times, our_times, ratio
+
+
 def make_image_folder(root: Path, images: int) -> Path:
     from PIL import Image
 
@@ -342,16 +363,10 @@ def imagefolder(images: int, epochs: int, rounds: int) -> None:
     if not importable("torchvision") or not importable("PIL"):
         print("ImageFolder + workers: skipped (pip install torchvision pillow)")
         return
-    raw, ours = [], []
     with tempfile.TemporaryDirectory() as tmp, warnings.catch_warnings():
         warnings.simplefilter("ignore")
         root = make_image_folder(Path(tmp) / "images", images)
-        for runner in (raw_image_loop, fit_images):  # warm-up: imports, first-call paths, page cache
-            runner(root, 1, Path(tmp))
-        for _ in range(rounds):
-            raw.append(raw_image_loop(root, epochs, Path(tmp)))
-            ours.append(fit_images(root, epochs, Path(tmp)))
-    ratio = statistics.median(o / r for o, r in zip(ours, raw, strict=True))
+        raw, ours, ratio = interleaved(raw_image_loop, fit_images, root, root, epochs, rounds, Path(tmp))
     print(f"ImageFolder + workers: {images} PNG 32x32, batch {BATCH}, 2 workers, small CNN, {epochs} epochs, "
           f"{rounds} interleaved rounds (CPU seconds incl. workers, median)")  # fmt: skip
     print(f"  raw         {statistics.median(raw):7.3f} s")
@@ -412,13 +427,10 @@ def image_datasets_part(count: int, epochs: int, rounds: int) -> None:
     with tempfile.TemporaryDirectory() as tmp, warnings.catch_warnings():
         warnings.simplefilter("ignore")
         for name, dataset in image_datasets(Path(tmp), count).items():
-            for runner in (raw_image_dataset, fit_image_dataset):  # warm-up: imports, first-call paths
-                runner(torch.utils.data.Subset(dataset, range(2 * IMAGE_BATCH)), 1, Path(tmp))
-            raw, ours = [], []
-            for _ in range(rounds):
-                raw.append(raw_image_dataset(dataset, epochs, Path(tmp)))
-                ours.append(fit_image_dataset(dataset, epochs, Path(tmp)))
-            ratio = statistics.median(o / r for o, r in zip(ours, raw, strict=True))
+            warm = torch.utils.data.Subset(dataset, range(2 * IMAGE_BATCH))
+            raw, ours, ratio = interleaved(
+                raw_image_dataset, fit_image_dataset, dataset, warm, epochs, rounds, Path(tmp)
+            )
             print(f"in-memory images, {name}: {count} images, batch {IMAGE_BATCH}, small CNN, {epochs} epochs, "
                   f"{rounds} interleaved rounds (CPU seconds incl. workers, median)")  # fmt: skip
             print(f"  raw (DataLoader, 2 workers, per-sample transform)  {statistics.median(raw):7.3f} s")

@@ -48,6 +48,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import gc
+import importlib.util
 import io
 import json
 import sys
@@ -261,14 +262,6 @@ def on_device_ceiling(
     return ends
 
 
-def importable(name: str) -> bool:
-    try:
-        __import__(name)
-    except Exception:
-        return False
-    return True
-
-
 def augmented_runs(x: torch.Tensor, y: torch.Tensor, common: dict[str, Any], samples: int) -> dict[str, Any]:
     """Rows 4-7 and their targets."""
     device = common["device"]
@@ -277,7 +270,7 @@ def augmented_runs(x: torch.Tensor, y: torch.Tensor, common: dict[str, Any], sam
         "augmented, hand-written": lambda: augmented_hand_written(dataset, **common),
         "augmented, fit defaults": lambda: augmented_fit_defaults(dataset, **common),
     }
-    if importable("efficio") and device.type == "cuda":
+    if importlib.util.find_spec("efficio") is not None and device.type == "cuda":
         runners["augmented, efficio GPULoader"] = lambda: augmented_efficio(dataset, **common)
     else:
         print("  augmented, efficio GPULoader: skipped (pip install efficio==0.1.1; needs a GPU)", flush=True)

@@ -173,13 +173,8 @@ def test_a_resumed_epoch_reads_only_what_is_left_and_augments_alike(tmp_path: Pa
 
 def small_cnn(channels: int = 3) -> torch.nn.Module:
     torch.manual_seed(0)
-    return torch.nn.Sequential(
-        torch.nn.Conv2d(channels, 4, 3, padding=1),
-        torch.nn.ReLU(),
-        torch.nn.AdaptiveAvgPool2d(2),
-        torch.nn.Flatten(),
-        torch.nn.Linear(16, 10),
-    )
+    layers = [torch.nn.Conv2d(channels, 4, 3, padding=1), torch.nn.AdaptiveAvgPool2d(2), torch.nn.Flatten()]
+    return torch.nn.Sequential(*layers, torch.nn.Linear(16, 10))
 
 
 class Recorder(torch.nn.Module):
