@@ -109,12 +109,13 @@ def test_grayscale_images_become_one_channel() -> None:
 
 @pytest.mark.parametrize("mode", ["constant", "edge", "reflect", "symmetric"])
 @pytest.mark.parametrize("stage", ["pil", "tensor"])
-def test_pad(mode: str, stage: str, monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize("module", [T, v2], ids=["v1", "v2"])
+def test_pad(module: Any, mode: str, stage: str, monkeypatch: pytest.MonkeyPatch) -> None:
     images = batch()
-    fill = (10, 20, 30) if stage == "pil" else 7
-    pad = T.Pad((3, 1, 5, 2), fill=fill, padding_mode=mode)
-    steps = [pad, T.PILToTensor()] if stage == "pil" else [T.PILToTensor(), pad]
-    transform = T.Compose(steps)
+    fill = (10, 20, 30) if stage == "pil" or (module is v2 and mode == "constant") else 7
+    pad = module.Pad((3, 1, 5, 2), fill=fill, padding_mode=mode)
+    steps = [pad, module.PILToTensor()] if stage == "pil" else [module.PILToTensor(), pad]
+    transform = module.Compose(steps)
     ours, _ = run(transform, images)
     assert torch.equal(ours, reference(transform, images, monkeypatch))
 
@@ -152,9 +153,10 @@ def pipeline_input(pipeline: Any, images: torch.Tensor) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("size", [(10, 11), (20, 24), (25, 30), 13])
-def test_center_crop(size: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize("module", [T, v2], ids=["v1", "v2"])
+def test_center_crop(module: Any, size: Any, monkeypatch: pytest.MonkeyPatch) -> None:
     images = batch()
-    transform = T.Compose([T.CenterCrop(size), T.PILToTensor()])
+    transform = module.Compose([module.CenterCrop(size), module.PILToTensor()])
     ours, _ = run(transform, images)
     assert torch.equal(ours, reference(transform, images, monkeypatch))
 
@@ -272,6 +274,7 @@ def test_random_erasing(value: Any, monkeypatch: pytest.MonkeyPatch) -> None:
         T.Compose([T.PILToTensor(), T.Grayscale()]),
         T.Compose([T.ToTensor(), T.Grayscale(num_output_channels=3)]),
         v2.Compose([v2.ToImage(), v2.Grayscale()]),
+        v2.Compose([v2.Grayscale(num_output_channels=3), v2.ToImage()]),
         v2.Compose([v2.ToImage(), v2.ToDtype(torch.float32, scale=True), v2.Grayscale()]),
     ],
     ids=repr,
@@ -362,6 +365,7 @@ def test_keyed_bits_are_integer_arithmetic_that_never_overflows() -> None:
         (T.Compose([T.ToTensor(), T.RandomErasing(value="random")]), "value='random'"),
         (T.Compose([T.RandomCrop(64), T.ToTensor()]), "larger than"),
         (T.Compose([T.ToTensor(), T.Resize(8, antialias=False)]), "antialias=False"),
+        (v2.Compose([v2.ToImage(), v2.Pad(2, fill=(1, 2, 3), padding_mode="edge")]), "fill per channel"),
         (None, "no transform"),
     ],
 )

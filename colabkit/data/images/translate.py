@@ -158,9 +158,14 @@ def _normalize(step: Any, sample: _Sample) -> list[Any]:
     return [ops.Normalize(repr(step), mean, std)]
 
 
-def _pad_mode(step: Any, mode: str) -> str:
+def _pad_mode(step: Any, mode: str, sample: _Sample) -> str:
     if mode not in ("constant", "edge", "reflect", "symmetric"):
         raise Unsupported(f"{step!r}: padding_mode={mode!r}")
+    fill = step.fill
+    if mode != "constant" and not sample.pil and not isinstance(fill, (int, float)) and fill is not None:
+        raise Unsupported(
+            f"{step!r}: a fill per channel with padding_mode={mode!r} (torchvision refuses it on tensors)"
+        )
     return mode
 
 
@@ -168,7 +173,7 @@ def _pad(step: Any, sample: _Sample) -> list[Any]:
     padding = _padding(step.padding)
     if min(padding) < 0:
         raise Unsupported(f"{step!r}: negative padding")
-    mode = _pad_mode(step, step.padding_mode)
+    mode = _pad_mode(step, step.padding_mode, sample)
     op = ops.Pad(repr(step), padding, fill=_fill(step, step.fill, sample), mode=mode)
     sample.height += padding[1] + padding[3]
     sample.width += padding[0] + padding[2]
@@ -185,7 +190,7 @@ def _random_crop(step: Any, sample: _Sample) -> list[Any]:
         padding = _padding(step.padding)
     if min(padding) < 0:
         raise Unsupported(f"{step!r}: negative padding")
-    mode = _pad_mode(step, step.padding_mode)
+    mode = _pad_mode(step, step.padding_mode, sample)
     fill = _fill(step, step.fill, sample)
     height = sample.height + padding[1] + padding[3]
     width = sample.width + padding[0] + padding[2]
