@@ -152,7 +152,7 @@ def pipeline_input(pipeline: Any, images: torch.Tensor) -> torch.Tensor:
     return images
 
 
-@pytest.mark.parametrize("size", [(10, 11), (20, 24), (25, 30), 13])
+@pytest.mark.parametrize("size", [(10, 11), (20, 24), (25, 30), (25, 11), 13])
 @pytest.mark.parametrize("module", [T, v2], ids=["v1", "v2"])
 def test_center_crop(module: Any, size: Any, monkeypatch: pytest.MonkeyPatch) -> None:
     images = batch()
