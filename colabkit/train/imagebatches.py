@@ -83,7 +83,7 @@ class ImageBatches(TensorBatches):
         *,
         dataset: Any,
     ) -> None:
-        pixels, labels = images.rows()
+        pixels, labels = (t.cpu() for t in images.rows())  # placed from the host, like TensorBatches' tensors
         super().__init__((pixels, labels, torch.arange(len(labels))), sampler, device)
         self.dataset = dataset
         self.pipeline = pipeline

@@ -426,7 +426,10 @@ def _tries(
 
     A try is ``sqrt(area * aspect)`` by ``sqrt(area / aspect)``, rounded half to even like
     Python's ``round``. Returns those two sides of the first try ``fits(first, second)``
-    accepts (0 where none does), and where one did.
+    accepts (0 where none does), and where one did. The uniform numbers are exact on every
+    device; ``exp`` in float64 may differ between the CPU and CUDA in its last bit, so a side
+    that lands exactly on a rounding boundary could differ there (RandomCrop, flips and
+    erasing's coin are integer arithmetic and always agree).
     """
     target = area * (scale[0] + (scale[1] - scale[0]) * uniform(area_bits, torch.float64))
     log_low, log_high = math.log(ratio[0]), math.log(ratio[1])
