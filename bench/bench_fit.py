@@ -21,7 +21,14 @@ included), which other load on a shared machine distorts far less than wall-cloc
    Times are CPU seconds of this process and its finished children (the workers, which exit
    at each epoch's end), so the workers' share of fit's per-sample seeding counts as well.
    Target: fit / raw <= 1.03.
-3. Resume start-up: time from the fit() call to the end of the first step when resuming
+3. In-memory image datasets, transformed per sample by two DataLoader workers in the
+   hand-written loop and a whole batch at a time by fit()'s in-memory image path:
+   (a) Fashion-MNIST-shaped: ``torchvision.datasets.FashionMNIST`` reading idx files written
+   here, ``ToTensor()`` + ``Normalize``; (b) CIFAR-shaped: ``torchvision.datasets.CIFAR10``
+   reading pickle batches written here, with the Colab guide's ``RandomCrop(32, padding=4)``,
+   ``RandomHorizontalFlip()``, ``ToTensor()``, ``Normalize``. A 16/32-channel CNN, batch 128,
+   CPU seconds incl. workers. Target: fit / raw <= 0.6 for both.
+4. Resume start-up: time from the fit() call to the end of the first step when resuming
    from a ~100 MB checkpoint, minus the same for a fresh start. Target: < 2 s.
 
 4. Compile cache: ``fit(compile=True)`` on the small CNN of part 2 (batch 64 of 3x32x32), one
@@ -33,7 +40,7 @@ included), which other load on a shared machine distorts far less than wall-cloc
    first <= 0.3.
 
 Run: ``.venv/bin/python bench/bench_fit.py`` (full), ``--quick``, or one part with
-``--only mlp|imagefolder|fixed|resume|compile``.
+``--only mlp|imagefolder|images|fixed|resume|compile``.
 """
 
 from __future__ import annotations
@@ -294,6 +301,27 @@ def _cpu_with_children() -> float:
     return time.process_time() + children.ru_utime + children.ru_stime
 
 
+def interleaved(
+    raw: Callable[[Any, int, Path], float],
+    ours: Callable[[Any, int, Path], float],
+    data: Any,
+    warm: Any,
+    epochs: int,
+    rounds: int,
+    folder: Path,
+) -> tuple[list[float], list[float], float]:
+    """Times of ``raw`` and ``ours`` on ``data``, alternating, after one warm-up each on ``warm``
+    (imports, first-call paths, page cache); and the median of the per-round ratios."""
+    for runner in (raw, ours):
+        runner(warm, 1, folder)
+    raw_times, our_times = [], []
+    for _ in range(rounds):
+        raw_times.append(raw(data, epochs, folder))
+        our_times.append(ours(data, epochs, folder))
+    ratio = statistics.median(o / r for o, r in zip(our_times, raw_times, strict=True))
+    return raw_times, our_times, ratio
+
+
 def make_image_folder(root: Path, images: int) -> Path:
     from PIL import Image
 
@@ -306,10 +334,10 @@ def make_image_folder(root: Path, images: int) -> Path:
     return root
 
 
-def make_cnn() -> torch.nn.Module:
+def make_cnn(channels: int = 3) -> torch.nn.Module:
     torch.manual_seed(0)
     return torch.nn.Sequential(
-        torch.nn.Conv2d(3, 16, 3, padding=1),
+        torch.nn.Conv2d(channels, 16, 3, padding=1),
         torch.nn.ReLU(),
         torch.nn.MaxPool2d(2),
         torch.nn.Conv2d(16, 32, 3, padding=1),
@@ -345,16 +373,10 @@ def imagefolder(images: int, epochs: int, rounds: int) -> None:
     if not importable("torchvision") or not importable("PIL"):
         print("ImageFolder + workers: skipped (pip install torchvision pillow)")
         return
-    raw, ours = [], []
     with tempfile.TemporaryDirectory() as tmp, warnings.catch_warnings():
         warnings.simplefilter("ignore")
         root = make_image_folder(Path(tmp) / "images", images)
-        for runner in (raw_image_loop, fit_images):  # warm-up: imports, first-call paths, page cache
-            runner(root, 1, Path(tmp))
-        for _ in range(rounds):
-            raw.append(raw_image_loop(root, epochs, Path(tmp)))
-            ours.append(fit_images(root, epochs, Path(tmp)))
-    ratio = statistics.median(o / r for o, r in zip(ours, raw, strict=True))
+        raw, ours, ratio = interleaved(raw_image_loop, fit_images, root, root, epochs, rounds, Path(tmp))
     print(f"ImageFolder + workers: {images} PNG 32x32, batch {BATCH}, 2 workers, small CNN, {epochs} epochs, "
           f"{rounds} interleaved rounds (CPU seconds incl. workers, median)")  # fmt: skip
     print(f"  raw         {statistics.median(raw):7.3f} s")
@@ -398,13 +420,80 @@ def compile_cache(rounds: int) -> None:
     print(f"  second / first compile time: {ratio:.2f} (target <= {TARGET_COMPILE_RATIO}: {verdict})")
 
 
+# -- in-memory image datasets: per-sample transforms in workers vs batched in fit()
+
+IMAGE_BATCH = 128
+
+
+def image_datasets(root: Path, count: int) -> dict[str, Any]:
+    """The two torchvision datasets, read from files in their own formats."""
+    from torchvision import datasets, transforms
+
+    from bench.torchvision_files import local_cifar10, write_cifar10, write_mnist
+
+    generator = torch.Generator().manual_seed(0)
+    labels = torch.randint(0, CLASSES, (count,), generator=generator)
+    write_mnist(root, "FashionMNIST", torch.randint(0, 256, (count, 28, 28), dtype=torch.uint8), labels)
+    write_cifar10(root, torch.randint(0, 256, (count, 32, 32, 3), dtype=torch.uint8, generator=generator), labels)
+    fashion = datasets.FashionMNIST(
+        str(root),
+        download=False,
+        transform=transforms.Compose([transforms.ToTensor(), transforms.Normalize((0.2860,), (0.3530,))]),
+    )
+    guide = transforms.Compose(
+        [
+            transforms.RandomCrop(32, padding=4),
+            transforms.RandomHorizontalFlip(),
+            transforms.ToTensor(),
+            transforms.Normalize((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
+        ]
+    )
+    return {"fashion-mnist": fashion, "cifar": local_cifar10(root, transform=guide)}
+
+
+def raw_image_dataset(dataset: Any, epochs: int, folder: Path) -> float:
+    model = make_cnn(channels=int(dataset[0][0].shape[0]))
+    loader = DataLoader(dataset, batch_size=IMAGE_BATCH, shuffle=True, num_workers=2)
+    return hand_written(model, loader, epochs, _cpu_with_children)
+
+
+def fit_image_dataset(dataset: Any, epochs: int, folder: Path) -> float:
+    model = make_cnn(channels=int(dataset[0][0].shape[0]))
+    directory = Path(tempfile.mkdtemp(dir=folder))
+    start = _cpu_with_children()
+    with contextlib.redirect_stderr(io.StringIO()), contextlib.redirect_stdout(io.StringIO()):
+        fit(model, dataset, epochs=epochs, batch_size=IMAGE_BATCH, checkpoint_dir=directory, progress=True)
+    return _cpu_with_children() - start
+
+
+def image_datasets_part(count: int, epochs: int, rounds: int) -> None:
+    if not importable("torchvision") or not importable("PIL"):
+        print("in-memory image datasets: skipped (pip install torchvision pillow)")
+        return
+    with tempfile.TemporaryDirectory() as tmp, warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for name, dataset in image_datasets(Path(tmp), count).items():
+            warm = torch.utils.data.Subset(dataset, range(2 * IMAGE_BATCH))
+            raw, ours, ratio = interleaved(
+                raw_image_dataset, fit_image_dataset, dataset, warm, epochs, rounds, Path(tmp)
+            )
+            print(f"in-memory images, {name}: {count} images, batch {IMAGE_BATCH}, small CNN, {epochs} epochs, "
+                  f"{rounds} interleaved rounds (CPU seconds incl. workers, median)")  # fmt: skip
+            print(f"  raw (DataLoader, 2 workers, per-sample transform)  {statistics.median(raw):7.3f} s")
+            each = ", ".join(f"{o / r:.3f}" for o, r in zip(ours, raw, strict=True))
+            print(f"  colabkit (in-memory image path, batched)          {statistics.median(ours):7.3f} s  "
+                  f"ratio {ratio:5.3f}  (rounds: {each})")  # fmt: skip
+
+
 def main() -> None:
     if len(sys.argv) == 3 and sys.argv[1] == "--compile-child":
         compile_child(Path(sys.argv[2]))
         return
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="fewer steps and rounds (a smoke run)")
-    parser.add_argument("--only", choices=["mlp", "imagefolder", "fixed", "resume", "compile"], help="run one part")
+    parser.add_argument(
+        "--only", choices=["mlp", "imagefolder", "images", "fixed", "resume", "compile"], help="run one part"
+    )
     parser.add_argument("--rounds", type=int, help="interleaved rounds (default 9, 1 with --quick)")
     args = parser.parse_args()
     torch.set_num_threads(1)
@@ -412,6 +501,7 @@ def main() -> None:
     parts = {
         "mlp": lambda: overhead(steps=64 if args.quick else 512, epochs=2, rounds=rounds),
         "imagefolder": lambda: imagefolder(images=512 if args.quick else 4096, epochs=2, rounds=rounds),
+        "images": lambda: image_datasets_part(count=1024 if args.quick else 8192, epochs=2, rounds=rounds),
         "fixed": lambda: fixed_overhead(rounds=rounds),
         "resume": lambda: resume_startup(size_mb=10 if args.quick else 100),
         "compile": lambda: compile_cache(rounds=1 if args.quick or args.rounds is None else args.rounds),

@@ -461,3 +461,75 @@ def test_fast_path_on_cuda_matches_and_keeps_data_where_planned(monkeypatch: pyt
         assert fast.describe().endswith(f"on {CUDA})")
     else:
         assert "pinned host memory" in fast.describe()
+
+
+def _cifar_like(count: int) -> Any:
+    from torchvision import transforms as T
+
+    from colabkit.data.images.array import ImageArray
+
+    generator = torch.Generator().manual_seed(5)
+    images = torch.randint(0, 256, (count, 32, 32, 3), dtype=torch.uint8, generator=generator)
+    guide = T.Compose(
+        [
+            T.RandomCrop(32, padding=4, padding_mode="reflect"),
+            T.RandomHorizontalFlip(),
+            T.RandomResizedCrop(24, scale=(0.3, 1.0)),
+            T.ToTensor(),
+            T.Normalize((0.49, 0.48, 0.45), (0.25, 0.24, 0.26)),
+            T.RandomErasing(p=0.5, value=(0.1, 0.2, 0.3)),
+        ]
+    )
+    return ImageArray(images.numpy(), list(range(count)), transform=guide)
+
+
+def test_image_ops_draw_and_move_the_same_on_cuda_as_on_the_cpu() -> None:
+    from colabkit.data.images.inmemory import in_memory_images
+    from colabkit.data.images.ops import SampleKeys
+    from colabkit.data.images.translate import translate
+
+    found = in_memory_images(_cifar_like(64))
+    assert not isinstance(found, str)
+    images, _ = found.rows()
+    pipeline = translate(found.transform, found.sample_shape)
+    index = torch.arange(64)
+    cpu = pipeline(images, SampleKeys(index, seed=9, epoch=2))
+    cuda = pipeline(images.to(CUDA), SampleKeys(index.to(CUDA), seed=9, epoch=2))
+    crop_cpu = pipeline.ops[0].params(images.shape, SampleKeys(index, seed=9, epoch=2).at_step(0))
+    crop_cuda = pipeline.ops[0].params(images.shape, SampleKeys(index.to(CUDA), seed=9, epoch=2).at_step(0))
+    assert all(torch.equal(a, b.cpu()) for a, b in zip(crop_cpu, crop_cuda, strict=True))  # bitwise draws
+    assert cuda.device.type == "cuda"
+    torch.testing.assert_close(cuda.cpu(), cpu, atol=1e-5, rtol=0)  # resizing: float rounding only
+
+
+@pytest.mark.parametrize("share", [None, 0.0], ids=["on-device", "pinned-copies"])
+def test_image_path_on_cuda_places_the_uint8_set_and_matches_the_cpu(
+    monkeypatch: pytest.MonkeyPatch, share: Any
+) -> None:
+    from colabkit.train import fastpath
+    from colabkit.train.imagebatches import image_batches
+    from colabkit.train.state import ResumableBatchSampler
+
+    if share is not None:
+        monkeypatch.setattr(fastpath, "DEVICE_MEMORY_SHARE", share)
+    data = _cifar_like(300)
+    on_gpu = image_batches(data, ResumableBatchSampler(300, 64, shuffle=True, seed=3), CUDA)
+    on_cpu = image_batches(data, ResumableBatchSampler(300, 64, shuffle=True, seed=3), torch.device("cpu"))
+    assert on_gpu is not None and on_cpu is not None
+    got = list(on_gpu.epoch(1, skip=1))
+    torch.cuda.synchronize()
+    want = list(on_cpu.epoch(1, skip=1))
+    assert len(got) == len(want) == 4
+    for (x, y), (wx, wy) in zip(got, want, strict=True):
+        assert x.device.type == "cuda" and torch.equal(y.cpu(), wy)
+        torch.testing.assert_close(x.cpu(), wx, atol=1e-5, rtol=0)
+    assert on_gpu.placement == ("device" if share is None else "pinned")
+    assert ("on cuda" if share is None else "pinned host memory") in on_gpu.describe()
+
+
+def test_fit_on_the_image_path_on_cuda_says_where(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    from colabkit.train.loop import fit
+
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten())
+    fit(model, _cifar_like(256), epochs=1, batch_size=64, checkpoint_dir=tmp_path, progress=True)
+    assert "train on the in-memory image path (256 ImageArray images on cuda" in capsys.readouterr().out

@@ -25,6 +25,8 @@ Modules (each imports torch, so nothing here is imported by ``import colabkit``)
 * :mod:`colabkit.train.state`: resumable sampler, per-sample worker seeding, position.
 * :mod:`colabkit.train.fastpath`: in-memory tensors batched by indexing on the sampler's order
   (bitwise the DataLoader's batches), kept on the GPU when they fit.
+* :mod:`colabkit.train.imagebatches`: in-memory image datasets the same way, their translated
+  transform run on whole batches where the images live.
 * :mod:`colabkit.train.precision`: the ``precision="auto"`` policy and GradScaler.
 * :mod:`colabkit.train.oom`: micro-batch back-off on out-of-memory.
 * :mod:`colabkit.train.callbacks`: ``Callback``, ``EarlyStopping``, ``CSVLogger``.

@@ -5,12 +5,15 @@
 * :class:`~colabkit.train.state.ResumableLoader`: a DataLoader with colabkit's resumable sampler
   (any Dataset or DataLoader; ``placement == "loader"``);
 * :class:`~colabkit.train.fastpath.TensorBatches`: in-memory tensors cut into batches by
-  indexing (``placement`` ``"device"``, ``"pinned"`` or ``"host"``).
+  indexing (``placement`` ``"device"``, ``"pinned"`` or ``"host"``);
+* :class:`~colabkit.train.imagebatches.ImageBatches`: in-memory uint8 image datasets whose
+  transform translates into batched ops, transformed a batch at a time where the images live.
 
 The loop never asks which one it has. :func:`training_batches` and :func:`evaluation_batches`
 try the candidates of :data:`TRAINING_PATHS` / :data:`EVALUATION_PATHS` in order; the first that
-takes the data wins, and the DataLoader path is the fallback. A new in-memory path is added by
-appending its constructor to those tuples: nothing in the loop changes.
+takes the data wins, and the DataLoader path is the fallback. A candidate that knows the data
+but cannot take it says why (a phrase), and the start notice quotes the first such reason. A new
+in-memory path is added by appending its constructor to those tuples: nothing in the loop changes.
 """
 
 from __future__ import annotations
@@ -23,6 +26,8 @@ import torch
 from colabkit.train.batches import as_dataset, check_batch_size
 from colabkit.train.distributed import DistInfo
 from colabkit.train.fastpath import dataloader_reason, for_evaluation, for_training
+from colabkit.train.imagebatches import for_evaluation as images_for_evaluation
+from colabkit.train.imagebatches import for_training as images_for_training
 from colabkit.train.state import ResumableLoader, make_resumable, ordered_loader
 
 __all__ = [
@@ -103,21 +108,22 @@ class Batches(Protocol):
 
 
 class TrainingPath(Protocol):
-    """A candidate for training data: its batches following ``resumable``'s order, or None to pass."""
+    """A candidate for training data: its batches following ``resumable``'s order; else why it
+    cannot take data it knows (a phrase), or None to pass."""
 
     def __call__(self, data: Any, resumable: ResumableLoader, device: torch.device, *, argument: str) -> Any: ...
 
 
 class EvaluationPath(Protocol):
-    """A candidate for evaluation data (dataset order): its batches, or None to pass."""
+    """A candidate for evaluation data (dataset order): its batches, a phrase, or None (as :class:`TrainingPath`)."""
 
     def __call__(self, data: Any, *, batch_size: int, device: torch.device, argument: str) -> Any: ...
 
 
 #: Training candidates, tried in order before the DataLoader path (append a new in-memory path here).
-TRAINING_PATHS: tuple[TrainingPath, ...] = (for_training,)
+TRAINING_PATHS: tuple[TrainingPath, ...] = (for_training, images_for_training)
 #: Evaluation candidates, tried in order before the DataLoader path (append a new in-memory path here).
-EVALUATION_PATHS: tuple[EvaluationPath, ...] = (for_evaluation,)
+EVALUATION_PATHS: tuple[EvaluationPath, ...] = (for_evaluation, images_for_evaluation)
 
 
 def training_batches(
@@ -146,11 +152,14 @@ def training_batches(
         rank=0 if dist is None else dist.rank,
         world_size=1 if dist is None else dist.world_size,
     )
+    reasons = []
     for path in TRAINING_PATHS:
-        batches: Batches | None = path(data, resumable, device, argument=argument)
-        if batches is not None:
+        batches: Batches | str | None = path(data, resumable, device, argument=argument)
+        if isinstance(batches, str):
+            reasons.append(batches)
+        elif batches is not None:
             return batches
-    resumable.why = dataloader_reason(as_dataset(data, argument), device=device)
+    resumable.why = reasons[0] if reasons else dataloader_reason(as_dataset(data, argument), device=device)
     return resumable
 
 
@@ -162,12 +171,15 @@ def evaluation_batches(
         data, argument=argument, batch_size=batch_size, num_workers=num_workers, pin_memory=device.type == "cuda"
     )
     size = check_batch_size(batch_size)
+    reasons = []
     for path in EVALUATION_PATHS:
-        batches: Batches | None = path(data, batch_size=size, device=device, argument=argument)
-        if batches is not None:
+        batches: Batches | str | None = path(data, batch_size=size, device=device, argument=argument)
+        if isinstance(batches, str):
+            reasons.append(batches)
+        elif batches is not None:
             return batches
     ordered = ResumableLoader(loader, None, seed=0, exact=True, needs_epoch_rng=False)
-    ordered.why = dataloader_reason(as_dataset(data, argument), device=device, ordered=True)
+    ordered.why = reasons[0] if reasons else dataloader_reason(as_dataset(data, argument), device=device, ordered=True)
     return ordered
 
 

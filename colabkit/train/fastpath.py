@@ -45,6 +45,7 @@ __all__ = [
     "dataloader_reason",
     "for_evaluation",
     "for_training",
+    "loader_reason",
 ]
 
 #: The tensors move to the GPU once when their size is at most this share of the GPU's free memory
@@ -100,9 +101,11 @@ def dataloader_reason(data: Any, *, device: torch.device, ordered: bool = False)
     """
     if not isinstance(data, DataLoader):
         return _dataset_reason(data, device)
-    reason = _dataset_reason(data.dataset, device)
-    if reason is not None:
-        return reason
+    return _dataset_reason(data.dataset, device) or loader_reason(data, ordered=ordered)
+
+
+def loader_reason(data: DataLoader, *, ordered: bool = False) -> str | None:
+    """Why the options of the DataLoader ``data`` keep the DataLoader path (whatever its dataset), or None."""
     if data.batch_size is None or type(data.batch_sampler) is not BatchSampler:
         return "the loader has a custom batch_sampler (or batch_size=None)"
     if data.collate_fn is not default_collate:
