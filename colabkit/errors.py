@@ -19,6 +19,7 @@ working for code that does not know colabkit::
     │       └── CheckpointInUseError              another run holds the folder's lease
     ├── ChecksumError            (ValueError)     data does not match its hash
     ├── UnsafeArchiveError       (ValueError)     archive member rejected
+    ├── ImageDecodeError         (ValueError)     image files that could not be decoded
     ├── CheckpointNotFoundError  (FileNotFoundError)
     ├── PathNotFoundError        (FileNotFoundError) a path given to colabkit does not exist
     ├── CheckpointMismatchError  (ValueError)     checkpoint is for another model
@@ -49,6 +50,7 @@ __all__ = [
     "DriveLostError",
     "ExportError",
     "ExportMismatchError",
+    "ImageDecodeError",
     "InsufficientSpaceError",
     "MagicUsageError",
     "MissingDependencyError",
@@ -128,6 +130,14 @@ class ChecksumError(ColabkitError, ValueError):
 
 class UnsafeArchiveError(ColabkitError, ValueError):
     """An archive holds a member that extraction refuses to write."""
+
+
+class ImageDecodeError(ColabkitError, ValueError):
+    """Image files that could not be decoded; ``failures`` lists every one as (path, reason)."""
+
+    def __init__(self, message: str, failures: list[tuple[str, str]] | None = None) -> None:
+        super().__init__(message)
+        self.failures = list(failures or [])
 
 
 class CheckpointNotFoundError(ColabkitError, FileNotFoundError):

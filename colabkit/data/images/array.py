@@ -23,7 +23,10 @@ def _shape_problem(shape: Sequence[int]) -> str | None:
         return None
     if len(shape) == 4 and shape[3] in (1, 3, 4):
         return None
-    return "expected (N, H, W) grayscale or (N, H, W, C) with C in 1, 3, 4 (channels last, as torchvision's CIFAR10 keeps them)"
+    return (
+        "expected (N, H, W) grayscale or (N, H, W, C) with C in 1, 3, 4 "
+        "(channels last, as torchvision's CIFAR10 keeps them)"
+    )
 
 
 class ImageArray:
