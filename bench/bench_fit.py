@@ -28,11 +28,17 @@ included), which other load on a shared machine distorts far less than wall-cloc
    ``num_workers=2``; the hand-written loop a ``DataLoader(shuffle=True, num_workers=2)``.
    Wall-clock seconds and CPU seconds incl. the workers, interleaved rounds.
    Target: fit / raw <= 1.0.
-4. Resume start-up: time from the fit() call to the end of the first step when resuming
+4. An image folder decoded once (``decode_images``): 10,000 JPEGs of 64x64 in 10 class folders,
+   a very small CNN, batch 64. Baseline: one epoch of the hand-written loop over
+   ``ImageFolder`` + ``ToTensor`` with ``DataLoader(shuffle=True, num_workers=2)`` (wall clock).
+   Rows: the decode-once build (target <= 1.5x that epoch), a later epoch through fit() over
+   the decoded array with the same transform (target <= 0.4x; the row names the data path fit
+   took), and a rerun on the unchanged folder, plain and staged (target < 50 ms).
+5. Resume start-up: time from the fit() call to the end of the first step when resuming
    from a ~100 MB checkpoint, minus the same for a fresh start. Target: < 2 s.
 
 Run: ``.venv/bin/python bench/bench_fit.py`` (full), ``--quick``, or one part with
-``--only mlp|imagefolder|augmented|fixed|resume``.
+``--only mlp|imagefolder|augmented|decode|fixed|resume``.
 """
 
 from __future__ import annotations
@@ -445,10 +451,125 @@ def augmented(images: int, epochs: int, rounds: int) -> None:
               f"(rounds: {', '.join(f'{x:.3f}' for x in ratios)})")  # fmt: skip
 
 
+# -- an image folder decoded once into one array
+
+
+def make_jpeg_folder(root: Path, images: int) -> Path:
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for index in range(images):
+        folder = root / f"class{index % CLASSES}"
+        folder.mkdir(parents=True, exist_ok=True)
+        coarse = rng.integers(0, 256, (9, 9, 3)).repeat(8, 0).repeat(8, 1)[:64, :64]
+        pixels = (coarse * 3 // 4 + rng.integers(0, 64, (64, 64, 3))).astype(np.uint8)
+        Image.fromarray(pixels).save(folder / f"{index:05d}.jpg", quality=90)
+    return root
+
+
+def make_tiny_cnn() -> torch.nn.Module:
+    torch.manual_seed(0)
+    return torch.nn.Sequential(
+        torch.nn.Conv2d(3, 8, 3, stride=2, padding=1),
+        torch.nn.ReLU(),
+        torch.nn.Conv2d(8, 16, 3, stride=2, padding=1),
+        torch.nn.ReLU(),
+        torch.nn.AdaptiveAvgPool2d(1),
+        torch.nn.Flatten(),
+        torch.nn.Linear(16, CLASSES),
+    )
+
+
+class EpochClock(Callback):
+    """Wall-clock seconds of each epoch (its checkpoint included)."""
+
+    def __init__(self) -> None:
+        self.starts: list[float] = []
+        self.end = 0.0
+
+    def on_epoch_start(self, ctx: FitContext) -> None:
+        self.starts.append(time.perf_counter())
+
+    def on_fit_end(self, ctx: FitContext) -> None:
+        self.end = time.perf_counter()
+
+    def epochs(self) -> list[float]:
+        marks = [*self.starts, self.end]
+        return [b - a for a, b in zip(marks, marks[1:])]
+
+
+def decode_once(images: int, rounds: int) -> None:
+    if not importable("torchvision") or not importable("PIL"):
+        print("decode once: skipped (pip install torchvision pillow)")
+        return
+    from torchvision import datasets, transforms
+
+    from colabkit.data.images.decode import decode_images
+    from colabkit.data.stage import stage
+
+    with tempfile.TemporaryDirectory() as tmp, warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        root = make_jpeg_folder(Path(tmp) / "jpegs", images)
+        to_tensor = transforms.ToTensor()
+        folder_loader = DataLoader(
+            datasets.ImageFolder(str(root), transform=to_tensor), batch_size=BATCH, shuffle=True, num_workers=2
+        )
+        hand_written(make_tiny_cnn(), folder_loader, 1, time.perf_counter)  # warm-up: page cache, imports
+        raw, builds, later = [], [], []
+        path = ""
+        for round_ in range(rounds):
+            raw.append(hand_written(make_tiny_cnn(), folder_loader, 1, time.perf_counter))
+            dest = Path(tmp) / f"decoded{round_}"
+            start = time.perf_counter()
+            decoded = decode_images(root, size=(64, 64), dest=dest, transform=to_tensor, progress=False)
+            builds.append(time.perf_counter() - start)
+            clock = EpochClock()
+            notes = io.StringIO()
+            with contextlib.redirect_stderr(notes), contextlib.redirect_stdout(notes):
+                fit(make_tiny_cnn(), decoded, epochs=2, batch_size=BATCH, callbacks=[clock],
+                    checkpoint_dir=Path(tempfile.mkdtemp(dir=tmp)))  # fmt: skip
+            later.append(clock.epochs()[-1])
+            path = path or _data_path(notes.getvalue())
+        rerun = []
+        for _ in range(20):
+            start = time.perf_counter()
+            decode_images(root, size=(64, 64), dest=Path(tmp) / "decoded0", transform=to_tensor, progress=False)
+            rerun.append(time.perf_counter() - start)
+        staged = stage(root, Path(tmp) / "staged", progress=False)
+        decode_images(staged, size=(64, 64), dest=Path(tmp) / "decoded-staged", progress=False)
+        rerun_staged = []
+        for _ in range(20):
+            start = time.perf_counter()
+            stage(root, Path(tmp) / "staged", progress=False, decode=(64, 64))
+            rerun_staged.append(time.perf_counter() - start)
+    epoch = statistics.median(raw)
+    build_ratio = statistics.median(b / r for b, r in zip(builds, raw, strict=True))
+    later_ratio = statistics.median(e / r for e, r in zip(later, raw, strict=True))
+    print(f"decode once: {images} JPEG 64x64, 10 classes, tiny CNN, batch {BATCH}, {rounds} interleaved rounds "
+          "(wall clock, median)")  # fmt: skip
+    print(f"  hand-written epoch, ImageFolder + 2 workers  {epoch:7.3f} s")
+    print(f"  decode_images build                          {statistics.median(builds):7.3f} s  "
+          f"ratio {build_ratio:5.3f}  (target <= 1.5)")  # fmt: skip
+    print(f"  later epoch through fit ({path})  {statistics.median(later):7.3f} s  ratio {later_ratio:5.3f}  "
+          "(target <= 0.4)")  # fmt: skip
+    print(f"  rerun, unchanged folder (walk + stat of every file)  {statistics.median(rerun) * 1000:6.1f} ms  "
+          "(target < 50)")  # fmt: skip
+    print(f"  rerun, stage(folder, decode=) of a staged folder     {statistics.median(rerun_staged) * 1000:6.1f} ms")
+
+
+def _data_path(notice: str) -> str:
+    """Which data path fit's start notice names."""
+    for line in notice.splitlines():
+        if "data: train on the" in line:
+            return line.split("data: train on the", 1)[1].split(";")[0].strip()[:70]
+    return "path not said"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="fewer steps and rounds (a smoke run)")
-    parser.add_argument("--only", choices=["mlp", "imagefolder", "augmented", "fixed", "resume"], help="run one part")
+    parser.add_argument("--only", choices=["mlp", "imagefolder", "augmented", "decode", "fixed", "resume"], help="run one part")
     parser.add_argument("--rounds", type=int, help="interleaved rounds (default 9, 1 with --quick)")
     args = parser.parse_args()
     torch.set_num_threads(1)
@@ -457,6 +578,7 @@ def main() -> None:
         "mlp": lambda: overhead(steps=64 if args.quick else 512, epochs=2, rounds=rounds),
         "imagefolder": lambda: imagefolder(images=512 if args.quick else 4096, epochs=2, rounds=rounds),
         "augmented": lambda: augmented(images=512 if args.quick else 4096, epochs=2, rounds=rounds),
+        "decode": lambda: decode_once(images=1000 if args.quick else 10_000, rounds=max(1, min(rounds, 3))),
         "fixed": lambda: fixed_overhead(rounds=rounds),
         "resume": lambda: resume_startup(size_mb=10 if args.quick else 100),
     }
