@@ -46,6 +46,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import io
+import itertools
 import os
 import resource
 import statistics
@@ -496,7 +497,7 @@ class EpochClock(Callback):
 
     def epochs(self) -> list[float]:
         marks = [*self.starts, self.end]
-        return [b - a for a, b in zip(marks, marks[1:])]
+        return [b - a for a, b in itertools.pairwise(marks)]
 
 
 def decode_once(images: int, rounds: int) -> None:
@@ -569,7 +570,8 @@ def _data_path(notice: str) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="fewer steps and rounds (a smoke run)")
-    parser.add_argument("--only", choices=["mlp", "imagefolder", "augmented", "decode", "fixed", "resume"], help="run one part")
+    parts_named = ["mlp", "imagefolder", "augmented", "decode", "fixed", "resume"]
+    parser.add_argument("--only", choices=parts_named, help="run one part")
     parser.add_argument("--rounds", type=int, help="interleaved rounds (default 9, 1 with --quick)")
     args = parser.parse_args()
     torch.set_num_threads(1)
