@@ -164,11 +164,17 @@ def test_rerun_reads_nothing_and_a_changed_size_or_source_rebuilds(
     grown = decode_images(images, size=(8, 8), dest=out, progress=False)
     assert reads(log) == 31 and len(grown) == 11
 
-    time.sleep(0.01)
-    Image.fromarray(_noise(9, 9, 3, 11)).save(images / "b/new.png")  # same name, new content
-    os.utime(images / "b/new.png", ns=(time.time_ns(), time.time_ns() + 10_000_000))
-    decode_images(images, size=(8, 8), dest=out, progress=False)
-    assert reads(log) == 42
+    (images / "a/wide.png").unlink()
+    shrunk = decode_images(images, size=(8, 8), dest=out, progress=False)
+    assert reads(log) == 41 and len(shrunk) == 10
+
+    # A file rewritten in place under its name changes no folder: overwrite=True decodes it again.
+    Image.fromarray(_noise(9, 9, 3, 11)).save(images / "b/new.png")
+    assert reads(log) == 41 and len(decode_images(images, size=(8, 8), dest=out, progress=False)) == 10
+    rebuilt = decode_images(images, size=(8, 8), dest=out, overwrite=True, progress=False)
+    assert reads(log) == 51
+    new = decode_images(images, size=(8, 8), dest=tmp_path / "other", progress=False)
+    assert np.array_equal(np.asarray(rebuilt.data), np.asarray(new.data))
 
 
 @pytest.mark.filterwarnings(PALETTE_WARNING)
@@ -224,6 +230,8 @@ def test_bad_arguments_are_named(images: Path, tmp_path: Path) -> None:
     Image.fromarray(_noise(9, 9, 3, 1)).save(tmp_path / "flat/one.png")
     with pytest.raises(ArgumentError, match="no class folders"):
         decode_images(tmp_path / "flat", size=4)
+    with pytest.raises(ArgumentError, match="inside the image folder"):
+        decode_images(images, size=4, dest=images / "decoded")
     (tmp_path / "taken").mkdir()
     (tmp_path / "taken/mine.txt").write_text("the user's")
     with pytest.raises(ArgumentError, match="not written by decode_images"):

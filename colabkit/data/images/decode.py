@@ -128,6 +128,11 @@ def decode_images(
     _check_count("read_threads", read_threads, allow_auto=True)
     root = Path(os.path.abspath(os.path.expanduser(folder)))
     target = Path(os.path.abspath(os.path.expanduser(dest))) if dest is not None else _default_dest(root)
+    if target == root or root in target.parents:
+        raise ArgumentError(
+            f"decode_images(): dest {target} lies inside the image folder {root}, where it would be listed as a "
+            "class folder; pass a dest= outside it (or leave dest=None)"
+        )
     settings = {"size": [height, width], **_METHOD}
     extras = (transform, target_transform)
     staged = staged_identity(root)
@@ -327,7 +332,7 @@ def _run_parts(parts: list[_Part], run: _Run, done: Any) -> None:
                 for future in pending:
                     future.cancel()
                 raise
-    except concurrent.futures.process.BrokenProcessPool as exc:
+    except concurrent.futures.BrokenExecutor as exc:
         raise ColabkitIOError(
             f"decode_images(): a decode worker died ({exc}); the parts decoded so far are kept. "
             "Run it again, or pass workers=1"
