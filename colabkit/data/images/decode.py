@@ -165,7 +165,7 @@ def decode_images(
         _remove_leftovers(target)
         count = _workers(workers, len(listing.files))
         threads = read_threads if isinstance(read_threads, int) else _read_threads(root)
-        _build(listing, target, identity, settings, _Run(chunk, count, threads, progress))
+        _build(listing, target, identity, settings, _Run(chunk, count, threads, progress, resume=not overwrite))
     found = _open_built(target, identity, settings, *extras)
     if found is None:  # pragma: no cover - the folder was just published
         raise ColabkitIOError(f"decode_images(): {target} vanished right after it was built")
@@ -203,6 +203,7 @@ class _Run:
     workers: int
     read_threads: int
     progress: bool
+    resume: bool  # False (overwrite=True): a partial build may predate the change the caller wants seen
 
 
 @dataclasses.dataclass(frozen=True)
@@ -223,7 +224,7 @@ def _build(listing: FolderListing, target: Path, identity: dict[str, Any], setti
     count = len(listing.files)
     partial = target.with_name(f".{target.name}{_PARTIAL}")
     plan = {"version": _VERSION, "identity": identity, "settings": settings, "count": count}
-    resumed = _resumable(partial, plan)
+    resumed = _resumable(partial, plan) if run.resume else None
     if resumed is None:
         part_size = max(1, math.ceil(run.chunk / run.workers))
         _start_partial(partial, listing, {**plan, "part": part_size}, (count, height, width, 3))
