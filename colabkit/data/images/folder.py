@@ -77,13 +77,12 @@ def list_folder(root: Path) -> FolderListing:
     prefix = len(os.path.join(str(root), ""))
     for label, name in enumerate(classes):
         for folder, _, names in sorted(os.walk(root / name, followlinks=True)):
-            digest.update(f"{folder[prefix:]}\0{os.stat(folder).st_mtime_ns}\n".encode("utf-8", "surrogateescape"))
-            for file_name in sorted(names):
-                if file_name.lower().endswith(IMAGE_EXTENSIONS):
-                    relative = os.path.join(folder, file_name)[prefix:]
-                    files.append(relative)
-                    labels.append(label)
-                    digest.update(f"{relative}\n".encode("utf-8", "surrogateescape"))
+            relative = folder[prefix:]
+            digest.update(f"{relative}\0{os.stat(folder).st_mtime_ns}\n".encode("utf-8", "surrogateescape"))
+            chosen = [f"{relative}{os.sep}{n}" for n in sorted(names) if n.lower().endswith(IMAGE_EXTENSIONS)]
+            files.extend(chosen)
+            labels.extend([label] * len(chosen))
+    digest.update("\n".join(files).encode("utf-8", "surrogateescape"))
     if not files:
         raise ArgumentError(
             f"decode_images(): the class folders of {root} hold no images (extensions: {', '.join(IMAGE_EXTENSIONS)})"
