@@ -256,7 +256,7 @@ def test_a_build_killed_at_a_random_moment_resumes_and_decodes_at_most_one_chunk
     tmp_path: Path, subprocess_env: dict[str, str]
 ) -> None:
     root = tmp_path / "many"
-    count = 1200
+    count = 800
     for index in range(count):
         folder = root / f"class{index % 4}"
         folder.mkdir(parents=True, exist_ok=True)
@@ -265,7 +265,7 @@ def test_a_build_killed_at_a_random_moment_resumes_and_decodes_at_most_one_chunk
     command = [sys.executable, "-c", KILL_SCRIPT, str(root), str(out), str(log)]
     cwd = str(Path(__file__).resolve().parent.parent)
     victim = subprocess.Popen(command, env=subprocess_env, cwd=cwd, start_new_session=True)
-    kill_after = random.randint(64, count - 200)  # a random moment inside the build
+    kill_after = random.randint(64, count - 160)  # a random moment inside the build
     deadline = time.monotonic() + 120
     while reads(log) < kill_after and victim.poll() is None and time.monotonic() < deadline:
         time.sleep(0.002)
