@@ -217,6 +217,39 @@ def test_fit_takes_the_decoded_dataset_and_a_dataloader_reads_it(images: Path, t
     assert len(history) == 2
 
 
+class SlowOps(_io.FileOps):
+    """Drive-like latency on every image open, recording how many reads were in flight at once."""
+
+    def __init__(self) -> None:
+        import threading
+
+        self.lock = threading.Lock()
+        self.now = self.most = 0
+
+    def open(self, path: str | os.PathLike[str], mode: str) -> IO[Any]:
+        if mode != "rb":
+            return super().open(path, mode)
+        with self.lock:
+            self.now += 1
+            self.most = max(self.most, self.now)
+        time.sleep(0.02)
+        with self.lock:
+            self.now -= 1
+        return super().open(path, mode)
+
+
+@pytest.mark.filterwarnings(PALETTE_WARNING)
+def test_files_are_read_ahead_by_threads_for_slow_storage(
+    images: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    slow = SlowOps()
+    monkeypatch.setattr(_io, "ops", slow)
+    decoded = decode_images(images, size=SIZE, dest=tmp_path / "out", workers=1, read_threads=6, progress=False)
+    assert slow.most == 6  # six reads waiting on the storage at once, while the decoder works
+    reference = torchvision_reference(images, SIZE)
+    assert all(np.array_equal(decoded.data[i], np.asarray(reference[i][0])) for i in range(len(reference)))
+
+
 def test_bad_arguments_are_named(images: Path, tmp_path: Path) -> None:
     with pytest.raises(ArgumentError, match=r"size=\(0, 4\)"):
         decode_images(images, size=(0, 4))

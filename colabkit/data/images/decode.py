@@ -26,6 +26,7 @@ returns; a changed source or size rebuilds.
 
 from __future__ import annotations
 
+import collections
 import concurrent.futures
 import contextlib
 import dataclasses
@@ -42,6 +43,7 @@ import signal
 import sys
 import time
 import warnings
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Literal
@@ -216,6 +218,7 @@ class _Part:
     folder: str  # the partial folder
     offset: int  # where pixel data starts in images.npy
     size: tuple[int, int]
+    ahead: int  # files read ahead: twice the read threads
 
 
 def _build(listing: FolderListing, target: Path, identity: dict[str, Any], settings: dict[str, Any], run: _Run) -> None:
@@ -234,8 +237,9 @@ def _build(listing: FolderListing, target: Path, identity: dict[str, Any], setti
     offset = (partial / "images.npy").stat().st_size - count * height * width * 3
     root = str(listing.root)
     paths = [os.path.join(root, name) for name in listing.files]
+    ahead = 2 * run.read_threads
     parts = [
-        _Part(index, start, paths[start : start + part_size], str(partial), offset, (height, width))
+        _Part(index, start, paths[start : start + part_size], str(partial), offset, (height, width), ahead)
         for index, start in enumerate(range(0, count, part_size))
         if index not in done
     ]
@@ -364,7 +368,7 @@ def _decode_part(part: _Part, reader: ThreadPoolExecutor) -> int:
     height, width = part.size
     pixels = np.zeros((len(part.paths), height, width, 3), dtype=np.uint8)
     failures: list[tuple[str, str]] = []
-    for row, (path, data) in enumerate(zip(part.paths, reader.map(_read, part.paths), strict=True)):
+    for row, (path, data) in enumerate(_read_ahead(reader, part.paths, part.ahead)):
         try:
             if isinstance(data, BaseException):
                 raise data
@@ -388,6 +392,26 @@ def _decode_part(part: _Part, reader: ThreadPoolExecutor) -> int:
     finally:
         os.close(fd)
     return len(part.paths)
+
+
+def _read_ahead(
+    reader: ThreadPoolExecutor, paths: list[str], ahead: int
+) -> Iterator[tuple[str, bytes | BaseException]]:
+    """``(path, its bytes)`` in order, the next reads already under way in ``reader``'s threads.
+
+    At most ``ahead`` files are held or in flight, so a part of large photos never
+    sits in memory whole.
+    """
+    pending: collections.deque[tuple[str, concurrent.futures.Future[bytes | BaseException]]] = collections.deque()
+    queue = iter(paths)
+    for path in itertools.islice(queue, ahead):
+        pending.append((path, reader.submit(_read, path)))
+    while pending:
+        path, future = pending.popleft()
+        following = next(queue, None)
+        if following is not None:
+            pending.append((following, reader.submit(_read, following)))
+        yield path, future.result()
 
 
 def _read(path: str) -> bytes | BaseException:
