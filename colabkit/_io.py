@@ -19,7 +19,9 @@ import errno
 import hashlib
 import os
 import shutil
+import signal
 import stat
+import sys
 import time
 import uuid
 from collections.abc import Callable, Iterable, Iterator
@@ -37,6 +39,7 @@ __all__ = [
     "atomic_write_bytes",
     "copy_file",
     "copy_stream",
+    "die_with_parent",
     "discard",
     "ensure_free_space",
     "free_space",
@@ -198,6 +201,19 @@ def publish_folder(staging: Path, target: Path) -> None:
         else:
             with contextlib.suppress(OSError):
                 os.unlink(trash)
+
+
+def die_with_parent() -> None:
+    """In a forked worker: be killed when the parent dies (Linux), so a killed run leaves no writer behind.
+
+    A worker that outlived its killed parent would keep writing into a folder that
+    the next run is about to remove or resume. Elsewhere a no-op.
+    """
+    if sys.platform.startswith("linux"):
+        with contextlib.suppress(Exception):
+            import ctypes
+
+            ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
 
 
 @contextlib.contextmanager

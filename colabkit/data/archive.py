@@ -79,7 +79,6 @@ __all__ = [
     "is_platform_file",
     "make_archive",
     "scan_archive",
-    "set_parent_death_signal",
 ]
 
 Format = Literal["zip", "tar", "tar.gz", "tar.bz2", "tar.xz", "tar.zst", "gz", "zst", "7z"]
@@ -809,8 +808,7 @@ def _decode_error(line: str) -> BaseException:
     return ColabkitIOError(f"extraction worker failed: {kind}: {message}")
 
 
-def set_parent_death_signal() -> None:
-    """In a forked worker: die with the parent (Linux), so a killed run leaves no writer behind."""
+def _set_parent_death_signal() -> None:
     # An extraction worker must not outlive a killed stage(): it would keep writing into a
     # staging folder that the next stage() is about to remove.
     if sys.platform.startswith("linux"):
@@ -841,7 +839,7 @@ def _run_forked(
                 status = 0
                 try:
                     os.close(result_r)
-                    set_parent_death_signal()
+                    _set_parent_death_signal()
                     while len(raw := os.read(work_r, 4)) == 4:
                         count = task(chunks[struct.unpack("<I", raw)[0]])
                         os.write(result_w, f"D\t{count}\n".encode())

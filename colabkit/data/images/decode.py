@@ -349,9 +349,7 @@ _WORKER_READER: ThreadPoolExecutor | None = None
 
 def _start_worker(read_threads: int) -> None:  # pragma: no cover - runs in the worker processes
     global _WORKER_READER
-    from colabkit.data.archive import set_parent_death_signal
-
-    set_parent_death_signal()  # a killed build must leave no process writing into its partial folder
+    _io.die_with_parent()  # a killed build must leave no process writing into its partial folder
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C stops the build in the main process
     _WORKER_READER = ThreadPoolExecutor(read_threads, thread_name_prefix="colabkit-read")
 
