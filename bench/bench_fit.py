@@ -28,10 +28,22 @@ included), which other load on a shared machine distorts far less than wall-cloc
    reading pickle batches written here, with the Colab guide's ``RandomCrop(32, padding=4)``,
    ``RandomHorizontalFlip()``, ``ToTensor()``, ``Normalize``. A 16/32-channel CNN, batch 128,
    CPU seconds incl. workers. Target: fit / raw <= 0.6 for both.
-4. Resume start-up: time from the fit() call to the end of the first step when resuming
+4. Per-sample random transforms colabkit does not translate (the DataLoader path): 4,096
+   CIFAR-shaped uint8 images in a map-style dataset whose torchvision transform is
+   ``RandomCrop(32, padding=4)`` + flip + ``ColorJitter`` + a custom ``Lambda`` + ``ToTensor``
+   + ``Normalize``, batch 128, a small CNN, 2 epochs. fit() gets the dataset with
+   ``num_workers=2``; the hand-written loop a ``DataLoader(shuffle=True, num_workers=2)``.
+   Wall-clock seconds and CPU seconds incl. the workers, interleaved rounds.
+   Target: fit / raw <= 1.0.
+5. An image folder decoded once (``decode_images``): 10,000 JPEGs of 64x64 in 10 class folders,
+   a very small CNN, batch 64. Baseline: one epoch of the hand-written loop over
+   ``ImageFolder`` + ``ToTensor`` with ``DataLoader(shuffle=True, num_workers=2)`` (wall clock).
+   Rows: the decode-once build (target <= 1.5x that epoch), a later epoch through fit() over
+   the decoded array with the same transform (target <= 0.4x; the row names the data path fit
+   took), and a rerun on the unchanged folder, plain and staged (target < 50 ms).
+6. Resume start-up: time from the fit() call to the end of the first step when resuming
    from a ~100 MB checkpoint, minus the same for a fresh start. Target: < 2 s.
-
-4. Compile cache: ``fit(compile=True)`` on the small CNN of part 2 (batch 64 of 3x32x32), one
+7. Compile cache: ``fit(compile=True)`` on the small CNN of part 2 (batch 64 of 3x32x32), one
    epoch, run in two fresh processes one after the other on one ``checkpoint_dir``. Each
    process gets new, empty inductor and triton cache folders (``TORCHINDUCTOR_CACHE_DIR``,
    ``TRITON_CACHE_DIR``, ``TRITON_HOME``), as a fresh Colab runtime after a disconnect has, so
@@ -40,7 +52,7 @@ included), which other load on a shared machine distorts far less than wall-cloc
    first <= 0.3.
 
 Run: ``.venv/bin/python bench/bench_fit.py`` (full), ``--quick``, or one part with
-``--only mlp|imagefolder|images|fixed|resume|compile``.
+``--only mlp|imagefolder|images|augmented|decode|fixed|resume|compile``.
 """
 
 from __future__ import annotations
@@ -48,6 +60,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import io
+import itertools
 import os
 import re
 import resource
@@ -389,7 +402,7 @@ COMPILED_IN = re.compile(r"first step compiled in ([0-9.]+) s")
 
 
 def compile_child(folder: Path) -> None:
-    """One fresh process's fit(compile=True) (see part 4); its notices go to stdout."""
+    """One fresh process's fit(compile=True) (see part 7); its notices go to stdout."""
     torch.set_num_threads(1)
     x = torch.randn(256, 3, 32, 32, generator=torch.Generator().manual_seed(0))
     y = torch.randint(0, CLASSES, (256,), generator=torch.Generator().manual_seed(1))
@@ -485,15 +498,218 @@ def image_datasets_part(count: int, epochs: int, rounds: int) -> None:
                   f"ratio {ratio:5.3f}  (rounds: {each})")  # fmt: skip
 
 
+# -- per-sample random transforms colabkit does not translate (the DataLoader path)
+
+
+class AugmentedImages(torch.utils.data.Dataset):  # type: ignore[type-arg]
+    """CIFAR-shaped uint8 images with a per-sample random torchvision transform, as a user writes one."""
+
+    def __init__(self, images: int) -> None:
+        from torchvision import transforms
+
+        generator = torch.Generator().manual_seed(0)
+        self.data = torch.randint(0, 256, (images, 32, 32, 3), dtype=torch.uint8, generator=generator).numpy()
+        self.targets = torch.randint(0, CLASSES, (images,), generator=generator).tolist()
+        self.transform = transforms.Compose(
+            [
+                transforms.RandomCrop(32, padding=4),
+                transforms.RandomHorizontalFlip(),
+                transforms.ColorJitter(brightness=0.2, contrast=0.2, saturation=0.2),
+                transforms.Lambda(lambda image: image),  # a user's own step: nothing to translate
+                transforms.ToTensor(),
+                transforms.Normalize((0.49, 0.48, 0.45), (0.25, 0.24, 0.26)),
+            ]
+        )
+
+    def __len__(self) -> int:
+        return len(self.targets)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        from PIL import Image
+
+        return self.transform(Image.fromarray(self.data[index])), self.targets[index]
+
+
+AUGMENTED_BATCH = 128
+
+
+def _timed(run: Callable[[], object]) -> tuple[float, float]:
+    """(wall seconds, CPU seconds of this process and its reaped children) of ``run()``."""
+    import gc
+
+    wall, cpu = time.perf_counter(), _cpu_with_children()
+    run()
+    gc.collect()  # fit's persistent workers exit (and are reaped) when its loader goes
+    return time.perf_counter() - wall, _cpu_with_children() - cpu
+
+
+def raw_augmented(data: AugmentedImages, epochs: int, folder: Path) -> tuple[float, float]:
+    model = make_cnn()
+    loader = DataLoader(data, batch_size=AUGMENTED_BATCH, shuffle=True, num_workers=2)
+    return _timed(lambda: hand_written(model, loader, epochs, _now))
+
+
+def fit_augmented(data: AugmentedImages, epochs: int, folder: Path) -> tuple[float, float]:
+    model = make_cnn()
+    directory = Path(tempfile.mkdtemp(dir=folder))
+
+    def run() -> None:
+        with contextlib.redirect_stderr(io.StringIO()), contextlib.redirect_stdout(io.StringIO()):
+            fit(model, data, epochs=epochs, batch_size=AUGMENTED_BATCH, num_workers=2, checkpoint_dir=directory)
+
+    return _timed(run)
+
+
+def augmented(images: int, epochs: int, rounds: int) -> None:
+    if not importable("torchvision") or not importable("PIL"):
+        print("per-sample random transforms: skipped (pip install torchvision pillow)")
+        return
+    data = AugmentedImages(images)
+    raw: list[tuple[float, float]] = []
+    ours: list[tuple[float, float]] = []
+    with tempfile.TemporaryDirectory() as tmp, warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        raw_augmented(AugmentedImages(256), 1, Path(tmp))  # warm-up: imports, first-call paths
+        fit_augmented(AugmentedImages(256), 1, Path(tmp))
+        for _ in range(rounds):
+            raw.append(raw_augmented(data, epochs, Path(tmp)))
+            ours.append(fit_augmented(data, epochs, Path(tmp)))
+    print(f"per-sample random transforms (DataLoader path): {images} uint8 32x32, RandomCrop + flip + ColorJitter "
+          f"+ Lambda + ToTensor + Normalize, batch {AUGMENTED_BATCH}, 2 workers, small CNN, {epochs} epochs, "
+          f"{rounds} interleaved rounds (median)")  # fmt: skip
+    for label, column in (("wall", 0), ("CPU incl. workers", 1)):
+        ratios = [o[column] / r[column] for o, r in zip(ours, raw, strict=True)]
+        print(f"  {label:18s} raw {statistics.median(r[column] for r in raw):7.3f} s  colabkit "
+              f"{statistics.median(o[column] for o in ours):7.3f} s  ratio {statistics.median(ratios):5.3f}  "
+              f"(rounds: {', '.join(f'{x:.3f}' for x in ratios)})")  # fmt: skip
+
+
+# -- an image folder decoded once into one array
+
+
+def make_jpeg_folder(root: Path, images: int) -> Path:
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for index in range(images):
+        folder = root / f"class{index % CLASSES}"
+        folder.mkdir(parents=True, exist_ok=True)
+        coarse = rng.integers(0, 256, (9, 9, 3)).repeat(8, 0).repeat(8, 1)[:64, :64]
+        pixels = (coarse * 3 // 4 + rng.integers(0, 64, (64, 64, 3))).astype(np.uint8)
+        Image.fromarray(pixels).save(folder / f"{index:05d}.jpg", quality=90)
+    return root
+
+
+def make_tiny_cnn() -> torch.nn.Module:
+    torch.manual_seed(0)
+    return torch.nn.Sequential(
+        torch.nn.Conv2d(3, 8, 3, stride=2, padding=1),
+        torch.nn.ReLU(),
+        torch.nn.Conv2d(8, 16, 3, stride=2, padding=1),
+        torch.nn.ReLU(),
+        torch.nn.AdaptiveAvgPool2d(1),
+        torch.nn.Flatten(),
+        torch.nn.Linear(16, CLASSES),
+    )
+
+
+class EpochClock(Callback):
+    """Wall-clock seconds of each epoch (its checkpoint included)."""
+
+    def __init__(self) -> None:
+        self.starts: list[float] = []
+        self.end = 0.0
+
+    def on_epoch_start(self, ctx: FitContext) -> None:
+        self.starts.append(time.perf_counter())
+
+    def on_fit_end(self, ctx: FitContext) -> None:
+        self.end = time.perf_counter()
+
+    def epochs(self) -> list[float]:
+        marks = [*self.starts, self.end]
+        return [b - a for a, b in itertools.pairwise(marks)]
+
+
+def decode_once(images: int, rounds: int) -> None:
+    if not importable("torchvision") or not importable("PIL"):
+        print("decode once: skipped (pip install torchvision pillow)")
+        return
+    from torchvision import datasets, transforms
+
+    from colabkit.data.images.decode import decode_images
+    from colabkit.data.stage import stage
+
+    with tempfile.TemporaryDirectory() as tmp, warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        root = make_jpeg_folder(Path(tmp) / "jpegs", images)
+        to_tensor = transforms.ToTensor()
+        folder_loader = DataLoader(
+            datasets.ImageFolder(str(root), transform=to_tensor), batch_size=BATCH, shuffle=True, num_workers=2
+        )
+        hand_written(make_tiny_cnn(), folder_loader, 1, time.perf_counter)  # warm-up: page cache, imports
+        raw, builds, later = [], [], []
+        path = ""
+        for round_ in range(rounds):
+            raw.append(hand_written(make_tiny_cnn(), folder_loader, 1, time.perf_counter))
+            dest = Path(tmp) / f"decoded{round_}"
+            start = time.perf_counter()
+            decoded = decode_images(root, size=(64, 64), dest=dest, transform=to_tensor, progress=False)
+            builds.append(time.perf_counter() - start)
+            clock = EpochClock()
+            notes = io.StringIO()
+            with contextlib.redirect_stderr(notes), contextlib.redirect_stdout(notes):
+                fit(make_tiny_cnn(), decoded, epochs=2, batch_size=BATCH, callbacks=[clock],
+                    checkpoint_dir=Path(tempfile.mkdtemp(dir=tmp)))  # fmt: skip
+            later.append(clock.epochs()[-1])
+            path = path or _data_path(notes.getvalue())
+        plain = _reruns(lambda: decode_images(root, size=(64, 64), dest=Path(tmp) / "decoded0", progress=False))
+        staged = stage(root, Path(tmp) / "staged", progress=False)
+        decode_images(staged, size=(64, 64), dest=Path(tmp) / "decoded-staged", progress=False)
+        staged_rerun = _reruns(lambda: stage(root, Path(tmp) / "staged", progress=False, decode=(64, 64)))
+    epoch = statistics.median(raw)
+    build_ratio = statistics.median(b / r for b, r in zip(builds, raw, strict=True))
+    later_ratio = statistics.median(e / r for e, r in zip(later, raw, strict=True))
+    print(f"decode once: {images} JPEG 64x64, 10 classes, tiny CNN, batch {BATCH}, {rounds} interleaved rounds "
+          "(wall clock, median)")  # fmt: skip
+    print(f"  hand-written epoch, ImageFolder + 2 workers  {epoch:7.3f} s")
+    print(f"  decode_images build                          {statistics.median(builds):7.3f} s  "
+          f"ratio {build_ratio:5.3f}  (target <= 1.5)")  # fmt: skip
+    print(f"  later epoch through fit ({path})  {statistics.median(later):7.3f} s  ratio {later_ratio:5.3f}  "
+          "(target <= 0.4)")  # fmt: skip
+    for label, (wall, cpu) in (("unchanged folder (its file names listed)", plain),
+                               ("stage(folder, decode=) of a staged folder", staged_rerun)):  # fmt: skip
+        print(f"  rerun, {label:42s} {wall * 1000:6.1f} ms wall, {cpu * 1000:6.1f} ms CPU  (target < 50)")
+
+
+def _reruns(call: Callable[[], object]) -> tuple[float, float]:
+    """Median wall and CPU seconds of 20 calls."""
+    walls, cpus = [], []
+    for _ in range(20):
+        wall, cpu = time.perf_counter(), time.process_time()
+        call()
+        walls.append(time.perf_counter() - wall)
+        cpus.append(time.process_time() - cpu)
+    return statistics.median(walls), statistics.median(cpus)
+
+
+def _data_path(notice: str) -> str:
+    """Which data path fit's start notice names."""
+    for line in notice.splitlines():
+        if "data: train on the" in line:
+            return line.split("data: train on the", 1)[1].split(";")[0].strip()[:70]
+    return "path not said"
+
+
 def main() -> None:
     if len(sys.argv) == 3 and sys.argv[1] == "--compile-child":
         compile_child(Path(sys.argv[2]))
         return
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="fewer steps and rounds (a smoke run)")
-    parser.add_argument(
-        "--only", choices=["mlp", "imagefolder", "images", "fixed", "resume", "compile"], help="run one part"
-    )
+    parts_named = ["mlp", "imagefolder", "images", "augmented", "decode", "fixed", "resume", "compile"]
+    parser.add_argument("--only", choices=parts_named, help="run one part")
     parser.add_argument("--rounds", type=int, help="interleaved rounds (default 9, 1 with --quick)")
     args = parser.parse_args()
     torch.set_num_threads(1)
@@ -502,6 +718,8 @@ def main() -> None:
         "mlp": lambda: overhead(steps=64 if args.quick else 512, epochs=2, rounds=rounds),
         "imagefolder": lambda: imagefolder(images=512 if args.quick else 4096, epochs=2, rounds=rounds),
         "images": lambda: image_datasets_part(count=1024 if args.quick else 8192, epochs=2, rounds=rounds),
+        "augmented": lambda: augmented(images=512 if args.quick else 4096, epochs=2, rounds=rounds),
+        "decode": lambda: decode_once(images=1000 if args.quick else 10_000, rounds=max(1, min(rounds, 3))),
         "fixed": lambda: fixed_overhead(rounds=rounds),
         "resume": lambda: resume_startup(size_mb=10 if args.quick else 100),
         "compile": lambda: compile_cache(rounds=1 if args.quick or args.rounds is None else args.rounds),

@@ -55,6 +55,7 @@ _LAZY: dict[str, str] = {
     "CSVLogger": "colabkit.train.callbacks",
     "launch": "colabkit.train.distributed",
     "ImageArray": "colabkit.data.images.array",
+    "decode_images": "colabkit.data.images.decode",
 }
 
 __all__ = sorted(_LAZY)
@@ -65,6 +66,7 @@ if TYPE_CHECKING:
     from colabkit.checkpoint import CheckpointManager
     from colabkit.data.archive import make_archive
     from colabkit.data.images.array import ImageArray
+    from colabkit.data.images.decode import decode_images
     from colabkit.data.stage import stage
     from colabkit.device import free_memory, get_device, memory_summary, seed_everything, to_device
     from colabkit.drive import flush_drive, mount_drive, project_dirs

@@ -19,6 +19,8 @@ working for code that does not know colabkit::
     │       └── CheckpointInUseError              another run holds the folder's lease
     ├── ChecksumError            (ValueError)     data does not match its hash
     ├── UnsafeArchiveError       (ValueError)     archive member rejected
+    ├── ImageDecodeError         (ValueError)     image files that could not be decoded
+    ├── TransformNotTranslatedError (ValueError)  a transform step with no batched equivalent
     ├── CheckpointNotFoundError  (FileNotFoundError)
     ├── PathNotFoundError        (FileNotFoundError) a path given to colabkit does not exist
     ├── CheckpointMismatchError  (ValueError)     checkpoint is for another model
@@ -49,6 +51,7 @@ __all__ = [
     "DriveLostError",
     "ExportError",
     "ExportMismatchError",
+    "ImageDecodeError",
     "InsufficientSpaceError",
     "MagicUsageError",
     "MissingDependencyError",
@@ -57,6 +60,7 @@ __all__ = [
     "PathNotFoundError",
     "PlatformError",
     "TrainingError",
+    "TransformNotTranslatedError",
     "UnsafeArchiveError",
     "missing_dependency",
 ]
@@ -130,6 +134,14 @@ class UnsafeArchiveError(ColabkitError, ValueError):
     """An archive holds a member that extraction refuses to write."""
 
 
+class ImageDecodeError(ColabkitError, ValueError):
+    """Image files that could not be decoded; ``failures`` lists every one as (path, reason)."""
+
+    def __init__(self, message: str, failures: list[tuple[str, str]] | None = None) -> None:
+        super().__init__(message)
+        self.failures = list(failures or [])
+
+
 class CheckpointNotFoundError(ColabkitError, FileNotFoundError):
     """No usable checkpoint exists where one was asked for."""
 
@@ -148,6 +160,13 @@ class ExportMismatchError(ColabkitError, ValueError):
 
 class CheckpointMismatchError(ColabkitError, ValueError):
     """A checkpoint does not fit the model or optimizer it is restored into."""
+
+
+class TransformNotTranslatedError(ColabkitError, ValueError):
+    """A transform step (or one of its options) has no batched equivalent; the message names it.
+
+    fit() catches it and keeps the DataLoader path, quoting the message in its start notice.
+    """
 
 
 class TrainingError(ColabkitError, RuntimeError):

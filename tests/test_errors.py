@@ -27,6 +27,7 @@ from colabkit import errors
         (errors.CheckpointInUseError, OSError),
         (errors.ChecksumError, ValueError),
         (errors.UnsafeArchiveError, ValueError),
+        (errors.ImageDecodeError, ValueError),
         (errors.CheckpointNotFoundError, FileNotFoundError),
         (errors.CheckpointMismatchError, ValueError),
         (errors.PathNotFoundError, FileNotFoundError),

@@ -258,3 +258,22 @@ def test_a_users_own_batched_pipeline_runs_as_written(capsys: pytest.CaptureFixt
     assert one.shape == (3, 8, 8) and one.dtype == torch.float32
     fit(small_cnn(), DataLoader(data, batch_size=8, sampler=range(24)), epochs=1, progress=True)
     assert "DataLoader path, since the loader has a custom sampler" in capsys.readouterr().out
+
+
+def test_images_bigger_than_the_memory_share_keep_the_dataloader_path(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from colabkit.train import imagebatches
+
+    stored = tmp_path / "images.npy"
+    array = torch.randint(0, 256, (24, 8, 8, 3), dtype=torch.uint8).numpy()
+    import numpy as np
+
+    np.save(stored, array)
+    data = ImageArray(np.load(stored, mmap_mode="r"), [i % 10 for i in range(24)], transform=T.ToTensor())
+    fit(small_cnn(), data, epochs=1, batch_size=8, progress=True)
+    assert "in-memory image path (24 ImageArray images" in capsys.readouterr().out
+    monkeypatch.setattr(imagebatches, "RAM_SHARE", 1e-9)  # as if the array were larger than the RAM
+    fit(small_cnn(), data, epochs=1, batch_size=8, progress=True)
+    out = capsys.readouterr().out
+    assert "DataLoader path, since ImageArray's 0.0 GB of images do not fit in 0% of the available memory" in out

@@ -20,7 +20,8 @@ from torchvision import transforms as T
 from torchvision.transforms import v2
 
 from colabkit.data.images import ops
-from colabkit.data.images.translate import Unsupported, translate
+from colabkit.data.images.translate import translate
+from colabkit.errors import TransformNotTranslatedError
 
 N = 6
 
@@ -370,7 +371,7 @@ def test_keyed_bits_are_integer_arithmetic_that_never_overflows() -> None:
     ],
 )
 def test_untranslatable_steps_are_named(transform: Any, named: str) -> None:
-    with pytest.raises(Unsupported, match=named.replace("(", r"\(").replace(")", r"\)")):
+    with pytest.raises(TransformNotTranslatedError, match=named.replace("(", r"\(").replace(")", r"\)")):
         translate(transform, (3, 20, 24))
 
 

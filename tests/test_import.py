@@ -46,6 +46,7 @@ DESIGNED = {
     "CSVLogger",
     "launch",
     "ImageArray",
+    "decode_images",
 }
 
 

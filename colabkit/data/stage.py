@@ -23,9 +23,9 @@ import os
 import shutil
 import sys
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, overload
 
 from colabkit import _io, _notify, drive
 from colabkit.data import sources as _sources
@@ -33,6 +33,9 @@ from colabkit.data.archive import ArchiveLimits, archive_format, extract_archive
 from colabkit.data.archive.formats import CONTAINERS, describe_bytes, holds_members, named_like_archive, plain_name
 from colabkit.errors import ArgumentError, ChecksumError, ColabkitError, InsufficientSpaceError
 from colabkit.runtime import runtime
+
+if TYPE_CHECKING:
+    from colabkit.data.images.array import ImageArray
 
 __all__ = ["MARKER", "cli_stage", "stage"]
 
@@ -44,6 +47,44 @@ _MARKER_VERSION = 1
 _COPY_THREADS = 32
 #: Head-room left free on the destination's disk (as colabkit._io.ensure_free_space keeps).
 _SPACE_MARGIN = 64 * 1024 * 1024
+
+
+@overload
+def stage(
+    source: str | os.PathLike[str],
+    dest: str | os.PathLike[str] | None = None,
+    *,
+    name: str | None = None,
+    sha256: str | None = None,
+    md5: str | None = None,
+    extract: bool | Literal["auto"] = "auto",
+    overwrite: bool = False,
+    retries: int = 3,
+    workers: int | Literal["auto"] = "auto",
+    progress: bool = True,
+    limits: ArchiveLimits | None = None,
+    keep_platform_files: bool = False,
+    decode: None = None,
+) -> Path: ...
+
+
+@overload
+def stage(
+    source: str | os.PathLike[str],
+    dest: str | os.PathLike[str] | None = None,
+    *,
+    name: str | None = None,
+    sha256: str | None = None,
+    md5: str | None = None,
+    extract: bool | Literal["auto"] = "auto",
+    overwrite: bool = False,
+    retries: int = 3,
+    workers: int | Literal["auto"] = "auto",
+    progress: bool = True,
+    limits: ArchiveLimits | None = None,
+    keep_platform_files: bool = False,
+    decode: int | tuple[int, int],
+) -> ImageArray: ...
 
 
 def stage(
@@ -60,7 +101,8 @@ def stage(
     progress: bool = True,
     limits: ArchiveLimits | None = None,
     keep_platform_files: bool = False,
-) -> Path:
+    decode: int | tuple[int, int] | None = None,
+) -> Path | ImageArray:
     """Fetch a dataset to fast local disk, verify it, extract it safely, and return its folder.
 
     The zip-copy-unzip recipe for Colab: keep datasets on Drive as one archive,
@@ -92,10 +134,16 @@ def stage(
         keep_platform_files: Also extract what operating systems leave in archives
             (``__MACOSX/``, ``._name``, ``.DS_Store``, ``Thumbs.db``, ``desktop.ini``);
             skipped by default, and said how many. Never counted as a top-level folder.
+        decode: ``(height, width)`` (or one number for a square): the staged folder is an
+            image folder (``ImageFolder``'s layout); decode it once into one uint8 array
+            and return that dataset instead of the folder (see
+            :func:`colabkit.data.images.decode.decode_images`; set its ``transform``
+            attribute, or call ``decode_images`` for more options).
 
     Returns:
         The local folder holding the data; when an archive holds a single top-level
-        folder (platform litter aside), that folder.
+        folder (platform litter aside), that folder. With ``decode``, an
+        :class:`~colabkit.data.images.array.ImageArray` over the decoded images.
 
     Raises:
         ArgumentError: A bad argument, a missing source, or ``dest/name`` holds data
@@ -104,12 +152,32 @@ def stage(
         UnsafeArchiveError: The archive holds a hostile member or is a bomb; nothing is written.
         InsufficientSpaceError: Not enough free disk; nothing is published.
         DownloadError: A URL, Drive link or bucket object could not be fetched.
+        ImageDecodeError: With ``decode``: images that could not be decoded, every one named.
 
     Example:
         >>> import colabkit
         >>> root = colabkit.stage("/content/drive/MyDrive/datasets/flowers.zip")  # doctest: +SKIP
         >>> dataset = torchvision.datasets.ImageFolder(root)  # doctest: +SKIP
+        >>> train = colabkit.stage("/content/drive/MyDrive/datasets/flowers.zip", decode=(64, 64))  # doctest: +SKIP
     """
+    if decode is not None:
+        from colabkit.data.images.decode import decode_images
+
+        folder = stage(
+            source,
+            dest,
+            name=name,
+            sha256=sha256,
+            md5=md5,
+            extract=extract,
+            overwrite=overwrite,
+            retries=retries,
+            workers=workers,
+            progress=progress,
+            limits=limits,
+            keep_platform_files=keep_platform_files,
+        )
+        return decode_images(folder, size=decode, overwrite=overwrite, workers=workers, progress=progress)
     _check_options(sha256, md5, extract, retries, workers)
     drive.recover_if_lost()  # a main-thread Drive touch: remount here if a background copy lost Drive
     src = _sources.resolve(source)
@@ -134,7 +202,7 @@ def stage(
         if found is not None:
             return found
     base.mkdir(parents=True, exist_ok=True)
-    with _locked(base):
+    with _io.locked(base):
         if not overwrite:
             found = _staged(target, identity)  # another process may have finished it meanwhile
             if found is not None:
@@ -204,7 +272,7 @@ def _stage_fresh(
             "staged_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         }
         _io.atomic_write_bytes(staging / MARKER, json.dumps(marker, indent=1).encode())
-        _publish(staging, target)
+        _io.publish_folder(staging, target)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
@@ -363,19 +431,6 @@ def _hash(path: Path, algorithm: str) -> str:
     return _sources.with_retries(lambda: _io.hash_file(path, algorithm), 2)
 
 
-def _publish(staging: Path, target: Path) -> None:
-    """Rename ``staging`` to ``target``, replacing an older staged folder."""
-    _io.fsync_dir(staging)
-    trash = None
-    if os.path.lexists(target):
-        trash = _io.temp_name(target)
-        os.rename(target, trash)
-    os.rename(staging, target)
-    _io.fsync_dir(target.parent)
-    if trash is not None:
-        remove_path(trash)
-
-
 def _read_marker(target: Path) -> dict[str, Any] | None:
     try:
         with open(target / MARKER, "rb") as handle:
@@ -409,30 +464,6 @@ def _remove_leftovers(base: Path, name: str) -> None:
         for entry in entries:
             if _io.is_temp_name(entry.name) and not _io.temp_owner_alive(entry.name):
                 remove_path(Path(entry.path))
-
-
-@contextlib.contextmanager
-def _locked(path: Path) -> Iterator[None]:
-    """Hold an exclusive lock on the folder ``path`` so two processes never stage into it at once.
-
-    The lock is taken on the folder itself, so no lock file is left behind.
-    """
-    try:
-        import fcntl
-    except ImportError:  # pragma: no cover - Windows: no lock, staging is still atomic
-        yield
-        return
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        yield
-        return
-    try:
-        with contextlib.suppress(OSError):
-            fcntl.flock(fd, fcntl.LOCK_EX)  # a killed holder releases it automatically
-        yield
-    finally:
-        os.close(fd)
 
 
 def _default_dest() -> Path:

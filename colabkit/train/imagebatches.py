@@ -21,20 +21,27 @@ replayed and every sample gets the crop and flip it would have got.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator
 from typing import Any
 
 import torch
 from torch.utils.data import DataLoader
 
+from colabkit import device as device_module
 from colabkit.data.images.inmemory import InMemoryImages, in_memory_images
 from colabkit.data.images.ops import Pipeline, SampleKeys
-from colabkit.data.images.translate import Unsupported, translate
+from colabkit.data.images.translate import translate
+from colabkit.errors import TransformNotTranslatedError
 from colabkit.train.batches import as_dataset
 from colabkit.train.fastpath import TensorBatches, loader_reason
 from colabkit.train.state import ResumableBatchSampler, ResumableLoader
 
-__all__ = ["ImageBatches", "for_evaluation", "for_training", "image_batches"]
+__all__ = ["RAM_SHARE", "ImageBatches", "for_evaluation", "for_training", "image_batches"]
+
+#: The images are copied into memory (uint8, channels first) only when they take at most this share
+#: of the RAM available; a bigger array (a memory-mapped decode_images() folder) keeps the DataLoader path.
+RAM_SHARE = 0.5
 
 
 def _parts(data: Any, *, ordered: bool) -> tuple[InMemoryImages, Pipeline] | str | None:
@@ -49,11 +56,18 @@ def _parts(data: Any, *, ordered: bool) -> tuple[InMemoryImages, Pipeline] | str
         reason = loader_reason(loader, ordered=ordered)
         if reason is not None:
             return reason
+    size = len(found) * math.prod(found.sample_shape)
+    room = device_module.ram()["available"] * RAM_SHARE
+    if room and size > room:
+        return (
+            f"{found.name}'s {size / 2**30:.1f} GB of images do not fit in {RAM_SHARE:.0%} of the available memory "
+            "(the DataLoader path reads them from their array a batch at a time)"
+        )
     if found.target_transform is not None:
         return f"{found.name}'s target_transform {found.target_transform!r} runs per sample"
     try:
         pipeline = translate(found.transform, found.sample_shape)
-    except Unsupported as exc:
+    except TransformNotTranslatedError as exc:
         return str(exc)
     return found, pipeline
 

@@ -66,9 +66,14 @@ class InMemoryImages:
 def _as_tensor(array: Any) -> torch.Tensor:
     if isinstance(array, torch.Tensor):
         return array
+    import warnings
+
     import numpy
 
-    return torch.from_numpy(numpy.ascontiguousarray(array))
+    with warnings.catch_warnings():
+        # A read-only memory map (decode_images' array): only ever read here, never written.
+        warnings.filterwarnings("ignore", message="The given NumPy array is not writable", category=UserWarning)
+        return torch.from_numpy(numpy.ascontiguousarray(array))
 
 
 def _channels_first(images: torch.Tensor, layout: str) -> torch.Tensor:

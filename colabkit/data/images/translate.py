@@ -25,13 +25,9 @@ from typing import Any
 import torch
 
 from colabkit.data.images import ops
-from colabkit.errors import MissingDependencyError
+from colabkit.errors import MissingDependencyError, TransformNotTranslatedError
 
-__all__ = ["Unsupported", "translate"]
-
-
-class Unsupported(Exception):
-    """A step colabkit cannot run on batches; the message names it."""
+__all__ = ["translate"]
 
 
 @dataclasses.dataclass
@@ -82,35 +78,35 @@ def _padding(padding: Any) -> tuple[int, int, int, int]:
 
 def _fill(step: Any, fill: Any, sample: _Sample) -> list[float]:
     if isinstance(fill, dict):
-        raise Unsupported(f"{step!r}: a fill per input type")
+        raise TransformNotTranslatedError(f"{step!r}: a fill per input type")
     if fill is None:
         return [0.0]
     values: list[Any] = [fill] if isinstance(fill, numbers.Number) else list(fill)
     if sample.stage != "float" and any(float(v) != int(v) for v in values):
-        raise Unsupported(f"{step!r}: a fractional fill on uint8 pixels")
+        raise TransformNotTranslatedError(f"{step!r}: a fractional fill on uint8 pixels")
     if len(values) not in (1, sample.channels):
-        raise Unsupported(f"{step!r}: fill has {len(values)} values for {sample.channels} channels")
+        raise TransformNotTranslatedError(f"{step!r}: fill has {len(values)} values for {sample.channels} channels")
     return [float(v) for v in values]
 
 
 def _bilinear(step: Any, sample: _Sample) -> None:
     mode = step.interpolation  # an InterpolationMode, its value (v2 keeps "bilinear") or PIL's 2
     if getattr(mode, "value", mode) not in ("bilinear", 2):
-        raise Unsupported(f"{step!r}: only bilinear interpolation is batched")
+        raise TransformNotTranslatedError(f"{step!r}: only bilinear interpolation is batched")
     if not sample.pil and step.antialias is False:
-        raise Unsupported(f"{step!r}: antialias=False (only antialiased resizing is batched)")
+        raise TransformNotTranslatedError(f"{step!r}: antialias=False (only antialiased resizing is batched)")
 
 
 def _to_tensor(step: Any, sample: _Sample) -> list[Any]:
     if not sample.pil:
-        raise Unsupported(f"{step!r} after the sample is already a tensor")
+        raise TransformNotTranslatedError(f"{step!r} after the sample is already a tensor")
     sample.stage, sample.dtype = "float", torch.float32
     return [ops.ToFloat(repr(step), torch.float32, rule="div")]
 
 
 def _pil_to_tensor(step: Any, sample: _Sample) -> list[Any]:
     if not sample.pil:
-        raise Unsupported(f"{step!r} after the sample is already a tensor")
+        raise TransformNotTranslatedError(f"{step!r} after the sample is already a tensor")
     sample.stage = "uint8"
     return []
 
@@ -123,11 +119,11 @@ def _to_image(step: Any, sample: _Sample) -> list[Any]:
 
 def _to_float(step: Any, sample: _Sample, dtype: Any, *, rule: str) -> list[Any]:
     if not isinstance(dtype, torch.dtype):
-        raise Unsupported(f"{step!r}: a dtype per input type")
+        raise TransformNotTranslatedError(f"{step!r}: a dtype per input type")
     if not dtype.is_floating_point:
         if sample.stage == "uint8" and dtype == torch.uint8:
             return []
-        raise Unsupported(f"{step!r}: conversion to {dtype}")
+        raise TransformNotTranslatedError(f"{step!r}: conversion to {dtype}")
     if sample.stage == "float" and dtype != sample.dtype and rule != "cast":
         rule = "cast"  # float to float: the values are kept
     sample.stage, sample.dtype = "float", dtype
@@ -136,7 +132,7 @@ def _to_float(step: Any, sample: _Sample, dtype: Any, *, rule: str) -> list[Any]
 
 def _convert_image_dtype(step: Any, sample: _Sample) -> list[Any]:
     if sample.pil:
-        raise Unsupported(f"{step!r} on a PIL image (it needs a tensor)")
+        raise TransformNotTranslatedError(f"{step!r} on a PIL image (it needs a tensor)")
     return _to_float(step, sample, step.dtype, rule="div")
 
 
@@ -148,22 +144,26 @@ def _to_dtype(step: Any, sample: _Sample) -> list[Any]:
 
 def _normalize(step: Any, sample: _Sample) -> list[Any]:
     if sample.stage != "float":
-        raise Unsupported(f"{step!r} on a {'PIL image' if sample.pil else 'uint8 tensor'} (it needs floats)")
+        raise TransformNotTranslatedError(
+            f"{step!r} on a {'PIL image' if sample.pil else 'uint8 tensor'} (it needs floats)"
+        )
     mean, std = list(step.mean), list(step.std)
     for name, values in (("mean", mean), ("std", std)):
         if len(values) not in (1, sample.channels):
-            raise Unsupported(f"{step!r}: {name} has {len(values)} values for {sample.channels} channels")
+            raise TransformNotTranslatedError(
+                f"{step!r}: {name} has {len(values)} values for {sample.channels} channels"
+            )
     if any(float(s) == 0 for s in std):
-        raise Unsupported(f"{step!r}: a std of 0")
+        raise TransformNotTranslatedError(f"{step!r}: a std of 0")
     return [ops.Normalize(repr(step), mean, std)]
 
 
 def _pad_mode(step: Any, mode: str, sample: _Sample) -> str:
     if mode not in ("constant", "edge", "reflect", "symmetric"):
-        raise Unsupported(f"{step!r}: padding_mode={mode!r}")
+        raise TransformNotTranslatedError(f"{step!r}: padding_mode={mode!r}")
     fill = step.fill
     if mode != "constant" and not sample.pil and not isinstance(fill, (int, float)) and fill is not None:
-        raise Unsupported(
+        raise TransformNotTranslatedError(
             f"{step!r}: a fill per channel with padding_mode={mode!r} (torchvision refuses it on tensors)"
         )
     return mode
@@ -172,7 +172,7 @@ def _pad_mode(step: Any, mode: str, sample: _Sample) -> str:
 def _pad(step: Any, sample: _Sample) -> list[Any]:
     padding = _padding(step.padding)
     if min(padding) < 0:
-        raise Unsupported(f"{step!r}: negative padding")
+        raise TransformNotTranslatedError(f"{step!r}: negative padding")
     mode = _pad_mode(step, step.padding_mode, sample)
     op = ops.Pad(repr(step), padding, fill=_fill(step, step.fill, sample), mode=mode)
     sample.height += padding[1] + padding[3]
@@ -189,7 +189,7 @@ def _random_crop(step: Any, sample: _Sample) -> list[Any]:
     else:
         padding = _padding(step.padding)
     if min(padding) < 0:
-        raise Unsupported(f"{step!r}: negative padding")
+        raise TransformNotTranslatedError(f"{step!r}: negative padding")
     mode = _pad_mode(step, step.padding_mode, sample)
     fill = _fill(step, step.fill, sample)
     height = sample.height + padding[1] + padding[3]
@@ -197,7 +197,7 @@ def _random_crop(step: Any, sample: _Sample) -> list[Any]:
     extra_h = max(0, size[0] - height) if step.pad_if_needed else 0
     extra_w = max(0, size[1] - width) if step.pad_if_needed else 0
     if height + 2 * extra_h < size[0] or width + 2 * extra_w < size[1]:
-        raise Unsupported(f"{step!r}: the crop is larger than the {sample.height}x{sample.width} image")
+        raise TransformNotTranslatedError(f"{step!r}: the crop is larger than the {sample.height}x{sample.width} image")
     out: list[Any] = []
     extra = (extra_w, extra_h, extra_w, extra_h)
     if isinstance(step, v2.RandomCrop):  # v2 pads once with the sum
@@ -228,10 +228,10 @@ def _flip(dim: int) -> Callable[[Any, _Sample], list[Any]]:
 def _resize(step: Any, sample: _Sample) -> list[Any]:
     _bilinear(step, sample)
     if step.size is None:
-        raise Unsupported(f"{step!r}: size=None")
+        raise TransformNotTranslatedError(f"{step!r}: size=None")
     size = [step.size] if isinstance(step.size, int) else list(step.size)
     if len(size) == 2 and step.max_size is not None:
-        raise Unsupported(f"{step!r}: max_size with a (height, width) size (torchvision refuses it)")
+        raise TransformNotTranslatedError(f"{step!r}: max_size with a (height, width) size (torchvision refuses it)")
     sample.height, sample.width = ops.resized_size(size, step.max_size, sample.height, sample.width)
     return [ops.Resize(repr(step), size, step.max_size)]
 
@@ -245,20 +245,20 @@ def _random_resized_crop(step: Any, sample: _Sample) -> list[Any]:
 
 def _random_erasing(step: Any, sample: _Sample) -> list[Any]:
     if sample.pil:
-        raise Unsupported(f"{step!r} on a PIL image (it needs a tensor)")
+        raise TransformNotTranslatedError(f"{step!r} on a PIL image (it needs a tensor)")
     value = step.value
     if value is None or isinstance(value, str):
-        raise Unsupported(f"{step!r}: value='random' (only a fixed value is batched)")
+        raise TransformNotTranslatedError(f"{step!r}: value='random' (only a fixed value is batched)")
     values = [float(value)] if isinstance(value, (int, float)) else [float(v) for v in value]
     if len(values) not in (1, sample.channels):
-        raise Unsupported(f"{step!r}: value has {len(values)} entries for {sample.channels} channels")
+        raise TransformNotTranslatedError(f"{step!r}: value has {len(values)} entries for {sample.channels} channels")
     return [ops.RandomErasing(repr(step), float(step.p), step.scale, step.ratio, values)]
 
 
 def _grayscale(step: Any, sample: _Sample) -> list[Any]:
     _, v2 = _torchvision()
     if sample.channels not in (1, 3):
-        raise Unsupported(f"{step!r} on {sample.channels} channels")
+        raise TransformNotTranslatedError(f"{step!r} on {sample.channels} channels")
     channels = int(step.num_output_channels)
     op = ops.Grayscale(repr(step), channels, pil=sample.pil, v2=isinstance(step, v2.Transform))
     sample.channels = channels
@@ -311,12 +311,14 @@ def translate(transform: Any, shape: Sequence[int]) -> ops.Pipeline:
         ``default_collate`` would make of the per-sample outputs.
 
     Raises:
-        Unsupported: A step (or an option of it) has no batched version; the message names it.
+        TransformNotTranslatedError: A step (or an option of it) has no batched version; the message names it.
     """
     if isinstance(transform, ops.Pipeline):
         return transform
     if transform is None:
-        raise Unsupported("the dataset has no transform (its samples are PIL images, which do not batch)")
+        raise TransformNotTranslatedError(
+            "the dataset has no transform (its samples are PIL images, which do not batch)"
+        )
     table = _handlers()
     channels, height, width = (int(s) for s in shape)
     sample = _Sample("pil", channels, height, width)
@@ -325,8 +327,8 @@ def translate(transform: Any, shape: Sequence[int]) -> ops.Pipeline:
     for step in steps:
         handler = table.get(type(step))
         if handler is None:
-            raise Unsupported(f"the transform's step {step!r} has no batched version")
+            raise TransformNotTranslatedError(f"the transform's step {step!r} has no batched version")
         built.extend(handler(step, sample))
     if sample.pil:
-        raise Unsupported("the transform ends on a PIL image (add ToTensor() or PILToTensor())")
+        raise TransformNotTranslatedError("the transform ends on a PIL image (add ToTensor() or PILToTensor())")
     return ops.Pipeline(built, source=" -> ".join(repr(step) for step in steps))
