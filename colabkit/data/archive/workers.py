@@ -178,16 +178,6 @@ def _decode_error(line: str) -> BaseException:
     return ColabkitIOError(f"extraction worker failed: {kind}: {message}")
 
 
-def _set_parent_death_signal() -> None:
-    # An extraction worker must not outlive a killed stage(): it would keep writing into a
-    # staging folder that the next stage() is about to remove.
-    if sys.platform.startswith("linux"):
-        with contextlib.suppress(Exception):
-            import ctypes
-
-            ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-
-
 def run_forked(
     task: Callable[[Sequence[Any]], int], chunks: list[Sequence[Any]], workers: int, done: Callable[[int], None]
 ) -> None:
@@ -209,7 +199,7 @@ def run_forked(
                 status = 0
                 try:
                     os.close(result_r)
-                    _set_parent_death_signal()
+                    _io.die_with_parent()  # never outlive a killed stage(): it removes this folder next
                     while len(raw := os.read(work_r, 4)) == 4:
                         count = task(chunks[struct.unpack("<I", raw)[0]])
                         os.write(result_w, f"D\t{count}\n".encode())
