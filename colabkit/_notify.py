@@ -13,7 +13,7 @@ import warnings
 
 from colabkit.errors import ColabkitWarning
 
-__all__ = ["logger", "reset_once", "say", "say_once", "warn", "warn_once"]
+__all__ = ["log_once", "logger", "reset_once", "say", "say_once", "warn", "warn_once"]
 
 logger = logging.getLogger("colabkit")
 
@@ -42,6 +42,17 @@ def warn_once(key: str, message: str, *, stacklevel: int = 3) -> None:
     if key not in _said:
         _said.add(key)
         warn(message, stacklevel=stacklevel + 1)
+
+
+def log_once(key: str, message: str, *, level: int = logging.WARNING) -> None:
+    """Log ``message`` on the ``colabkit`` logger the first time ``key`` is seen in this process.
+
+    For advice that must never fail a warnings-as-errors run; shown on stderr by default
+    and silenced with ``logging.getLogger("colabkit").setLevel(logging.ERROR)``.
+    """
+    if key not in _said:
+        _said.add(key)
+        logger.log(level, "%s", message)
 
 
 def reset_once() -> None:
