@@ -73,19 +73,20 @@ def test_a_script_under_colab_run_saves_to_drive_and_the_next_run_resumes(tmp_pa
     with fake_colab_cli(tmp_path / "colab", gpu="T4") as cli:
         first = cli.run(script, "2", drivemount=True)
         assert first.returncode == 0, first.stderr
-        assert "kind=colab headless=True argv=['train.py', '2']" in first.stdout
-        assert "left=True" in first.stdout  # the session clock runs
-        assert "keepalive is not needed" in first.stdout
-        assert "Drive flushed and unmounted as the script ended" in first.stdout
         assert _steps(first.stdout) == 8  # 2 epochs of 4 steps
-        assert "\r" not in first.stdout + first.stderr  # progress as log lines, never redrawn
-        assert sorted(p.name for p in (cli.drive_storage / "run1").glob("step-*.json"))
         # Nothing of the first VM is left but Drive: the second run starts from Drive alone.
         assert sorted(p.name for p in cli.root.iterdir()) == [".fake-google-drive"]
 
         second = cli.run(script, "3", drivemount=True)
         assert second.returncode == 0, second.stderr
         assert _steps(second.stdout) == 4  # only the third epoch: resumed at step 8
+        assert sorted(p.name for p in (cli.drive_storage / "run1").glob("step-*.json"))
+
+    assert "kind=colab headless=True argv=['train.py', '2']" in first.stdout
+    assert "left=True" in first.stdout  # the session clock runs
+    assert "keepalive is not needed" in first.stdout
+    assert "Drive flushed and unmounted as the script ended" in first.stdout
+    assert "\r" not in first.stdout + first.stderr  # progress as log lines, never redrawn
 
 
 @pytest.mark.slow
