@@ -75,7 +75,12 @@ def _tree(root: Path) -> dict[str, int]:
             continue
         for entry in entries:
             if entry.is_dir(follow_symlinks=False):
-                if entry.name not in SKIPPED_DIRS and not entry.name.endswith(".egg-info"):
+                # .venv-floor: the floor job's venv (make test-floor), a build output like .venv.
+                if (
+                    entry.name not in SKIPPED_DIRS
+                    and not entry.name.startswith(".venv")
+                    and not entry.name.endswith(".egg-info")
+                ):
                     stack.append(Path(entry.path))
             else:
                 try:

@@ -83,35 +83,17 @@ def test_colabkit_installs_from_the_wheelhouse_with_no_index(tmp_path: Path) -> 
     python = venv / "bin" / "python"
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH" and not k.startswith("PIP_")}
     env["PIP_CONFIG_FILE"] = os.devnull  # no index, no extra links, no constraints: only the folder
-    done = subprocess.run(
-        [
-            str(python),
-            "-m",
-            "pip",
-            "install",
-            "--disable-pip-version-check",
-            "--no-index",
-            "--find-links",
-            str(wheels),
-            "colabkit",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=600,
-        check=False,
-        env=env,
-        cwd=tmp_path,
+
+    def kaggle(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [str(python), *args], capture_output=True, text=True, timeout=600, check=False, env=env, cwd=tmp_path
+        )
+
+    done = kaggle(
+        "-m", "pip", "install", "--disable-pip-version-check", "--no-index", "--find-links", str(wheels), "colabkit"
     )
     assert done.returncode == 0, done.stdout + done.stderr
     assert not list(site.glob("torch*")), "pip installed a torch of its own"
-    check = subprocess.run(
-        [str(python), "-c", "import colabkit, gdown, torch; print(colabkit.runtime().kind, gdown.__file__)"],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=False,
-        env=env,
-        cwd=tmp_path,
-    )
+    check = kaggle("-c", "import colabkit, gdown, torch; print(colabkit.runtime().kind, gdown.__file__)")
     assert check.returncode == 0, check.stderr
     assert check.stdout.startswith("script ") and str(site) in check.stdout  # gdown came from the folder
