@@ -43,7 +43,7 @@ from typing import Any
 from colabkit import _io, _notify
 from colabkit.display import Kind, Screen
 from colabkit.errors import ArgumentError
-from colabkit.runtime import PLATFORM_TOPS, GpuInfo, Probe, use_probe
+from colabkit.runtime import PLATFORM_TOPS, GpuInfo, Probe, current_probe, use_probe
 
 __all__ = [
     "COLAB_CLI_VERSION",
@@ -586,7 +586,6 @@ def _fake(
     folders: tuple[str, ...],
     common: _Common,
     colab_package: bool,
-    argv: Callable[[], list[str]] | None = None,
 ) -> Iterator[FakePlatform]:
     root = common.root
     made_root = root is None
@@ -616,7 +615,7 @@ def _fake(
         mounts=fake.mount_table,
         root=fake.root,
         # A kernel's argv is its launcher's (colab run replaces it: FakeColabCLI); a script's is this one's.
-        argv=argv or (lambda: _KERNEL_ARGV[kind] if fake.shell is not None else sys.argv),
+        argv=lambda: _KERNEL_ARGV[kind] if fake.shell is not None else sys.argv,
     )
     _notify.reset_once()
     saved_ops = _io.ops
@@ -648,7 +647,6 @@ def fake_colab(
     session_start: datetime | None = None,
     now: Callable[[], datetime] | None = None,
     environ: Mapping[str, str] | None = None,
-    _argv: Callable[[], list[str]] | None = None,
 ) -> Iterator[FakePlatform]:
     """Pretend to be on Google Colab inside the ``with`` block.
 
@@ -689,7 +687,6 @@ def fake_colab(
         folders=("/content",),
         common=_Common(root, environ, _gpus(gpu, gpu_count), session_start, now),
         colab_package=True,
-        argv=_argv,
     ) as fake:
         yield fake
 
@@ -978,9 +975,11 @@ def _serve_colab_run(config: Mapping[str, Any]) -> int:
     events = _Events()
     shell.events = events  # type: ignore[attr-defined]
     script = Path(config["script"])
-    # colab run sets sys.argv to the script's in its prelude: the kernel's argv is what the cell left.
-    with fake_colab(config["root"], gpu=config["gpu"], notebook=True, _argv=lambda: sys.argv) as fake:
+    with contextlib.ExitStack() as stack:
+        fake = stack.enter_context(fake_colab(config["root"], gpu=config["gpu"], notebook=True))
         fake.shell = shell
+        # colab run sets sys.argv to the script's in its prelude: the kernel's argv is what the cell left.
+        stack.enter_context(use_probe(dataclasses.replace(current_probe(), argv=lambda: sys.argv)))
         if config["drivemount"]:
             with contextlib.redirect_stdout(io.StringIO()):  # `colab drivemount` printed that, earlier
                 fake._mount("/content/drive")
