@@ -18,7 +18,7 @@ from types import FrameType
 
 from colabkit.errors import ColabkitWarning
 
-__all__ = ["logger", "reset_once", "say", "say_once", "warn", "warn_once"]
+__all__ = ["log_once", "logger", "reset_once", "say", "say_once", "warn", "warn_once"]
 
 logger = logging.getLogger("colabkit")
 
@@ -76,6 +76,17 @@ def _internal(frame: FrameType) -> bool:
     if module == "colabkit" or module.startswith("colabkit.") or module in _PASS_THROUGH:
         return True
     return os.path.abspath(frame.f_code.co_filename).startswith(_PACKAGE)
+
+
+def log_once(key: str, message: str, *, level: int = logging.WARNING) -> None:
+    """Log ``message`` on the ``colabkit`` logger the first time ``key`` is seen in this process.
+
+    For advice that must never fail a warnings-as-errors run; shown on stderr by default
+    and silenced with ``logging.getLogger("colabkit").setLevel(logging.ERROR)``.
+    """
+    if key not in _said:
+        _said.add(key)
+        logger.log(level, "%s", message)
 
 
 def reset_once() -> None:

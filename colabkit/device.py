@@ -58,8 +58,7 @@ class TorchBackend:
         return str(torch.cuda.get_device_name(index))
 
     def mps_available(self) -> bool:
-        mps = getattr(torch.backends, "mps", None)
-        return bool(mps is not None and mps.is_available())
+        return bool(torch.backends.mps.is_available())
 
     def smoke_test(self, device: torch.device) -> None:
         """Run a tiny kernel on ``device``; raises if it cannot compute."""

@@ -10,8 +10,10 @@ decides its form (:func:`screen` tells which):
   cursor-movement escape codes ever: a notebook does not interpret them
   (tqdm's text fallback fills the cell with ``\\x1b[A`` otherwise).
 - ``"terminal"``: stderr is a TTY. Bars are tqdm's text bars, one at a time.
-- ``"log"``: neither, e.g. a script piped into a file or a CI log. No bars;
-  a plain line now and then (every :data:`LOG_SECONDS`) for long work.
+- ``"log"``: neither, e.g. a script piped into a file or a CI log, or a script
+  that Google's ``colab run`` sends to a Colab kernel (its output reaches a
+  terminal as text). No bars; a plain line now and then (every
+  :data:`LOG_SECONDS`) for long work.
 
 Seam: every touch of ``IPython.display``, ``sys.stdout``/``sys.stderr`` and
 ``tqdm.notebook`` goes through a :class:`Screen`. Tests install a fake one
@@ -137,6 +139,12 @@ def detect() -> Kind:
     getter = getattr(module, "get_ipython", None)
     shell = getter() if callable(getter) else None
     if shell is not None and getattr(shell, "kernel", None) is not None:
+        from colabkit.runtime import headless
+
+        if headless():
+            # `colab run` streams the kernel's output to a terminal as text: a widget never
+            # renders there and a redrawn line is repeated, so progress comes as log lines.
+            return "log"
         return "widgets" if widgets_available() else "notebook"
     isatty = getattr(sys.stderr, "isatty", None)
     try:

@@ -57,6 +57,7 @@ __all__ = [
     "drive_mounts",
     "drive_retry",
     "flush_drive",
+    "flush_drive_when_script_ends",
     "is_drive_path",
     "mount_drive",
     "mount_table",
@@ -487,6 +488,14 @@ def mount_drive(
             "authorisation request is not thread safe (it can deadlock the notebook), so Drive is mounted only "
             "from the main thread: call mount_drive() in the notebook itself"
         )
+    if rt.headless:
+        # colab run / colab exec answer no authorisation request: drive.mount would wait for one.
+        raise PlatformError(
+            f"mount_drive({mountpoint!r}): Drive is not mounted there, and under Google's colab command line "
+            "there is no browser to authorise a mount. Mount it from the command line before the script runs: "
+            "colab new -s NAME --gpu T4; colab drivemount -s NAME; colab exec -s NAME --env COLABKIT_HEADLESS=1 "
+            "-f train.py; colab stop -s NAME (colab run starts a fresh VM without Drive)"
+        )
     if not rt.in_notebook:
         raise PlatformError(
             f"mount_drive({mountpoint!r}): Drive is not mounted there, and this process has no notebook kernel "
@@ -871,6 +880,61 @@ def is_drive_path(path: str | os.PathLike[str]) -> bool:
         roots.add(Path(os.path.abspath(rt.host_path(_last_mount.mountpoint))))
     roots |= {Path(os.path.abspath(host)) for host in _drive_entries(rt) or {}}
     return any(target == root or root in target.parents for root in roots)
+
+
+_end_flush: list[Callable[..., None]] = []  # the armed hook, at most one per process
+
+
+def flush_drive_when_script_ends(path: str | os.PathLike[str]) -> bool:
+    """Under Google's ``colab`` command line, push Drive's cache when the script ends.
+
+    ``colab run`` sends the script to the VM's kernel as one cell and, once it
+    finishes, kills the kernel and releases the VM: ``atexit`` never runs, and
+    whatever DriveFS still holds in its local cache is lost. So on a headless
+    Colab runtime (:attr:`Runtime.headless`) this arms one hook on the kernel's
+    ``post_run_cell`` event (interpreter exit without a kernel) that runs
+    :func:`flush_drive` without remounting, after everything the script wrote.
+    Anywhere else, or when ``path`` is not on Drive, it does nothing.
+
+    Args:
+        path: What must reach Drive (a checkpoint folder).
+
+    Returns:
+        Whether the flush is armed (now or by an earlier call).
+    """
+    rt = runtime()
+    if not rt.headless or not is_drive_path(path):
+        return False
+    if _end_flush:
+        return True
+    shell = current_probe().ipython()
+    events = getattr(shell, "events", None)
+
+    def flush_at_end(*_: Any) -> None:
+        if events is not None:
+            with contextlib.suppress(ValueError):
+                events.unregister("post_run_cell", flush_at_end)
+        _end_flush.clear()
+        try:
+            flush_drive(remount=False)
+        except Exception:
+            _notify.logger.exception("flushing Drive as the script ended failed; recent writes may be lost")
+            return
+        _notify.say("Drive flushed and unmounted as the script ended, before the VM is released")
+
+    if events is not None:
+        events.register("post_run_cell", flush_at_end)
+    else:
+        import atexit
+
+        atexit.register(flush_at_end)
+    _end_flush.append(flush_at_end)
+    _notify.say_once(
+        "drive-flush-at-end",
+        f"{path} is on Drive and this script runs under Google's colab command line: Drive will be flushed "
+        "(and unmounted) when the script ends, so the checkpoints are on Drive before the VM is released",
+    )
+    return True
 
 
 @dataclasses.dataclass(frozen=True)

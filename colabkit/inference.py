@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any, Literal, Union, overload
 import torch
 from torch import nn
 
-from colabkit import _io, _notify
+from colabkit import _io, _notify, versions
 from colabkit import device as _device
 from colabkit.errors import (
     ArgumentError,
@@ -358,6 +358,9 @@ def _publish(staging: Path, target: Path) -> None:
 
 
 def _export_onnx(model: nn.Module, args: tuple[Any, ...], path: Path, *, dynamic_batch: bool) -> None:
+    if not versions.onnx_export_has_dynamo():
+        _export_onnx_traced(model, args, path, dynamic_batch=dynamic_batch)
+        return
     dynamic_shapes = None
     if dynamic_batch:
         batch = torch.export.Dim("batch", min=1)
@@ -373,6 +376,23 @@ def _export_onnx(model: nn.Module, args: tuple[Any, ...], path: Path, *, dynamic
             dynamic_shapes=dynamic_shapes,
             # ONNX's protobuf cannot hold more than 2 GB; only then split the weights out.
             external_data=n_bytes > 1_800_000_000,
+            verbose=False,
+        )
+
+
+def _export_onnx_traced(model: nn.Module, args: tuple[Any, ...], path: Path, *, dynamic_batch: bool) -> None:
+    """torch before 2.5: the TorchScript-based exporter, the batch axis named dynamic by input position."""
+    tensors = [a for a in args if isinstance(a, torch.Tensor)]
+    names = [f"input_{i}" for i in range(len(tensors))]
+    dynamic_axes = {name: {0: "batch"} for name, a in zip(names, tensors, strict=True) if a.dim() > 0}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # tracer warnings about Python values in the graph
+        torch.onnx.export(
+            model,
+            args,
+            str(path),
+            input_names=names,
+            dynamic_axes=dynamic_axes if dynamic_batch else None,
             verbose=False,
         )
 

@@ -26,14 +26,14 @@ import shutil
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Literal
 
 from colabkit.errors import ArgumentError
 
-__all__ = ["GpuInfo", "Probe", "Runtime", "current_probe", "read_mount_table", "runtime", "use_probe"]
+__all__ = ["GpuInfo", "Probe", "Runtime", "current_probe", "headless", "read_mount_table", "runtime", "use_probe"]
 
 RuntimeKind = Literal["colab", "kaggle", "jupyter", "script"]
 Accelerator = Literal["cuda", "mps", "tpu", "cpu"]
@@ -88,6 +88,10 @@ class Runtime:
         session_limit: The platform's hard session cap, or None when there is none.
         in_notebook: True inside a Jupyter/IPython kernel.
         root: Prefix of every platform path; ``/`` except under :mod:`colabkit.testing` fakes.
+        headless: True on Colab when no browser tab is attached: the code was sent by
+            Google's ``colab`` command line (``colab run script.py``, or ``colab exec`` with
+            ``--env COLABKIT_HEADLESS=1``). Then there are no widgets, nothing can ask the
+            browser for Drive authorisation, and the VM may be torn down as the script ends.
     """
 
     kind: RuntimeKind
@@ -101,6 +105,7 @@ class Runtime:
     in_notebook: bool
     enterprise: bool = False
     root: Path = Path("/")
+    headless: bool = False
 
     @property
     def gpu_count(self) -> int:
@@ -254,6 +259,7 @@ class Probe:
         mounts: Returns the mount table as ``/proc/mounts`` writes it (None: unreadable);
             :mod:`colabkit.drive` reads Drive's FUSE mounts from it.
         root: Prefix for platform paths (``/content``, ``/kaggle``...).
+        argv: Returns the process's ``sys.argv`` (``colab run`` sets it to the script's).
     """
 
     environ: Mapping[str, str] = dataclasses.field(default_factory=lambda: os.environ)
@@ -265,6 +271,7 @@ class Probe:
     mps: Callable[[], bool] = _mps_available
     mounts: Callable[[], str | None] = read_mount_table
     root: Path = Path("/")
+    argv: Callable[[], Sequence[str]] = lambda: sys.argv
 
     def path(self, platform_path: str) -> Path:
         """``/content`` mapped onto :attr:`root`."""
@@ -312,6 +319,34 @@ def _detect_kind(probe: Probe, shell_kind: str | None) -> RuntimeKind:
     if shell_kind in ("jupyter", "colab"):
         return "jupyter"
     return "script"
+
+
+def _headless(probe: Probe, shell_kind: str | None) -> bool:
+    """Colab code sent by google-colab-cli rather than typed in a browser tab.
+
+    ``colab run`` executes the script's text in the VM's Colab kernel after setting
+    ``sys.argv = [<script name>, *args]``; a kernel the browser talks to keeps the argv
+    of the launcher that started it (``.../colab_kernel_launcher.py -f <connection file>``).
+    ``colab exec`` leaves argv alone, so it is told with ``--env COLABKIT_HEADLESS=1``.
+    """
+    flag = probe.environ.get("COLABKIT_HEADLESS", "").strip().lower()
+    if flag in ("1", "true", "yes"):
+        return True
+    if flag in ("0", "false", "no") or shell_kind != "colab":
+        return False
+    argv = probe.argv()
+    first = os.path.basename(argv[0]) if argv else ""
+    return first.endswith(".py") and not first.endswith("_launcher.py")
+
+
+def headless(*, probe: Probe | None = None) -> bool:
+    """Whether this is Colab driven by google-colab-cli, no browser attached (:attr:`Runtime.headless`).
+
+    Cheaper than :func:`runtime` (no GPU query): :mod:`colabkit.display` asks it for every screen.
+    """
+    probe = probe or current_probe()
+    shell_kind = _shell_kind(probe.ipython())
+    return _detect_kind(probe, shell_kind) == "colab" and _headless(probe, shell_kind)
 
 
 def _is_tpu(probe: Probe) -> bool:
@@ -408,6 +443,7 @@ def runtime(*, probe: Probe | None = None) -> Runtime:
         in_notebook=shell_kind in ("colab", "jupyter"),
         enterprise=env.get("VERTEX_PRODUCT") == "COLAB_ENTERPRISE",
         root=probe.root,
+        headless=kind == "colab" and _headless(probe, shell_kind),
     )
 
 

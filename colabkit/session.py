@@ -256,6 +256,15 @@ class Keepalive:
     def start(self) -> Keepalive:
         """Start the heartbeat; returns the heartbeat that is running (maybe an earlier one)."""
         global _running
+        if runtime().headless:
+            # No browser tab to keep busy: google-colab-cli holds the VM for as long as the
+            # script runs and releases it when the script ends.
+            _notify.say_once(
+                "keepalive-headless",
+                "keepalive is not needed under Google's colab command line (colab run / colab exec): the CLI "
+                "holds the VM while the script runs and releases it at the end; nothing was started",
+            )
+            return self
         with _running_lock:
             if _running is not None and _running.running:
                 return _running

@@ -43,9 +43,21 @@ from typing import Any
 from colabkit import _io, _notify
 from colabkit.display import Kind, Screen
 from colabkit.errors import ArgumentError
-from colabkit.runtime import PLATFORM_TOPS, GpuInfo, Probe, use_probe
+from colabkit.runtime import PLATFORM_TOPS, GpuInfo, Probe, current_probe, use_probe
 
-__all__ = ["GPUS", "FakeHandle", "FakePlatform", "FakeScreen", "MessageError", "fake_colab", "fake_kaggle"]
+__all__ = [
+    "COLAB_CLI_VERSION",
+    "GPUS",
+    "CLIResult",
+    "FakeColabCLI",
+    "FakeHandle",
+    "FakePlatform",
+    "FakeScreen",
+    "MessageError",
+    "fake_colab",
+    "fake_colab_cli",
+    "fake_kaggle",
+]
 
 GiB = 1024**3
 
@@ -57,6 +69,20 @@ GPUS: dict[str, GpuInfo] = {
     "L4": GpuInfo("NVIDIA L4", 22 * GiB, (8, 9)),
     "A100": GpuInfo("NVIDIA A100-SXM4-40GB", 40 * GiB, (8, 0)),
     "H100": GpuInfo("NVIDIA H100 80GB HBM3", 80 * GiB, (9, 0)),
+}
+
+# sys.argv of the kernel a notebook tab talks to, as its launcher starts it.
+_KERNEL_ARGV = {
+    "colab": [
+        "/usr/local/lib/python3.12/dist-packages/colab_kernel_launcher.py",
+        "-f",
+        "/root/.local/share/jupyter/runtime/kernel-0f1e2d3c.json",
+    ],
+    "kaggle": [
+        "/usr/local/lib/python3.11/dist-packages/ipykernel_launcher.py",
+        "-f",
+        "/root/.local/share/jupyter/runtime/kernel-0f1e2d3c.json",
+    ],
 }
 
 # Everything that tells a platform apart, so the machine running the tests cannot leak into a fake.
@@ -588,6 +614,8 @@ def _fake(
         mps=lambda: False,
         mounts=fake.mount_table,
         root=fake.root,
+        # A kernel's argv is its launcher's (colab run replaces it: FakeColabCLI); a script's is this one's.
+        argv=lambda: _KERNEL_ARGV[kind] if fake.shell is not None else sys.argv,
     )
     _notify.reset_once()
     saved_ops = _io.ops
@@ -721,6 +749,258 @@ def fake_kaggle(
         yield fake
 
 
+# -- Google's `colab` command line (google-colab-cli) ---------------------------------------------
+
+#: The google-colab-cli release whose source this fake follows.
+COLAB_CLI_VERSION = "0.7.5"
+
+
+class _Events:
+    """IPython's ``shell.events``: callbacks per event, run in order of registration."""
+
+    def __init__(self) -> None:
+        self.callbacks: dict[str, list[Callable[..., Any]]] = {"pre_run_cell": [], "post_run_cell": []}
+
+    def register(self, event: str, function: Callable[..., Any]) -> None:
+        self.callbacks[event].append(function)
+
+    def unregister(self, event: str, function: Callable[..., Any]) -> None:
+        try:
+            self.callbacks[event].remove(function)
+        except ValueError:
+            raise ValueError(f"Function {function!r} is not registered as a {event} callback") from None
+
+    def trigger(self, event: str, *args: Any) -> None:
+        for function in list(self.callbacks[event]):
+            try:
+                function(*args)
+            except Exception:  # IPython prints a failing callback's traceback and goes on
+                import traceback
+
+                print(f"Error in callback {function} (for {event}):", file=sys.stderr)
+                traceback.print_exc()
+
+
+@dataclasses.dataclass(frozen=True)
+class CLIResult:
+    """What one fake ``colab run`` printed and returned.
+
+    Attributes:
+        returncode: The CLI's exit status: 0, the script's ``sys.exit`` code, or 1 for an uncaught error.
+        stdout: The script's standard output, as the CLI prints its stream outputs.
+        stderr: The script's standard error (tracebacks included).
+    """
+
+    returncode: int
+    stdout: str
+    stderr: str
+
+
+class FakeColabCLI:
+    """Google's ``colab`` command line (google-colab-cli), run on this machine.
+
+    Made by :func:`fake_colab_cli`. It follows what the CLI's source does (release
+    :data:`COLAB_CLI_VERSION`): ``colab run script.py args...`` gets a fresh VM, makes
+    ``/content`` the working folder, and sends the script's text to the VM's Colab
+    kernel as one cell, after a prelude that sets ``sys.argv = [<script name>, *args]``,
+    ``__name__ = "__main__"`` and the ``--env`` variables. The kernel's stream outputs
+    are printed as they come (no widget is ever drawn), ``sys.exit(n)`` becomes the exit
+    status and any other uncaught error status 1. Then the CLI shuts the kernel down and
+    releases the VM: after the cell's ``post_run_cell`` callbacks, the process ends at once
+    (no ``atexit``), and everything on the VM's disk is gone.
+
+    Drive: ``colab run`` mounts nothing. ``drivemount=True`` stands for a VM on which
+    ``colab drivemount`` mounted Drive at ``/content/drive`` before the script. Writes to
+    Drive reach the "cloud" (:attr:`drive_storage`) only if Drive was flushed
+    (``drive.flush_and_unmount``) before the VM went away; otherwise they are lost with
+    the VM's cache, the worst case a real runtime can show.
+
+    Attributes:
+        root: The folder that stands for each VM's ``/`` (emptied between runs) and holds the fake Drive.
+        gpu: The GPU each VM reports (a name from :data:`GPUS`), or None.
+        runs: Every result so far.
+    """
+
+    def __init__(self, root: Path, gpu: str | None) -> None:
+        self.root = root
+        self.gpu = gpu
+        self.runs: list[CLIResult] = []
+
+    @property
+    def drive_storage(self) -> Path:
+        """The "cloud" side of the fake Drive: what a later VM finds when Drive is mounted."""
+        return self.root / ".fake-google-drive" / "MyDrive"
+
+    def run(
+        self,
+        script: str | os.PathLike[str],
+        *args: str,
+        env: Mapping[str, str] | None = None,
+        drivemount: bool = False,
+        timeout: float = 600,
+    ) -> CLIResult:
+        """``colab run [--env K=V ...] script.py args...`` on a fresh VM; waits for it to end.
+
+        Args:
+            script: A Python file on this machine (the CLI reads it locally and sends its text).
+            *args: The script's arguments (its ``sys.argv[1:]``).
+            env: ``--env KEY=VALUE`` pairs, set in ``os.environ`` by the prelude.
+            drivemount: Drive was mounted at ``/content/drive`` (``colab drivemount``) before the script ran.
+            timeout: Seconds before the run is killed (then :class:`subprocess.TimeoutExpired` propagates).
+
+        Returns:
+            The :class:`CLIResult`.
+        """
+        import json
+        import subprocess
+
+        source = Path(script)
+        if not source.is_file():
+            raise ArgumentError(f"colab run: script {str(script)!r} not found (the CLI exits with status 2)")
+        self._release_vm()
+        cloud = self.drive_storage
+        kept = self.root / ".fake-google-drive" / "synced"
+        if kept.exists():
+            shutil.rmtree(kept)
+        if cloud.exists():
+            shutil.copytree(cloud, kept, symlinks=True)
+        config = {
+            "root": str(self.root),
+            "gpu": self.gpu,
+            "script": str(source.resolve()),
+            "args": list(args),
+            "env": dict(env or {}),
+            "drivemount": drivemount,
+        }
+        try:
+            done = subprocess.run(
+                [sys.executable, "-m", "colabkit.testing", "colab-run", json.dumps(config)],
+                capture_output=True,
+                text=True,
+                timeout=timeout,
+                check=False,
+            )
+        finally:
+            mounted = self.root / "content" / "drive" / "MyDrive"
+            if mounted.exists():
+                # Never flushed: the cloud keeps what it had when the VM started.
+                if cloud.exists():
+                    shutil.rmtree(cloud)
+                if kept.exists():
+                    kept.rename(cloud)
+            if kept.exists():
+                shutil.rmtree(kept)
+            self._release_vm()
+        result = CLIResult(done.returncode, done.stdout, done.stderr)
+        self.runs.append(result)
+        return result
+
+    def _release_vm(self) -> None:
+        """The VM is gone: nothing of its disk is left, only the fake Drive's cloud side."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        for entry in self.root.iterdir():
+            if entry.name == ".fake-google-drive":
+                continue
+            if entry.is_dir() and not entry.is_symlink():
+                shutil.rmtree(entry)
+            else:
+                entry.unlink()
+
+
+@contextlib.contextmanager
+def fake_colab_cli(root: str | os.PathLike[str] | None = None, *, gpu: str | None = None) -> Iterator[FakeColabCLI]:
+    """Google's ``colab`` command line on this machine: ``cli.run("train.py")`` runs it as ``colab run`` would.
+
+    Each run is a real Python process (see :class:`FakeColabCLI` for what it does, and
+    what it does not keep); the fake Drive outlives the runs, so a second run can resume
+    from what the first one flushed to Drive::
+
+        with fake_colab_cli() as cli:
+            first = cli.run("train.py", drivemount=True)
+            second = cli.run("train.py", drivemount=True)  # resumes from Drive
+
+    Args:
+        root: Folder standing for the VMs' ``/`` and the fake Drive (default: a new temporary
+            folder, removed afterwards).
+        gpu: What each VM reports (a name from :data:`GPUS`); torch still computes on this machine.
+
+    Yields:
+        The :class:`FakeColabCLI`.
+    """
+    if gpu is not None:
+        _gpus(gpu, 1)  # an unknown name fails here, before any run
+    made = root is None
+    base = Path(tempfile.mkdtemp(prefix="colabkit-fake-colab-cli-")) if root is None else Path(root)
+    try:
+        yield FakeColabCLI(base.resolve(), gpu)
+    finally:
+        if made:
+            shutil.rmtree(base, ignore_errors=True)
+
+
+def _cli_payload(script: Path, args: list[str], env: Mapping[str, str]) -> str:
+    """The cell ``colab run`` sends: its prelude, then the script without its shebang line."""
+    body = script.read_text(encoding="utf-8")
+    if body.startswith("#!"):
+        body = body.partition("\n")[2]
+    argv = ", ".join(repr(a) for a in [script.name, *args])
+    lines = [
+        "import sys, warnings",
+        f"sys.argv = [{argv}]",
+        "__name__ = '__main__'",
+        "warnings.filterwarnings('ignore', message=\"To exit: use\")",
+    ]
+    if env:
+        lines.append("import os")
+        lines.extend(f"os.environ[{key!r}] = {value!r}" for key, value in env.items())
+    return "\n".join(lines) + "\n" + body
+
+
+def _exit_status(exc: SystemExit) -> int:
+    """``sys.exit(x)`` as the CLI turns it into its own status (as CPython would)."""
+    code = exc.code
+    if code is None:
+        return 0
+    if isinstance(code, int):
+        return code
+    print(code, file=sys.stderr)
+    return 1
+
+
+def _serve_colab_run(config: Mapping[str, Any]) -> int:
+    """The VM's side of one fake ``colab run``: a Colab kernel that runs one cell, then dies."""
+    import traceback
+
+    shell = _shell("google.colab._shell", "Shell")
+    events = _Events()
+    shell.events = events  # type: ignore[attr-defined]
+    script = Path(config["script"])
+    with contextlib.ExitStack() as stack:
+        fake = stack.enter_context(fake_colab(config["root"], gpu=config["gpu"], notebook=True))
+        fake.shell = shell
+        # colab run sets sys.argv to the script's in its prelude: the kernel's argv is what the cell left.
+        stack.enter_context(use_probe(dataclasses.replace(current_probe(), argv=lambda: sys.argv)))
+        if config["drivemount"]:
+            with contextlib.redirect_stdout(io.StringIO()):  # `colab drivemount` printed that, earlier
+                fake._mount("/content/drive")
+        os.chdir(fake.path("/content"))
+        code = compile(_cli_payload(script, list(config["args"]), config["env"]), script.name, "exec")
+        namespace: dict[str, Any] = {"__name__": "__main__"}
+        status = 0
+        events.trigger("pre_run_cell")
+        try:
+            exec(code, namespace)  # noqa: S102 - a kernel runs the cell it is sent
+        except SystemExit as exc:
+            status = _exit_status(exc)
+        except BaseException:
+            traceback.print_exc()
+            status = 1
+        events.trigger("post_run_cell")
+        sys.stdout.flush()
+        sys.stderr.flush()
+    return status
+
+
 # -- a fake notebook cell / terminal --------------------------------------------------------------
 
 
@@ -790,3 +1070,14 @@ class FakeScreen(Screen):
     def widget_bar(self, **options: Any) -> Any:
         self.widget_bars.append(dict(options))
         return self.text_bar(**options)
+
+
+if __name__ == "__main__":
+    # `python -m colabkit.testing colab-run CONFIG`: the VM side of FakeColabCLI.run.
+    import json
+
+    if sys.argv[1:2] != ["colab-run"] or len(sys.argv) != 3:
+        sys.exit("usage: python -m colabkit.testing colab-run CONFIG_JSON (used by fake_colab_cli)")
+    _status = _serve_colab_run(json.loads(sys.argv[2]))
+    # The CLI shuts the kernel down and releases the VM: no atexit, no finalizers.
+    os._exit(_status)

@@ -50,6 +50,13 @@ def pytest_configure(config: pytest.Config) -> None:
     # make the Ctrl-C tests meaningless. Tests run as if started from a terminal.
     if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
         signal.signal(signal.SIGINT, signal.default_int_handler)
+    from colabkit import versions
+
+    if versions.torch_version()[:2] < (2, 5):
+        # torch before 2.5 starts inductor's compile process pool (a non-daemon thread that
+        # lives as long as the process) at the first torch.compile() call; compiling in the
+        # calling thread keeps the leak guard meaningful on the floor torch.
+        os.environ.setdefault("TORCHINDUCTOR_COMPILE_THREADS", "1")
     config.addinivalue_line(
         "markers",
         "allow_leaks(*kinds): the test may leave " + ", ".join(LEAK_KINDS) + " behind (see tests/conftest.py)",
@@ -68,7 +75,12 @@ def _tree(root: Path) -> dict[str, int]:
             continue
         for entry in entries:
             if entry.is_dir(follow_symlinks=False):
-                if entry.name not in SKIPPED_DIRS and not entry.name.endswith(".egg-info"):
+                # .venv-floor: the floor job's venv (make test-floor), a build output like .venv.
+                if (
+                    entry.name not in SKIPPED_DIRS
+                    and not entry.name.startswith(".venv")
+                    and not entry.name.endswith(".egg-info")
+                ):
                     stack.append(Path(entry.path))
             else:
                 try:

@@ -8,10 +8,14 @@ import pytest
 import torch
 from torch.utils.data import TensorDataset
 
+from colabkit import versions
 from colabkit.errors import OutOfMemoryBackoffError
 from colabkit.train.callbacks import Callback, FitContext
 from colabkit.train.loop import fit
 from colabkit.train.oom import Backoff, batch_length, is_out_of_memory, split_batch
+
+# torch.OutOfMemoryError from 2.5 on, torch.cuda.OutOfMemoryError on the floor (2.3).
+OutOfMemoryError = versions.out_of_memory_error()
 
 
 class OomAbove(torch.nn.Module):
@@ -28,7 +32,7 @@ class OomAbove(torch.nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[0] > self.limit:
             self.ooms += 1
-            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+            raise OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
         self.sizes.append(x.shape[0])
         return self.fc(x)
 
@@ -100,7 +104,7 @@ def test_oom_with_grad_accumulation_redoes_the_whole_group() -> None:
 
 
 def test_detection_and_splitting() -> None:
-    assert is_out_of_memory(torch.OutOfMemoryError("x"))
+    assert is_out_of_memory(OutOfMemoryError("x"))
     assert is_out_of_memory(RuntimeError("CUDA error: CUBLAS_STATUS_ALLOC_FAILED when calling cublasCreate"))
     assert not is_out_of_memory(RuntimeError("shape mismatch"))
     assert not is_out_of_memory(ValueError("out of memory"))
@@ -125,7 +129,7 @@ class OomOnce(OomAbove):
         self.calls += 1
         if self.calls == 2:
             self.ooms += 1
-            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+            raise OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
         return self.fc(x)
 
 

@@ -36,7 +36,7 @@ from typing import IO, Any
 
 import torch
 
-from colabkit import _io, _notify
+from colabkit import _io, _notify, versions
 from colabkit.checkpoint.lease import LEASE_NAME
 from colabkit.errors import ArgumentError, CheckpointError, CheckpointNotFoundError
 
@@ -64,27 +64,23 @@ _TEMP_PID_RE = re.compile(re.escape(_io.TEMP_MARK) + r"(\d+)-")
 #: Leftovers of a writer that may still be alive are kept this long before cleanup.
 STALE_SECONDS = 600.0
 
-#: First torch release whose weights_only unpickler is fixed for CVE-2026-24747.
-SAFE_TORCH = (2, 10)
-
-
-def _torch_version() -> str:
-    """The installed torch version (a seam: tests pretend to be older)."""
-    return str(torch.__version__)
-
 
 def warn_old_torch() -> None:
-    """Warn once when this torch's weights_only loader is known to be unsafe."""
-    match = re.match(r"(\d+)\.(\d+)", _torch_version())
-    if match is None:
+    """Tell once, as a log notice, when this torch's weights_only loader is known to be unsafe.
+
+    A notice on the ``colabkit`` logger, not a Python warning: the advice is about the
+    user's torch, not their code, so it must not fail a warnings-as-errors test run on a
+    torch colabkit supports. Silence it with ``logging.getLogger("colabkit").setLevel(logging.ERROR)``.
+    """
+    if versions.weights_only_is_safe():
         return
-    if (int(match.group(1)), int(match.group(2))) < SAFE_TORCH:
-        _notify.warn_once(
-            "torch-cve-2026-24747",
-            f"torch {_torch_version()} is older than 2.10: its weights_only loader can be made to run code "
-            "by a crafted checkpoint (CVE-2026-24747); only load checkpoints you made yourself, or upgrade "
-            "with: pip install -U torch",
-        )
+    major, minor = versions.SAFE_WEIGHTS_ONLY
+    _notify.log_once(
+        "torch-cve-2026-24747",
+        f"torch {versions.torch_version_text()} is older than {major}.{minor}: its weights_only loader can be made "
+        "to run code by a crafted checkpoint (CVE-2026-24747); only load checkpoints you made yourself, or "
+        "upgrade with: pip install -U torch",
+    )
 
 
 def manifest_extras() -> dict[str, Any]:
@@ -93,7 +89,7 @@ def manifest_extras() -> dict[str, Any]:
 
     return {
         "colabkit_version": __version__,
-        "torch_version": _torch_version(),
+        "torch_version": versions.torch_version_text(),
         "python_version": ".".join(map(str, sys.version_info[:3])),
     }
 

@@ -506,6 +506,10 @@ class _Trainer:
         with contextlib.ExitStack() as cleanup:
             cleanup.callback(_dist.barrier)
             if self.manager is not None:
+                if self.dist.is_main and o.directory is not None:
+                    # colab run kills the kernel right after the script: the checkpoints must
+                    # leave DriveFS's cache before that, whichever way fit ends.
+                    drive.flush_drive_when_script_ends(o.directory)
                 cleanup.enter_context(self.manager)
             if self.compiled is not None:
                 cleanup.callback(self.compiled.close)

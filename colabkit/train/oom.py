@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from colabkit import _notify
+from colabkit import _notify, versions
 from colabkit import device as _device
 from colabkit.errors import OutOfMemoryBackoffError
 
@@ -34,7 +34,7 @@ _MESSAGES = (
 
 def is_out_of_memory(exc: BaseException) -> bool:
     """Whether ``exc`` means the device ran out of memory (by type, then by the messages torch uses)."""
-    if isinstance(exc, torch.OutOfMemoryError):
+    if isinstance(exc, versions.out_of_memory_error()):
         return True
     if isinstance(exc, RuntimeError):
         text = str(exc)

@@ -42,7 +42,7 @@ from torch.utils.data import (
 )
 from torch.utils.data.distributed import DistributedSampler
 
-from colabkit import _notify
+from colabkit import _notify, versions
 from colabkit.errors import ArgumentError
 from colabkit.train.batches import as_dataset, check_batch_size
 
@@ -636,7 +636,7 @@ def _from_loader(loader: DataLoader, *, argument: str, seed: int, rank: int, wor
     }
     if loader.num_workers > 0:
         options["prefetch_factor"] = loader.prefetch_factor
-    if hasattr(loader, "in_order"):
+    if versions.dataloader_has_in_order():
         options["in_order"] = loader.in_order
     rebuilt = DataLoader(SeededDataset(dataset, seed), batch_sampler=batch_sampler, **options)
     return ResumableLoader(rebuilt, batch_sampler, seed=seed, exact=True, needs_epoch_rng=needs_epoch_rng)
