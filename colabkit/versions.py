@@ -19,7 +19,9 @@ from typing import Any
 __all__ = [
     "SAFE_WEIGHTS_ONLY",
     "TORCH_FLOOR",
+    "compile_cache_artifacts",
     "dataloader_has_in_order",
+    "inductor_cache_dir",
     "onnx_export_has_dynamo",
     "out_of_memory_error",
     "parse_version",
@@ -95,3 +97,20 @@ def dataloader_has_in_order() -> bool:
     from torch.utils.data import DataLoader
 
     return "in_order" in inspect.signature(DataLoader.__init__).parameters
+
+
+def compile_cache_artifacts() -> bool:
+    """Whether ``torch.compiler`` can save and load its cache artifacts in another process (torch 2.7+)."""
+    compiler = _torch().compiler
+    return hasattr(compiler, "save_cache_artifacts") and hasattr(compiler, "load_cache_artifacts")
+
+
+def inductor_cache_dir() -> str:
+    """The folder inductor writes its compiled kernels to (its module moved in torch 2.4)."""
+    import importlib
+
+    try:
+        module = importlib.import_module("torch._inductor.runtime.cache_dir_utils")
+    except ImportError:  # torch 2.3
+        module = importlib.import_module("torch._inductor.utils")
+    return str(module.cache_dir())

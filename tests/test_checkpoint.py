@@ -30,6 +30,7 @@ from colabkit.checkpoint import (
     load_checkpoint,
     load_weights,
     registry,
+    restore_state,
     unwrap_model,
     weights_problems,
 )
@@ -1095,3 +1096,20 @@ def test_a_listing_reads_like_the_manager_and_writes_nothing(tmp_path: Path) -> 
     assert worst is not None and worst.step == 1
     assert listing.load()["step"] == 3
     assert leftover.exists()
+
+
+def test_the_optimizer_built_here_keeps_its_own_implementation_flags() -> None:
+    """A checkpoint from a torch with a fused CPU kernel resumes on one without: the update is the same,
+    only how this torch runs it differs, so fused/foreach stay this optimizer's (torch 2.3 has no
+    fused AdamW on the CPU and fails at the first step with fused=True)."""
+    model = torch.nn.Linear(3, 2)
+    saved_optimizer = torch.optim.AdamW(model.parameters(), lr=0.1, foreach=False)
+    saved = saved_optimizer.state_dict()
+    saved["param_groups"][0].update(fused=True, foreach=True)  # as a newer torch wrote it
+    here = torch.optim.AdamW(model.parameters(), lr=0.5, foreach=False)
+    restore_state({"optimizer_state_dict": saved}, optimizer=here)
+    group = here.param_groups[0]
+    assert (group["fused"], group["foreach"]) == (None, False)  # this process's choice
+    assert group["lr"] == 0.1  # the hyperparameters are the checkpoint's
+    model(torch.ones(1, 3)).sum().backward()
+    here.step()

@@ -107,4 +107,16 @@ def test_a_checkpoint_written_before_the_split_resumes_exactly(tmp_path: Path) -
     assert history.stop_reason == "completed" and len(history) == 2
     whole, _ = _fit(tmp_path / "whole")
     for a, b in zip(resumed.parameters(), whole.parameters(), strict=True):
-        assert torch.equal(a, b)
+        if _fused_adamw_on_cpu():
+            assert torch.equal(a, b)
+        else:  # the floor's torch: steps 1-11 ran main's fused kernel, the rest plain AdamW
+            torch.testing.assert_close(a, b)
+
+
+def _fused_adamw_on_cpu() -> bool:
+    """Whether this torch has the fused CPU AdamW kernel the fixture's run used (torch 2.4+)."""
+    try:
+        torch.optim.AdamW([torch.zeros(1, requires_grad=True)], fused=True)
+    except RuntimeError:
+        return False
+    return True

@@ -27,7 +27,7 @@ from typing import Any
 
 import torch
 
-from colabkit import _io, _notify, drive
+from colabkit import _io, _notify, drive, versions
 from colabkit.checkpoint.mirror import Lane, mirror_targets
 from colabkit.errors import ChecksumError
 
@@ -111,9 +111,7 @@ def unpack(blob: bytes) -> tuple[dict[str, Any], list[bytes], list[tuple[str, by
 
 
 def _inductor_dir() -> Path:
-    from torch._inductor.runtime.cache_dir_utils import cache_dir
-
-    return Path(cache_dir())
+    return Path(versions.inductor_cache_dir())
 
 
 def _kernel_files(root: Path) -> set[str]:
@@ -188,12 +186,13 @@ class CompileCache:
     def load(self, key: Mapping[str, Any]) -> CacheLoad:
         """Put the matching cache file's artifacts and kernels in place before anything compiles."""
         self.loaded = self._load(key)
-        with contextlib.suppress(OSError):
-            self.kernels_before = _kernel_files(_inductor_dir())
+        if versions.compile_cache_artifacts():
+            with contextlib.suppress(OSError):
+                self.kernels_before = _kernel_files(_inductor_dir())
         return self.loaded
 
     def _load(self, key: Mapping[str, Any]) -> CacheLoad:
-        if not hasattr(torch.compiler, "load_cache_artifacts"):
+        if not versions.compile_cache_artifacts():
             return CacheLoad(f"compile cache: off (torch {torch.__version__} cannot carry compiled artifacts)")
         name = file_name(key)
         others: list[Path] = []
@@ -256,7 +255,7 @@ class CompileCache:
 
     def save(self, key: Mapping[str, Any]) -> str:
         """Write what this process compiled (if anything new) beside the checkpoints; returns a notice or ""."""
-        if not self.writes or not hasattr(torch.compiler, "save_cache_artifacts"):
+        if not self.writes or not versions.compile_cache_artifacts():
             return ""
         try:
             result = torch.compiler.save_cache_artifacts()

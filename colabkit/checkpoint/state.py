@@ -226,13 +226,29 @@ def restore_state(
             _notify.warn(f"the checkpoint holds no {key!r}; the {what} keeps its current state")
             continue
         try:
+            own = _implementation_flags(obj) if key == OPTIMIZER_KEY else []
             obj.load_state_dict(rest.pop(key))
+            for group, flags in zip(getattr(obj, "param_groups", ()), own, strict=False):
+                group.update(flags)
         except (ValueError, KeyError, RuntimeError) as exc:
             raise CheckpointMismatchError(
                 f"the checkpoint's {key} does not fit this {what} ({type(obj).__name__}): {exc} -- "
                 f"create the {what} for the same parameters and settings that were saved"
             ) from exc
     return rest
+
+
+#: Optimizer settings that say how this torch runs the update, not what the update is. The
+#: optimizer built in this process keeps its own: a checkpoint from a newer torch may say
+#: ``fused=True`` where this torch has no fused kernel for the device.
+IMPLEMENTATION_FLAGS = ("fused", "foreach")
+
+
+def _implementation_flags(optimizer: Any) -> list[dict[str, Any]]:
+    return [
+        {flag: group[flag] for flag in IMPLEMENTATION_FLAGS if flag in group}
+        for group in getattr(optimizer, "param_groups", ())
+    ]
 
 
 # --------------------------------------------------------------------------- before saving
