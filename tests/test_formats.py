@@ -173,6 +173,26 @@ def test_misnamed_local_files_stage_as_what_they_are(tmp_path: Path) -> None:
     assert files_under(kept) == {"table.csv.gz": CSV}
 
 
+def test_formats_built_on_zip_are_copied_whole(tmp_path: Path) -> None:
+    import numpy as np
+    import torch
+
+    src = tmp_path / "src"
+    src.mkdir()
+    weights = {"w": torch.arange(6.0).reshape(2, 3)}
+    torch.save(weights, src / "model.pt")
+    np.savez(src / "arrays.npz", a=np.arange(4))
+    assert archive_format(src / "model.pt") == "zip"  # its bytes are a zip, yet it is one file to its user
+    staged = stage(src / "model.pt", tmp_path / "out", progress=False)
+    assert files_under(staged) == {"model.pt": (src / "model.pt").read_bytes()}
+    assert torch.equal(torch.load(staged / "model.pt", weights_only=True)["w"], weights["w"])
+    assert files_under(stage(src / "arrays.npz", tmp_path / "out", progress=False)) == {
+        "arrays.npz": (src / "arrays.npz").read_bytes()
+    }
+    opened = stage(src / "model.pt", tmp_path / "opened", extract=True, progress=False)  # asked for: extracted
+    assert any(name.endswith("data.pkl") for name in files_under(opened))
+
+
 def test_an_archive_name_over_other_bytes_says_what_arrived_and_the_fix(tmp_path: Path) -> None:
     page = tmp_path / "flowers.zip"
     page.write_bytes(b"<!DOCTYPE html>\n<html><head><title>Sign in - Google Accounts</title></head></html>")

@@ -30,7 +30,14 @@ from typing import TYPE_CHECKING, Any, Literal, overload
 from colabkit import _io, _notify, drive
 from colabkit.data import sources as _sources
 from colabkit.data.archive import ArchiveLimits, archive_format, extract_archive, extracted_size, remove_path
-from colabkit.data.archive.formats import CONTAINERS, describe_bytes, holds_members, named_like_archive, plain_name
+from colabkit.data.archive.formats import (
+    CONTAINERS,
+    describe_bytes,
+    holds_members,
+    kept_whole,
+    named_like_archive,
+    plain_name,
+)
 from colabkit.errors import ArgumentError, ChecksumError, ColabkitError, InsufficientSpaceError
 from colabkit.runtime import runtime
 
@@ -123,8 +130,9 @@ def stage(
         sha256: Expected SHA-256 hex digest of the source file; checked before extraction.
         md5: Expected MD5 hex digest of the source file.
         extract: ``"auto"`` extracts archives and compressed files and copies anything
-            else (a file named like an archive that is none is an error); ``False`` keeps
-            the file as it is; ``True`` requires an archive.
+            else (a file named like an archive that is none is an error; formats built on
+            zip such as a PyTorch ``.pt``, a NumPy ``.npz`` or a ``.docx`` are copied whole);
+            ``False`` keeps the file as it is; ``True`` requires an archive.
         overwrite: Restage even when the source is unchanged, and replace a folder
             that ``stage()`` did not create.
         retries: Extra attempts on Drive's transient errors (errno 5, 107) and network errors.
@@ -364,6 +372,8 @@ def _fill(
         count, size = _sources.copy_tree(fetched.path, staging, workers=threads, retries=retries, progress=progress)
         return ".", count, size, 0
     fmt = archive_format(fetched.path) if extract is not False else None
+    if extract == "auto" and kept_whole(fetched.name):
+        fmt = None  # a model.pt is a zip inside, and one file to whoever staged it
     if fmt is not None:
         if fmt not in CONTAINERS:
             scratch.mkdir(parents=True, exist_ok=True)  # for the decompressed archive inside the stream

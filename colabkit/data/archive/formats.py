@@ -29,6 +29,7 @@ __all__ = [
     "archive_format",
     "describe_bytes",
     "holds_members",
+    "kept_whole",
     "named_like_archive",
     "plain_name",
     "sniff",
@@ -145,6 +146,16 @@ def _zip_by_end_record(path: str | os.PathLike[str]) -> bool:
 def holds_members(fmt: Format) -> bool:
     """Whether ``fmt`` is an archive (files and folders), not one compressed file."""
     return fmt.partition(".")[0] in CONTAINERS
+
+
+#: File formats that are zips inside but one file to their users: ``stage(extract="auto")``
+#: copies them whole (a PyTorch checkpoint, a NumPy archive, a Keras model, documents, wheels).
+KEPT_WHOLE_SUFFIXES = (".pt", ".pth", ".npz", ".keras", ".docx", ".xlsx", ".pptx", ".odt", ".ods", ".whl", ".epub")
+
+
+def kept_whole(name: str) -> bool:
+    """Whether a file called ``name`` is a format of its own built on zip, copied rather than extracted."""
+    return name.lower().endswith(KEPT_WHOLE_SUFFIXES)
 
 
 def named_like_archive(name: str) -> bool:
